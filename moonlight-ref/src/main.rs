@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("moonlight-ref is being written (issue 5)");
+}

@@ -1,0 +1,209 @@
+//! A portable pure-Rust backend on plain slices: correct, simple, `no_std`, not fast.
+//!
+//! It is the reference the fast backends are tested against, and lets the core run with no
+//! other crate. Reductions accumulate in `f64`.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::marker::PhantomData;
+
+use crate::{gemm_dims, AdamWCoefficients, Backend, Error, Real, Result, Shape, Transpose};
+
+/// A dense row-major stack of matrices in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostMatrix<T> {
+    shape: Shape,
+    data: Vec<T>,
+}
+
+impl<T: Real> HostMatrix<T> {
+    /// A stack of zeros.
+    pub fn zeros(shape: Shape) -> Self {
+        HostMatrix {
+            shape,
+            data: vec![T::ZERO; shape.len()],
+        }
+    }
+
+    /// Wraps row-major `data`; errors when its length is not `shape.len()`.
+    pub fn from_vec(shape: Shape, data: Vec<T>) -> Result<Self> {
+        if data.len() != shape.len() {
+            return Err(Error::Backend(alloc::format!(
+                "a {shape} matrix needs {} elements, got {}",
+                shape.len(),
+                data.len()
+            )));
+        }
+        Ok(HostMatrix { shape, data })
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// The elements, row-major.
+    pub fn as_slice(&self) -> &[T] {
+        &self.data
+    }
+
+    /// The elements, row-major, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Matrix `e` of the stack, row-major.
+    pub fn item(&self, e: usize) -> &[T] {
+        let n = self.shape.batch_stride();
+        &self.data[e * n..(e + 1) * n]
+    }
+
+    /// Unwraps the elements.
+    pub fn into_vec(self) -> Vec<T> {
+        self.data
+    }
+}
+
+/// The portable backend for element type `T` (`Portable::<f32>::new()`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Portable<T>(PhantomData<T>);
+
+impl<T> Portable<T> {
+    /// The backend (it holds no state).
+    pub const fn new() -> Self {
+        Portable(PhantomData)
+    }
+}
+
+#[track_caller]
+fn same_len(what: &str, a: Shape, b: Shape) {
+    assert!(a == b, "{what}: shapes differ ({a} vs {b})");
+}
+
+impl<T: Real> Backend for Portable<T> {
+    type Elem = T;
+    type Matrix = HostMatrix<T>;
+
+    fn shape(m: &HostMatrix<T>) -> Shape {
+        m.shape
+    }
+
+    fn zeros(&self, shape: Shape) -> Result<HostMatrix<T>> {
+        Ok(HostMatrix::zeros(shape))
+    }
+
+    fn upload(&self, dst: &mut HostMatrix<T>, src: &[T]) -> Result<()> {
+        if src.len() != dst.data.len() {
+            return Err(Error::Backend(alloc::format!(
+                "upload of {} elements into a {} matrix",
+                src.len(),
+                dst.shape
+            )));
+        }
+        dst.data.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, src: &HostMatrix<T>, dst: &mut [T]) -> Result<()> {
+        if src.data.len() != dst.len() {
+            return Err(Error::Backend(alloc::format!(
+                "download of a {} matrix into {} elements",
+                src.shape,
+                dst.len()
+            )));
+        }
+        dst.copy_from_slice(&src.data);
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        dst: &mut HostMatrix<T>,
+        alpha: T,
+        a: &HostMatrix<T>,
+        ta: Transpose,
+        b: &HostMatrix<T>,
+        tb: Transpose,
+        beta: T,
+    ) -> Result<()> {
+        let (m, n, k) = gemm_dims(dst.shape, a.shape, ta, b.shape, tb);
+        let (a_cols, b_cols) = (a.shape.cols, b.shape.cols);
+        // op(x)[i, j] of one row-major matrix with `cols` columns.
+        let at = |x: &[T], cols: usize, t: Transpose, i: usize, j: usize| match t {
+            Transpose::No => x[i * cols + j],
+            Transpose::Yes => x[j * cols + i],
+        };
+        for e in 0..dst.shape.batch {
+            let (ae, be) = (a.item(e), b.item(e));
+            let stride = dst.shape.batch_stride();
+            let c = &mut dst.data[e * stride..(e + 1) * stride];
+            for i in 0..m {
+                let row = &mut c[i * n..(i + 1) * n];
+                if beta == T::ZERO {
+                    row.fill(T::ZERO);
+                } else {
+                    row.iter_mut().for_each(|v| *v *= beta);
+                }
+                for p in 0..k {
+                    let aip = alpha * at(ae, a_cols, ta, i, p);
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v += aip * at(be, b_cols, tb, p, j);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn axpby(&self, dst: &mut HostMatrix<T>, alpha: T, x: &HostMatrix<T>, beta: T) -> Result<()> {
+        same_len("axpby", dst.shape, x.shape);
+        for (d, &s) in dst.data.iter_mut().zip(&x.data) {
+            *d = if beta == T::ZERO {
+                alpha * s
+            } else {
+                alpha * s + beta * *d
+            };
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
+        let sum: f64 = x.data.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+        out.data[index] = T::from_f64(sum);
+        Ok(())
+    }
+
+    fn normalize_frobenius(&self, x: &mut HostMatrix<T>, norm_scale: T, eps: T) -> Result<()> {
+        let stride = x.shape.batch_stride();
+        for item in x.data.chunks_exact_mut(stride.max(1)) {
+            let sum: f64 = item.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+            let inv = 1.0 / (norm_scale.to_f64() * libm::sqrt(sum) + eps.to_f64());
+            let inv = T::from_f64(inv);
+            item.iter_mut().for_each(|v| *v *= inv);
+        }
+        Ok(())
+    }
+
+    fn adamw_direction(
+        &self,
+        dir: &mut HostMatrix<T>,
+        grad: &HostMatrix<T>,
+        m: &mut HostMatrix<T>,
+        v: &mut HostMatrix<T>,
+        c: &AdamWCoefficients<T>,
+    ) -> Result<()> {
+        same_len("adamw_direction", dir.shape, grad.shape);
+        same_len("adamw_direction", m.shape, grad.shape);
+        same_len("adamw_direction", v.shape, grad.shape);
+        let one = T::ONE;
+        for i in 0..grad.data.len() {
+            let g = grad.data[i];
+            m.data[i] = c.beta1 * m.data[i] + (one - c.beta1) * g;
+            v.data[i] = c.beta2 * v.data[i] + (one - c.beta2) * g * g;
+            let m_hat = m.data[i] / c.bias_correction1;
+            let v_hat = v.data[i] / c.bias_correction2;
+            dir.data[i] = m_hat / (v_hat.sqrt() + c.eps);
+        }
+        Ok(())
+    }
+}
