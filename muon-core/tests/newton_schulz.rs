@@ -19,14 +19,20 @@ fn run_ns<B: Backend>(backend: &B, config: &NewtonSchulz, inputs: &[DMatrix<f64>
     let (rows, cols) = inputs[0].shape();
     let shape = Shape::batched(inputs.len(), rows, cols);
     let mut ws = NsWorkspace::new(backend, shape).unwrap();
-    let host: Vec<B::Elem> =
-        inputs.iter().flat_map(|m| row_major(m)).map(B::Elem::from_f64).collect();
+    let host: Vec<B::Elem> = inputs.iter().flat_map(row_major).map(B::Elem::from_f64).collect();
     backend.upload(&mut ws.x, &host).unwrap();
     newton_schulz(backend, config, &mut ws).unwrap();
     let mut out = vec![B::Elem::ZERO; shape.len()];
     backend.download(&ws.x, &mut out).unwrap();
     let out: Vec<f64> = out.iter().map(|v| v.to_f64()).collect();
-    out.chunks(rows * cols).map(|c| from_row_major(rows, cols, c)).collect()
+    out.chunks(rows * cols)
+        .map(|c| from_row_major(rows, cols, c))
+        .collect()
+}
+
+/// Runs NS on one matrix.
+fn ns_one<B: Backend>(backend: &B, config: &NewtonSchulz, input: &DMatrix<f64>) -> DMatrix<f64> {
+    run_ns(backend, config, std::slice::from_ref(input)).remove(0)
 }
 
 /// The scalar iterate of one normalized singular value.
@@ -42,7 +48,12 @@ fn scalar_map(config: &NewtonSchulz, mut x: f64) -> f64 {
 fn band(config: &NewtonSchulz, lo: f64) -> (f64, f64) {
     let n = 20_000;
     (0..=n)
-        .map(|i| scalar_map(config, lo * (1.0 / lo).powf(i as f64 / n as f64) / config.norm_scale))
+        .map(|i| {
+            scalar_map(
+                config,
+                lo * (1.0 / lo).powf(i as f64 / n as f64) / config.norm_scale,
+            )
+        })
         .fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)))
 }
 
@@ -51,17 +62,30 @@ fn band(config: &NewtonSchulz, lo: f64) -> (f64, f64) {
 fn predicted(config: &NewtonSchulz, input: &DMatrix<f64>) -> Vec<f64> {
     let s = singular_values(input);
     let norm = s.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let mut out: Vec<f64> = s.iter().map(|v| scalar_map(config, v / (config.norm_scale * norm + config.eps))).collect();
+    let mut out: Vec<f64> = s
+        .iter()
+        .map(|v| scalar_map(config, v / (config.norm_scale * norm + config.eps)))
+        .collect();
     out.sort_by(|a, b| b.total_cmp(a));
     out
 }
 
 /// A spectrum with condition number `cond`, log-spaced.
 fn log_spectrum(k: usize, cond: f64) -> Vec<f64> {
-    (0..k).map(|i| cond.powf(-(i as f64) / (k.max(2) - 1) as f64)).collect()
+    (0..k)
+        .map(|i| cond.powf(-(i as f64) / (k.max(2) - 1) as f64))
+        .collect()
 }
 
-const SHAPES: [(usize, usize); 7] = [(32, 32), (16, 48), (48, 16), (1, 40), (40, 1), (17, 129), (129, 17)];
+const SHAPES: [(usize, usize); 7] = [
+    (32, 32),
+    (16, 48),
+    (48, 16),
+    (1, 40),
+    (40, 1),
+    (17, 129),
+    (129, 17),
+];
 
 #[test]
 fn quintic_keeps_the_polar_factor_and_follows_the_scalar_map() {
@@ -71,14 +95,20 @@ fn quintic_keeps_the_polar_factor_and_follows_the_scalar_map() {
         let k = rows.min(cols);
         let input = rng.with_spectrum(rows, cols, &log_spectrum(k, 10.0));
         for (name, out) in [
-            ("portable", run_ns(&Portable::<f64>::new(), &config, &[input.clone()]).remove(0)),
-            ("nalgebra", run_ns(&Nalgebra::<f64>::new(), &config, &[input.clone()]).remove(0)),
+            ("portable", ns_one(&Portable::<f64>::new(), &config, &input)),
+            ("nalgebra", ns_one(&Nalgebra::<f64>::new(), &config, &input)),
         ] {
             // f64: both sides are computed to ~1e-15 relative; 1e-10 leaves room for the SVD.
             let polar_err = max_abs_diff(&row_major(&polar_factor(&out)), &row_major(&polar_factor(&input)));
-            assert!(polar_err < 1e-10, "{name} {rows}x{cols}: polar factor off by {polar_err}");
+            assert!(
+                polar_err < 1e-10,
+                "{name} {rows}x{cols}: polar factor off by {polar_err}"
+            );
             let sv_err = max_abs_diff(&singular_values(&out), &predicted(&config, &input));
-            assert!(sv_err < 1e-10, "{name} {rows}x{cols}: singular values off by {sv_err}");
+            assert!(
+                sv_err < 1e-10,
+                "{name} {rows}x{cols}: singular values off by {sv_err}"
+            );
         }
     }
 }
@@ -95,9 +125,12 @@ fn quintic_singular_values_land_in_the_documented_band() {
         // Condition 10 keeps every normalized singular value above 1e-2 for k <= 129
         // (x_min = 1 / ||s|| >= 1 / sqrt(k) / ... >= 0.017 here).
         let input = rng.with_spectrum(rows, cols, &log_spectrum(rows.min(cols), 10.0));
-        let out = run_ns(&Portable::<f64>::new(), &config, &[input]).remove(0);
+        let out = ns_one(&Portable::<f64>::new(), &config, &input);
         for s in singular_values(&out) {
-            assert!((lo - 1e-9..=hi + 1e-9).contains(&s), "{rows}x{cols}: singular value {s} outside [{lo}, {hi}]");
+            assert!(
+                (lo - 1e-9..=hi + 1e-9).contains(&s),
+                "{rows}x{cols}: singular value {s} outside [{lo}, {hi}]"
+            );
         }
     }
 }
@@ -110,7 +143,7 @@ fn ill_conditioned_input_follows_the_scalar_map() {
     let config = NewtonSchulz::quintic();
     let mut rng = Rng::new(3);
     let input = rng.with_spectrum(24, 40, &log_spectrum(24, 1e6));
-    let out = run_ns(&Portable::<f64>::new(), &config, &[input.clone()]).remove(0);
+    let out = ns_one(&Portable::<f64>::new(), &config, &input);
     let (got, want) = (singular_values(&out), predicted(&config, &input));
     assert!(max_abs_diff(&got, &want) < 1e-10, "got {got:?}\nwant {want:?}");
     let norm = singular_values(&input).iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -121,7 +154,11 @@ fn ill_conditioned_input_follows_the_scalar_map() {
             assert!((lo - 1e-9..=hi + 1e-9).contains(&s_out));
         } else if s_in / norm < 1e-3 {
             // Below ~1.4e-3 the five steps' growth (~486x at most) cannot reach 0.68.
-            assert!(s_out < lo, "an input of {} should not have converged", s_in / norm);
+            assert!(
+                s_out < lo,
+                "an input of {} should not have converged",
+                s_in / norm
+            );
         }
     }
     let polar_err = max_abs_diff(&row_major(&polar_factor(&out)), &row_major(&polar_factor(&input)));
@@ -142,7 +179,7 @@ fn polar_express_lands_closer_to_one_than_the_quintic() {
     for (rows, cols) in SHAPES {
         let input = rng.with_spectrum(rows, cols, &log_spectrum(rows.min(cols), 10.0));
         let dist = |c: &NewtonSchulz| {
-            let out = run_ns(&Portable::<f64>::new(), c, &[input.clone()]).remove(0);
+            let out = ns_one(&Portable::<f64>::new(), c, &input);
             let got = singular_values(&out);
             assert!(max_abs_diff(&got, &predicted(c, &input)) < 1e-10);
             got.iter().map(|s| (s - 1.0).abs()).fold(0.0, f64::max)
@@ -151,7 +188,10 @@ fn polar_express_lands_closer_to_one_than_the_quintic() {
         assert!(dp <= 0.15, "{rows}x{cols}: polar express max |s-1| = {dp}");
         // A single singular value (1xN) is mapped to p(1) by both: compare only k > 1.
         if rows.min(cols) > 1 {
-            assert!(dp < dq, "{rows}x{cols}: polar express {dp} not closer than quintic {dq}");
+            assert!(
+                dp < dq,
+                "{rows}x{cols}: polar express {dp} not closer than quintic {dq}"
+            );
         }
     }
 }
@@ -163,7 +203,7 @@ fn polar_express_meets_dions_acceptance_test_in_f32() {
     let mut rng = Rng::new(5);
     for (rows, cols) in [(64, 128), (128, 128)] {
         let input = rng.gaussian(rows, cols);
-        let out = run_ns(&Portable::<f32>::new(), &NewtonSchulz::polar_express(), &[input]).remove(0);
+        let out = ns_one(&Portable::<f32>::new(), &NewtonSchulz::polar_express(), &input);
         let gram = &out * out.transpose();
         let err = (gram - DMatrix::<f64>::identity(rows, rows)).abs().max();
         assert!(err < 0.15, "{rows}x{cols}: max |X X^T - I| = {err}");
@@ -179,8 +219,8 @@ fn f32_agrees_with_the_f64_iteration() {
     let mut rng = Rng::new(6);
     for (rows, cols) in SHAPES {
         let input = rng.gaussian(rows, cols);
-        let exact = run_ns(&Portable::<f64>::new(), &config, &[input.clone()]).remove(0);
-        let single = run_ns(&Portable::<f32>::new(), &config, &[input]).remove(0);
+        let exact = ns_one(&Portable::<f64>::new(), &config, &input);
+        let single = ns_one(&Portable::<f32>::new(), &config, &input);
         let err = max_abs_diff(&row_major(&exact), &row_major(&single));
         assert!(err < 1e-4, "{rows}x{cols}: f32 vs f64 {err}");
     }
@@ -191,7 +231,7 @@ fn tall_input_is_the_transpose_of_the_wide_case() {
     let config = NewtonSchulz::polar_express();
     let mut rng = Rng::new(7);
     let wide = rng.gaussian(12, 30);
-    let out_wide = run_ns(&Portable::<f64>::new(), &config, &[wide.clone()]).remove(0);
+    let out_wide = ns_one(&Portable::<f64>::new(), &config, &wide);
     let out_tall = run_ns(&Portable::<f64>::new(), &config, &[wide.transpose()]).remove(0);
     assert!(max_abs_diff(&row_major(&out_wide.transpose()), &row_major(&out_tall)) < 1e-12);
 }
@@ -209,7 +249,10 @@ fn a_batch_equals_its_matrices_one_by_one() {
         };
         for (item, out) in items.iter().zip(&batched) {
             let alone = run_ns(&Portable::<f64>::new(), &config, std::slice::from_ref(item)).remove(0);
-            assert!(max_abs_diff(&row_major(out), &row_major(&alone)) < 1e-12, "{backend_name}");
+            assert!(
+                max_abs_diff(&row_major(out), &row_major(&alone)) < 1e-12,
+                "{backend_name}"
+            );
         }
     }
 }
@@ -222,7 +265,7 @@ fn per_step_schedules_reuse_their_last_entry() {
     config.steps = 7;
     let mut rng = Rng::new(9);
     let input = rng.with_spectrum(10, 20, &log_spectrum(10, 10.0));
-    let out = run_ns(&Portable::<f64>::new(), &config, &[input.clone()]).remove(0);
+    let out = ns_one(&Portable::<f64>::new(), &config, &input);
     assert!(max_abs_diff(&singular_values(&out), &predicted(&config, &input)) < 1e-10);
 }
 
@@ -247,6 +290,12 @@ fn bad_configurations_are_refused() {
 fn flop_count_matches_the_spec() {
     // SPEC: per step 2 m m n + 2 m m m + 2 m m n, m = min, n = max; batches multiply.
     let c = NewtonSchulz::quintic();
-    assert_eq!(c.flops(Shape::matrix(1024, 4096)), 5.0 * (4.0 * 1024f64.powi(2) * 4096.0 + 2.0 * 1024f64.powi(3)));
-    assert_eq!(c.flops(Shape::batched(64, 352, 128)), 64.0 * c.flops(Shape::matrix(128, 352)));
+    assert_eq!(
+        c.flops(Shape::matrix(1024, 4096)),
+        5.0 * (4.0 * 1024f64.powi(2) * 4096.0 + 2.0 * 1024f64.powi(3))
+    );
+    assert_eq!(
+        c.flops(Shape::batched(64, 352, 128)),
+        64.0 * c.flops(Shape::matrix(128, 352))
+    );
 }
