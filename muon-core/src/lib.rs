@@ -127,6 +127,7 @@ extern crate alloc;
 
 mod adamw;
 mod backend;
+mod diagnostics;
 mod error;
 mod hybrid;
 mod muon;
@@ -141,6 +142,7 @@ pub mod nalgebra_backend;
 
 pub use adamw::{adamw_step, AdamWConfig};
 pub use backend::{AdamWCoefficients, Backend};
+pub use diagnostics::svd_entropy;
 pub use error::{Error, Result};
 pub use hybrid::{
     HybridConfig, HybridOptimizer, OptimizerKind, OptimizerState, ParamRole, ParamSpec, ParamState,
