@@ -1,1 +1,112 @@
-//! muon-cuda: the GPU backend of muon-rs on cudarc (being written; see issue 6).
+//! # muon-cuda
+//!
+//! The GPU backend of muon-rs: [`CudaBackend`] implements [`muon_core::Backend`] for `f32`
+//! matrices in device memory, on [cudarc](https://docs.rs/cudarc) 0.19.
+//!
+//! - GEMMs go to cuBLAS (strided-batched for stacks of experts) in a chosen [`Precision`]:
+//!   `F32`, `Tf32` (tensor cores, 10-bit mantissa inputs, f32 accumulation) or `Bf16`
+//!   (operands cast to bf16 in preallocated scratch, `cublasGemmStridedBatchedEx` with
+//!   `CUBLAS_COMPUTE_32F`). Momentum, weights and optimizer state always stay `f32`; only the
+//!   Newton-Schulz products see the lower precision (SPEC section 2 allows it).
+//! - Everything else is a fused kernel compiled once per process with NVRTC ([`kernels`]):
+//!   momentum + Nesterov, scale + weight decay + update, `axpby`, the AdamW direction, a
+//!   sum-of-squares reduction that writes a device slot, and the per-matrix Frobenius
+//!   normalization (reduce, then scale, on the device).
+//! - An optimizer step makes no host round trip beyond the one small download the core asks
+//!   for, and no device allocation after warm-up: reduction and bf16 scratch grow to the
+//!   largest size seen and are then reused.
+//!
+//! ```no_run
+//! use muon_core::{Backend, HybridConfig, HybridOptimizer, ParamRole, ParamSpec, Shape};
+//! use muon_cuda::{CudaBackend, Precision};
+//!
+//! # fn main() -> muon_core::Result<()> {
+//! let gpu = CudaBackend::new(0)?.with_precision(Precision::Bf16);
+//! let shape = Shape::matrix(256, 1024);
+//! let specs = vec![ParamSpec::new("w", shape, ParamRole::Hidden)];
+//! let mut opt = HybridOptimizer::new(&gpu, specs, HybridConfig::default())?;
+//! let mut params = vec![gpu.zeros(shape)?];
+//! let mut grads = vec![gpu.zeros(shape)?];
+//! gpu.upload(&mut grads[0], &vec![0.01; shape.len()])?;
+//! opt.step(&gpu, &mut params, &grads, 4.2e-4)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Crate features
+//!
+//! - `cuda` (off by default): compile the backend. cudarc loads the CUDA libraries (driver,
+//!   cuBLAS, NVRTC) when the program runs, so the build needs neither a GPU nor a CUDA
+//!   toolkit. Without the feature the same public types exist, [`is_available`] is `false` and
+//!   [`CudaBackend::new`] returns an error saying that muon-cuda was built without the `cuda`
+//!   feature, so code that names the backend compiles either way.
+//!
+//! ## Safety
+//!
+//! Every `unsafe` block (kernel launches and raw cuBLAS calls) lives in one private module,
+//! each with a `// SAFETY:` comment; the rest of the crate is `#![deny(unsafe_code)]`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod kernels;
+// Used by the `cuda` build; its unit tests run in every build.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod layout;
+
+#[cfg(feature = "cuda")]
+mod device;
+#[cfg(feature = "cuda")]
+mod ffi;
+
+#[cfg(not(feature = "cuda"))]
+mod dummy;
+
+#[cfg(feature = "cuda")]
+pub use device::{is_available, CudaBackend, CudaMatrix};
+#[cfg(not(feature = "cuda"))]
+pub use dummy::{is_available, CudaBackend, CudaMatrix};
+
+/// The error message of every constructor in a build without the `cuda` feature.
+pub const NOT_COMPILED: &str = "muon-cuda was built without the `cuda` feature: rebuild with \
+     `--features muon-cuda/cuda` (or `features = [\"cuda\"]` in Cargo.toml) to use the GPU backend";
+
+/// The error message when the NVRTC library cannot be loaded.
+pub const NO_NVRTC: &str = "the NVRTC library (libnvrtc.so.12) was not found on the dynamic \
+     loader's path: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc-cu12` and add \
+     its `nvidia/cuda_nvrtc/lib` directory to LD_LIBRARY_PATH (see muon-cuda's README)";
+
+/// The arithmetic of the GEMMs (the Newton-Schulz products); elementwise work and reductions
+/// are always `f32` with `f64` accumulation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// IEEE `f32` throughout (`CUBLAS_COMPUTE_32F`, no tensor-core shortcut).
+    #[default]
+    F32,
+    /// TF32 tensor cores: inputs rounded to a 10-bit mantissa, `f32` accumulation
+    /// (`CUBLAS_COMPUTE_32F_FAST_TF32`). Needs compute capability 8.0 or newer.
+    Tf32,
+    /// bf16 inputs (8-bit mantissa) cast on the device into scratch, `f32` accumulation and
+    /// `f32` output (`cublasGemmStridedBatchedEx`, `CUDA_R_16BF`, `CUBLAS_COMPUTE_32F`).
+    /// Needs compute capability 8.0 or newer for tensor-core speed.
+    Bf16,
+}
+
+impl Precision {
+    /// Every precision, in the order benchmarks report them.
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::Tf32, Precision::Bf16];
+
+    /// A short name for reports: `"f32"`, `"tf32"`, `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl core::fmt::Display for Precision {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -1,0 +1,149 @@
+//! The backend's public types in a build without the `cuda` feature.
+//!
+//! They hold an uninhabited field, so no value of them can exist: every constructor returns
+//! [`NOT_COMPILED`](crate::NOT_COMPILED) as an error, and the trait methods below are
+//! statically unreachable (`match self.never {}`), not stubs. Code that names the backend
+//! compiles the same with and without the feature (candle's dummy CUDA backend pattern).
+
+use muon_core::{AdamWCoefficients, Backend, Error, Result, Shape, Transpose};
+
+use crate::Precision;
+
+/// No value: the type of a backend that was not compiled.
+#[derive(Clone, Copy, Debug)]
+enum Never {}
+
+/// Whether a CUDA GPU can be used: always `false` without the `cuda` feature.
+pub fn is_available() -> bool {
+    false
+}
+
+/// The CUDA backend; this build has no `cuda` feature, so [`CudaBackend::new`] fails.
+#[derive(Debug)]
+pub struct CudaBackend {
+    never: Never,
+}
+
+/// A stack of `f32` matrices in device memory (none can exist in this build).
+#[derive(Debug)]
+pub struct CudaMatrix {
+    never: Never,
+}
+
+impl CudaMatrix {
+    /// The shape of the stack.
+    pub fn shape(&self) -> Shape {
+        match self.never {}
+    }
+}
+
+impl CudaBackend {
+    /// Always an error in this build: muon-cuda was built without the `cuda` feature.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let _ = ordinal;
+        Err(Error::Backend(crate::NOT_COMPILED.into()))
+    }
+
+    /// The same backend with GEMMs in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        let _ = precision;
+        match self.never {}
+    }
+
+    /// Sets the precision of the GEMMs that follow.
+    pub fn set_precision(&mut self, precision: Precision) {
+        let _ = precision;
+        match self.never {}
+    }
+
+    /// The precision of the GEMMs.
+    pub fn precision(&self) -> Precision {
+        match self.never {}
+    }
+
+    /// The device's name and compute capability.
+    pub fn device_name(&self) -> String {
+        match self.never {}
+    }
+
+    /// Waits for all work queued on the backend's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        match self.never {}
+    }
+
+    /// Seconds per `n x n x n` GEMM in the backend's precision (see the `cuda` build).
+    pub fn time_gemm(&self, n: usize, iterations: usize) -> Result<f64> {
+        let _ = (n, iterations);
+        match self.never {}
+    }
+}
+
+impl Backend for CudaBackend {
+    type Elem = f32;
+    type Matrix = CudaMatrix;
+
+    fn shape(m: &CudaMatrix) -> Shape {
+        match m.never {}
+    }
+
+    fn zeros(&self, _shape: Shape) -> Result<CudaMatrix> {
+        match self.never {}
+    }
+
+    fn upload(&self, _dst: &mut CudaMatrix, _src: &[f32]) -> Result<()> {
+        match self.never {}
+    }
+
+    fn download(&self, _src: &CudaMatrix, _dst: &mut [f32]) -> Result<()> {
+        match self.never {}
+    }
+
+    fn gemm(
+        &self,
+        _dst: &mut CudaMatrix,
+        _alpha: f32,
+        _a: &CudaMatrix,
+        _ta: Transpose,
+        _b: &CudaMatrix,
+        _tb: Transpose,
+        _beta: f32,
+    ) -> Result<()> {
+        match self.never {}
+    }
+
+    fn axpby(&self, _dst: &mut CudaMatrix, _alpha: f32, _x: &CudaMatrix, _beta: f32) -> Result<()> {
+        match self.never {}
+    }
+
+    fn sum_squares(&self, _x: &CudaMatrix, _out: &mut CudaMatrix, _index: usize) -> Result<()> {
+        match self.never {}
+    }
+
+    fn normalize_frobenius(&self, _x: &mut CudaMatrix, _norm_scale: f32, _eps: f32) -> Result<()> {
+        match self.never {}
+    }
+
+    fn adamw_direction(
+        &self,
+        _dir: &mut CudaMatrix,
+        _grad: &CudaMatrix,
+        _m: &mut CudaMatrix,
+        _v: &mut CudaMatrix,
+        _c: &AdamWCoefficients<f32>,
+    ) -> Result<()> {
+        match self.never {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constructing_the_backend_says_the_feature_is_missing() {
+        let err = CudaBackend::new(0).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("built without the `cuda` feature"), "{msg}");
+        assert!(!is_available());
+    }
+}

@@ -1,0 +1,276 @@
+//! The fused elementwise and reduction kernels, as CUDA C sources compiled at run time with
+//! NVRTC (once per process and GPU architecture, see [`compile`]).
+//!
+//! Every kernel is `extern "C"` (no name mangling), works on `f32` data, takes its element
+//! counts as `long long`, and walks its range with a grid-stride loop, so any launch size is
+//! correct and the launch code only picks a size that fills the GPU. Reductions accumulate in
+//! `double`, like the portable backend, so both round the same sum the same way up to the
+//! order of the additions.
+//!
+//! The sources are plain strings and this module needs no GPU and no CUDA library: the
+//! kernel-compile test builds each of them to PTX for `sm_80` and `sm_90` on any machine that
+//! has NVRTC (the `nvidia-cuda-nvrtc-cu12` wheel is enough).
+
+/// Helpers shared by the kernels: the index type and a block-wide `double` sum.
+pub const COMMON: &str = r#"
+typedef long long i64;
+
+// Threads per block of every reduction kernel (the launch code uses the same number).
+#define MUON_REDUCE_THREADS 256
+
+__device__ __forceinline__ double muon_warp_sum(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_down_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// The sum of `v` over the block (blockDim.x a multiple of 32, at most 1024). The result is
+// valid in thread 0 only. Uses static shared memory: call it once per kernel.
+__device__ double muon_block_sum(double v) {
+    __shared__ double warp_sums[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = muon_warp_sum(v);
+    if (lane == 0) {
+        warp_sums[warp] = v;
+    }
+    __syncthreads();
+    const int warps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < warps) ? warp_sums[threadIdx.x] : 0.0;
+    if (warp == 0) {
+        v = muon_warp_sum(v);
+    }
+    return v;
+}
+"#;
+
+/// `dst = alpha * x + beta * dst`; with `beta == 0` the destination is overwritten, never read
+/// (BLAS convention: NaN in uninitialized memory must not leak through).
+pub const AXPBY: &str = r#"
+extern "C" __global__ void muon_axpby(float* dst, const float* x, float alpha, float beta, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float ax = alpha * x[i];
+        dst[i] = (beta == 0.0f) ? ax : ax + beta * dst[i];
+    }
+}
+"#;
+
+/// The Muon momentum step and its Nesterov look-ahead in one pass:
+/// `m = mu m + g; out = nesterov ? mu m + g : m`.
+pub const MOMENTUM_NESTEROV: &str = r#"
+extern "C" __global__ void muon_momentum_nesterov(float* momentum, const float* grad, float* out,
+                                                  float mu, int nesterov, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float g = grad[i];
+        const float m = g + mu * momentum[i];
+        momentum[i] = m;
+        out[i] = nesterov ? mu * m + g : m;
+    }
+}
+"#;
+
+/// The decoupled update `param = keep * param - step * update`, `keep = 1 - lr * wd`
+/// (computed on the host in `f32`, as the portable backend does).
+pub const APPLY_UPDATE: &str = r#"
+extern "C" __global__ void muon_apply_update(float* param, const float* update, float step,
+                                             float keep, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        param[i] = -step * update[i] + keep * param[i];
+    }
+}
+"#;
+
+/// AdamW's moments and direction:
+/// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; dir = (m / bc1) / (sqrt(v / bc2) + eps)`.
+pub const ADAMW_DIRECTION: &str = r#"
+extern "C" __global__ void muon_adamw_direction(float* dir, const float* grad, float* m, float* v,
+                                                float beta1, float beta2, float eps,
+                                                float bias_correction1, float bias_correction2,
+                                                i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float g = grad[i];
+        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        dir[i] = (mi / bias_correction1) / (sqrtf(vi / bias_correction2) + eps);
+    }
+}
+"#;
+
+/// First pass of every reduction: block `(bx, item)` writes the sum of squares of its share of
+/// stack item `item` (in `double`) to `partials[item * gridDim.x + bx]`.
+pub const SUMSQ_PARTIALS: &str = r#"
+extern "C" __global__ void muon_sumsq_partials(const float* x, i64 item_len, double* partials) {
+    const float* item = x + (i64)blockIdx.y * item_len;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    double acc = 0.0;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < item_len; i += stride) {
+        const double v = (double)item[i];
+        acc += v * v;
+    }
+    acc = muon_block_sum(acc);
+    if (threadIdx.x == 0) {
+        partials[(i64)blockIdx.y * gridDim.x + blockIdx.x] = acc;
+    }
+}
+"#;
+
+/// Second pass of `sum_squares`: one block adds the `count` partials and writes the total, as
+/// `f32` (Inf when it overflows), to `out[index]`.
+pub const SUMSQ_FINISH: &str = r#"
+extern "C" __global__ void muon_sumsq_finish(const double* partials, int count, float* out,
+                                             i64 index) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        acc += partials[i];
+    }
+    acc = muon_block_sum(acc);
+    if (threadIdx.x == 0) {
+        out[index] = (float)acc;
+    }
+}
+"#;
+
+/// Second pass of the Frobenius normalization: block `item` adds that item's partials and
+/// writes `inv[item] = 1 / (norm_scale * sqrt(sum) + eps)`, computed in `double`.
+pub const NORM_FINISH: &str = r#"
+extern "C" __global__ void muon_norm_finish(const double* partials, int blocks_per_item,
+                                            float norm_scale, float eps, float* inv) {
+    const double* p = partials + (i64)blockIdx.x * blocks_per_item;
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < blocks_per_item; i += blockDim.x) {
+        acc += p[i];
+    }
+    acc = muon_block_sum(acc);
+    if (threadIdx.x == 0) {
+        inv[blockIdx.x] = (float)(1.0 / ((double)norm_scale * sqrt(acc) + (double)eps));
+    }
+}
+"#;
+
+/// Third pass of the Frobenius normalization: scales stack item `blockIdx.y` by `inv[item]`.
+pub const SCALE_ITEMS: &str = r#"
+extern "C" __global__ void muon_scale_items(float* x, i64 item_len, const float* inv) {
+    float* item = x + (i64)blockIdx.y * item_len;
+    const float s = inv[blockIdx.y];
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < item_len; i += stride) {
+        item[i] *= s;
+    }
+}
+"#;
+
+/// `f32 -> bf16` with round-to-nearest-even (NaN stays NaN), for the bf16 GEMM operands. The
+/// bits go out as `unsigned short`, so no `cuda_bf16.h` is needed.
+pub const CAST_BF16: &str = r#"
+extern "C" __global__ void muon_cast_bf16(const float* x, unsigned short* y, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        unsigned int u = __float_as_uint(x[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            y[i] = (unsigned short)((u >> 16) | 0x40u);
+        } else {
+            u += 0x7fffu + ((u >> 16) & 1u);
+            y[i] = (unsigned short)(u >> 16);
+        }
+    }
+}
+"#;
+
+/// Every kernel: its entry-point name and its source (each compiles on its own after
+/// [`COMMON`]).
+pub const KERNELS: [(&str, &str); 9] = [
+    ("muon_axpby", AXPBY),
+    ("muon_momentum_nesterov", MOMENTUM_NESTEROV),
+    ("muon_apply_update", APPLY_UPDATE),
+    ("muon_adamw_direction", ADAMW_DIRECTION),
+    ("muon_sumsq_partials", SUMSQ_PARTIALS),
+    ("muon_sumsq_finish", SUMSQ_FINISH),
+    ("muon_norm_finish", NORM_FINISH),
+    ("muon_scale_items", SCALE_ITEMS),
+    ("muon_cast_bf16", CAST_BF16),
+];
+
+/// Threads per block of the reduction kernels (`MUON_REDUCE_THREADS` in [`COMMON`]).
+pub const REDUCE_THREADS: u32 = 256;
+
+/// The source of one kernel as NVRTC compiles it on its own: [`COMMON`] then the kernel.
+pub fn single_kernel_source(kernel: &str) -> String {
+    let mut src = String::with_capacity(COMMON.len() + kernel.len());
+    src.push_str(COMMON);
+    src.push_str(kernel);
+    src
+}
+
+/// The whole module the backend loads: [`COMMON`] then every kernel of [`KERNELS`].
+pub fn module_source() -> String {
+    let mut src = String::from(COMMON);
+    for (_, kernel) in KERNELS {
+        src.push_str(kernel);
+    }
+    src
+}
+
+/// Compiles `source` to PTX with NVRTC for `arch` (`"sm_90"`, `"compute_80"`, ...).
+///
+/// Errors carry NVRTC's log, so a kernel that does not compile says why. Needs the NVRTC
+/// library (`libnvrtc.so.12`) on the loader's path; check [`nvrtc_available`] first, since
+/// cudarc panics when the library is missing.
+#[cfg(feature = "cuda")]
+pub fn compile(source: &str, arch: &str) -> Result<String, String> {
+    use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+    if !nvrtc_available() {
+        return Err(crate::NO_NVRTC.to_string());
+    }
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++14".to_string()],
+        name: Some("muon_kernels.cu".to_string()),
+        ..Default::default()
+    };
+    match compile_ptx_with_opts(source, opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(CompileError::CompileError { nvrtc, options, log }) => Err(format!(
+            "NVRTC failed to compile the muon-cuda kernels for {arch} ({nvrtc:?}, options {options:?}):\n{}",
+            log.to_string_lossy()
+        )),
+        Err(other) => Err(format!("NVRTC error compiling for {arch}: {other:?}")),
+    }
+}
+
+/// Whether the NVRTC library can be loaded (`libnvrtc.so.12` or a name cudarc tries on the
+/// dynamic loader's path, e.g. `LD_LIBRARY_PATH`).
+#[cfg(feature = "cuda")]
+pub fn nvrtc_available() -> bool {
+    crate::ffi::nvrtc_library_present()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_defines_its_entry_point_once() {
+        let module = module_source();
+        for (name, src) in KERNELS {
+            let signature = format!("void {name}(");
+            assert_eq!(src.matches(&signature).count(), 1, "{name} in its own source");
+            assert_eq!(module.matches(&signature).count(), 1, "{name} in the module");
+            assert!(
+                src.contains("extern \"C\" __global__"),
+                "{name} must be unmangled"
+            );
+        }
+    }
+
+    #[test]
+    fn reduce_threads_match_the_cuda_define() {
+        assert!(COMMON.contains(&format!("#define MUON_REDUCE_THREADS {REDUCE_THREADS}")));
+        assert_eq!(REDUCE_THREADS % 32, 0, "the block sum needs whole warps");
+    }
+}
