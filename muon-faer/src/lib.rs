@@ -1,1 +1,394 @@
-//! muon-faer: the CPU backend of muon-rs on faer + rayon (being written; see issue 4).
+//! # muon-faer
+//!
+//! The CPU backend of muon-rs: [`Faer`] implements [`muon_core::Backend`] on
+//! [`HostMatrix`] stacks with faer's GEMM kernels, for `f32` and `f64`.
+//!
+//! - Matrix products run faer's sequential kernels; the backend splits the work across its own
+//!   team of threads: over the stack when a stack of expert matrices is large enough to keep
+//!   every thread busy, inside each product otherwise (see the `matmul` module docs).
+//! - The symmetric products of Newton-Schulz ([`Backend::gram`], `S S` in
+//!   [`Backend::symmetric_square`]) compute one triangle (faer's triangular `matmul`) and
+//!   mirror it: about a third fewer flops per Newton-Schulz step on a square matrix.
+//! - Elementwise passes are fused (momentum + Nesterov, the decoupled update) and split across
+//!   threads for large buffers. Reductions accumulate in `f64` in a fixed order.
+//! - After a warm-up call per shape nothing allocates: faer's packing buffers are thread-local,
+//!   and the team hands out work through fixed arrays on the stack (the reason it is not rayon,
+//!   whose injector queue allocates every 63 jobs). `tests/alloc.rs` checks it.
+//!
+//! ## Example
+//!
+//! Orthogonalize a 64 x 96 matrix with Moonlight's Newton-Schulz and check its singular
+//! values landed in the quintic's band, then take an optimizer step:
+//!
+//! ```
+//! use muon_core::{newton_schulz, Backend, HybridConfig, HybridOptimizer, HostMatrix,
+//!                 NewtonSchulz, NsWorkspace, ParamRole, ParamSpec, Shape, Transpose};
+//! use muon_faer::Faer;
+//!
+//! # fn main() -> muon_core::Result<()> {
+//! let cpu = Faer::<f32>::with_threads(2);
+//! let shape = Shape::matrix(64, 96);
+//! let data: Vec<f32> = (0..shape.len()).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+//!
+//! let mut ws = NsWorkspace::new(&cpu, shape)?;
+//! cpu.upload(&mut ws.x, &data)?;
+//! newton_schulz(&cpu, &NewtonSchulz::quintic(), &mut ws)?;
+//!
+//! // O O^T has eigenvalues sigma^2; its trace over 64 is their mean, near 1.
+//! let mut gram = cpu.zeros(Shape::matrix(64, 64))?;
+//! cpu.gram(&mut gram, &ws.x, Transpose::No)?;
+//! let trace: f32 = (0..64).map(|i| gram.as_slice()[i * 64 + i]).sum();
+//! assert!((0.6..1.3).contains(&(trace / 64.0)), "mean sigma^2 {}", trace / 64.0);
+//!
+//! // A Muon step on that matrix as a parameter.
+//! let specs = vec![ParamSpec::new("w", shape, ParamRole::Hidden)];
+//! let mut opt = HybridOptimizer::new(&cpu, specs, HybridConfig::default())?;
+//! let mut params = vec![HostMatrix::zeros(shape)];
+//! let grads = vec![HostMatrix::from_vec(shape, data)?];
+//! let report = opt.step(&cpu, &mut params, &grads, 0.01)?;
+//! assert_eq!(report.step, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Threads
+//!
+//! [`Faer::new`] uses every core [`std::thread::available_parallelism`] reports;
+//! [`Faer::with_threads`] and [`Faer::set_threads`] pick a count (1 = the caller's thread
+//! alone). The team's workers park between calls; a backend handle is cheap to clone and
+//! clones share the team.
+
+#![warn(missing_docs)]
+
+mod elementwise;
+mod matmul;
+mod team;
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use faer::Accum;
+use muon_core::{AdamWCoefficients, Backend, Error, HostMatrix, Real, Result, Shape, Transpose};
+
+use crate::matmul::Product;
+use crate::team::Team;
+
+pub use crate::team::MAX_THREADS;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// The element types faer's kernels serve here: `f32` and `f64`.
+pub trait Elem: Real + faer::traits::RealField + sealed::Sealed {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+/// The faer CPU backend for element type `T` (`f32` or `f64`).
+///
+/// A handle to a team of threads; clones share it. All methods take `&self` and calls from
+/// several threads on one handle are serialized.
+pub struct Faer<T> {
+    team: Arc<Team>,
+    _elem: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Faer<T> {
+    fn clone(&self) -> Self {
+        Faer {
+            team: Arc::clone(&self.team),
+            _elem: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Faer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Faer")
+            .field("threads", &self.team.threads())
+            .finish()
+    }
+}
+
+impl<T: Elem> Default for Faer<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Elem> Faer<T> {
+    /// A backend using every core the OS reports (`available_parallelism`).
+    pub fn new() -> Self {
+        Self::with_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// A backend running on `threads` threads, the caller's included, clamped to
+    /// `1..=`[`MAX_THREADS`]. If the OS refuses to start a thread, it runs on those it got.
+    pub fn with_threads(threads: usize) -> Self {
+        Faer {
+            team: Arc::new(Team::new(threads)),
+            _elem: PhantomData,
+        }
+    }
+
+    /// The number of threads work is split across.
+    pub fn threads(&self) -> usize {
+        self.team.threads()
+    }
+
+    /// Changes the thread count (clamped like [`with_threads`](Self::with_threads)): starts a
+    /// new team for this handle; clones made before keep the old one.
+    pub fn set_threads(&mut self, threads: usize) {
+        if threads.clamp(1, MAX_THREADS) != self.team.threads() {
+            self.team = Arc::new(Team::new(threads));
+        }
+    }
+}
+
+fn mismatch(what: &str, expected: Shape, found: Shape) -> Error {
+    Error::ShapeMismatch {
+        what: what.into(),
+        expected,
+        found,
+    }
+}
+
+fn same_shape(what: &str, expected: Shape, found: Shape) -> Result<()> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(mismatch(what, expected, found))
+    }
+}
+
+/// Checks a GEMM's shapes, returning the per-item sizes `(m, n, k)`.
+fn gemm_dims(dst: Shape, a: Shape, ta: Transpose, b: Shape, tb: Transpose) -> Result<(usize, usize, usize)> {
+    let (m, k) = a.op(ta);
+    let (k2, n) = b.op(tb);
+    if a.batch != dst.batch || b.batch != dst.batch || k != k2 {
+        let expected = Shape::batched(dst.batch, k, n);
+        let found = Shape::batched(b.batch, k2, n);
+        return Err(mismatch("gemm operand b (after transpose)", expected, found));
+    }
+    same_shape("gemm destination", Shape::batched(dst.batch, m, n), dst)?;
+    Ok((m, n, k))
+}
+
+impl<T: Elem> Faer<T> {
+    /// Turns BLAS `beta` into faer's accumulate flag, scaling `dst` first when needed.
+    fn accumulate(&self, dst: &mut [T], beta: T) -> Accum {
+        if beta == T::ZERO {
+            Accum::Replace
+        } else {
+            if beta != T::ONE {
+                elementwise::scale(&self.team, dst, beta);
+            }
+            Accum::Add
+        }
+    }
+}
+
+impl<T: Elem> Backend for Faer<T> {
+    type Elem = T;
+    type Matrix = HostMatrix<T>;
+
+    fn shape(m: &HostMatrix<T>) -> Shape {
+        m.shape()
+    }
+
+    fn zeros(&self, shape: Shape) -> Result<HostMatrix<T>> {
+        Ok(HostMatrix::zeros(shape))
+    }
+
+    fn upload(&self, dst: &mut HostMatrix<T>, src: &[T]) -> Result<()> {
+        if src.len() != dst.shape().len() {
+            return Err(Error::Backend(format!(
+                "upload of {} elements into a {} matrix",
+                src.len(),
+                dst.shape()
+            )));
+        }
+        dst.as_mut_slice().copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, src: &HostMatrix<T>, dst: &mut [T]) -> Result<()> {
+        if dst.len() != src.shape().len() {
+            return Err(Error::Backend(format!(
+                "download of a {} matrix into {} elements",
+                src.shape(),
+                dst.len()
+            )));
+        }
+        dst.copy_from_slice(src.as_slice());
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        dst: &mut HostMatrix<T>,
+        alpha: T,
+        a: &HostMatrix<T>,
+        ta: Transpose,
+        b: &HostMatrix<T>,
+        tb: Transpose,
+        beta: T,
+    ) -> Result<()> {
+        let (m, n, k) = gemm_dims(dst.shape(), a.shape(), ta, b.shape(), tb)?;
+        if dst.shape().is_empty() {
+            return Ok(());
+        }
+        let accum = self.accumulate(dst.as_mut_slice(), beta);
+        let prod = Product {
+            a: a.as_slice(),
+            a_shape: a.shape(),
+            ta,
+            b: b.as_slice(),
+            b_shape: b.shape(),
+            tb,
+            alpha,
+            accum,
+        };
+        matmul::gemm(&self.team, dst.as_mut_slice(), m, n, k, prod);
+        Ok(())
+    }
+
+    fn axpby(&self, dst: &mut HostMatrix<T>, alpha: T, x: &HostMatrix<T>, beta: T) -> Result<()> {
+        same_shape("axpby operand", dst.shape(), x.shape())?;
+        elementwise::axpby(&self.team, dst.as_mut_slice(), alpha, x.as_slice(), beta);
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
+        let slots = out.shape().len();
+        let slot = out.as_mut_slice().get_mut(index).ok_or_else(|| {
+            Error::Backend(format!("sum_squares: slot {index} of a {slots}-element output"))
+        })?;
+        *slot = T::from_f64(elementwise::sum_squares(&self.team, x.as_slice()));
+        Ok(())
+    }
+
+    fn normalize_frobenius(&self, x: &mut HostMatrix<T>, norm_scale: T, eps: T) -> Result<()> {
+        let stride = x.shape().batch_stride();
+        elementwise::normalize_frobenius(&self.team, x.as_mut_slice(), stride, norm_scale, eps);
+        Ok(())
+    }
+
+    fn adamw_direction(
+        &self,
+        dir: &mut HostMatrix<T>,
+        grad: &HostMatrix<T>,
+        m: &mut HostMatrix<T>,
+        v: &mut HostMatrix<T>,
+        c: &AdamWCoefficients<T>,
+    ) -> Result<()> {
+        same_shape("adamw direction", grad.shape(), dir.shape())?;
+        same_shape("adamw first moment", grad.shape(), m.shape())?;
+        same_shape("adamw second moment", grad.shape(), v.shape())?;
+        elementwise::adamw_direction(
+            &self.team,
+            dir.as_mut_slice(),
+            grad.as_slice(),
+            m.as_mut_slice(),
+            v.as_mut_slice(),
+            c,
+        );
+        Ok(())
+    }
+
+    fn copy(&self, dst: &mut HostMatrix<T>, x: &HostMatrix<T>) -> Result<()> {
+        same_shape("copy source", dst.shape(), x.shape())?;
+        elementwise::copy(&self.team, dst.as_mut_slice(), x.as_slice());
+        Ok(())
+    }
+
+    fn gram(&self, dst: &mut HostMatrix<T>, x: &HostMatrix<T>, op: Transpose) -> Result<()> {
+        let xs = x.shape();
+        let (m, k) = xs.op(op);
+        same_shape("gram destination", Shape::batched(xs.batch, m, m), dst.shape())?;
+        if dst.shape().is_empty() {
+            return Ok(());
+        }
+        let prod = Product {
+            a: x.as_slice(),
+            a_shape: xs,
+            ta: op,
+            b: x.as_slice(),
+            b_shape: xs,
+            tb: op.flip(),
+            alpha: T::ONE,
+            accum: Accum::Replace,
+        };
+        matmul::symmetric(&self.team, dst.as_mut_slice(), m, k, prod);
+        Ok(())
+    }
+
+    fn symmetric_square(&self, dst: &mut HostMatrix<T>, alpha: T, s: &HostMatrix<T>, beta: T) -> Result<()> {
+        let ss = s.shape();
+        if ss.rows != ss.cols {
+            return Err(Error::Backend(format!(
+                "symmetric_square of a non-square {ss} matrix"
+            )));
+        }
+        same_shape("symmetric_square destination", ss, dst.shape())?;
+        if ss.is_empty() {
+            return Ok(());
+        }
+        let accum = self.accumulate(dst.as_mut_slice(), beta);
+        let prod = Product {
+            a: s.as_slice(),
+            a_shape: ss,
+            ta: Transpose::No,
+            b: s.as_slice(),
+            b_shape: ss,
+            tb: Transpose::No,
+            alpha,
+            accum,
+        };
+        matmul::symmetric(&self.team, dst.as_mut_slice(), ss.rows, ss.rows, prod);
+        Ok(())
+    }
+
+    fn momentum_nesterov(
+        &self,
+        momentum: &mut HostMatrix<T>,
+        grad: &HostMatrix<T>,
+        mu: T,
+        nesterov: bool,
+        out: &mut HostMatrix<T>,
+    ) -> Result<()> {
+        same_shape("momentum", grad.shape(), momentum.shape())?;
+        same_shape("momentum output", grad.shape(), out.shape())?;
+        elementwise::momentum_nesterov(
+            &self.team,
+            momentum.as_mut_slice(),
+            grad.as_slice(),
+            mu,
+            nesterov,
+            out.as_mut_slice(),
+        );
+        Ok(())
+    }
+
+    fn apply_update(
+        &self,
+        param: &mut HostMatrix<T>,
+        update: &HostMatrix<T>,
+        step: T,
+        decay: T,
+    ) -> Result<()> {
+        same_shape("update", param.shape(), update.shape())?;
+        // The trait's default, `axpby(param, -step, update, 1 - decay)`, in one pass.
+        elementwise::axpby(
+            &self.team,
+            param.as_mut_slice(),
+            -step,
+            update.as_slice(),
+            T::ONE - decay,
+        );
+        Ok(())
+    }
+}

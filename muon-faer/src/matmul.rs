@@ -1,0 +1,337 @@
+//! Matrix products on stacks: plain GEMM, the symmetric Gram product and the square of a
+//! symmetric matrix, each on faer's sequential kernels, split across the team.
+//!
+//! How a product over a stack of `E` matrices is split across `p` threads:
+//! - the stack is split (each thread takes whole matrices, sequential GEMMs) when there are at
+//!   least `p` matrices and they divide evenly, are many, or are too small to split well;
+//! - otherwise each matrix large enough is split into `p` blocks of its output, one per thread
+//!   (each thread packs its own copy of the shared operand, which costs `O(mk)` next to the
+//!   `O(mnk)` product);
+//! - products too small to pay for waking the workers run on the caller's thread.
+//!
+//! Symmetric outputs compute their lower triangle only (faer's triangular `matmul` with
+//! `BlockStructure::TriangularLower`, about half the flops) and mirror it into the upper one.
+
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::linalg::matmul::{self as fm};
+use faer::{Accum, MatMut, MatRef, Par};
+use muon_core::{Shape, Transpose};
+
+use crate::team::{Team, MAX_THREADS};
+use crate::Elem;
+
+/// Below this many flops a whole call runs on one thread: waking a parked worker costs a few
+/// microseconds, about what a core does in this many flops.
+const PARALLEL_MIN_FLOPS: f64 = 4.0e6;
+/// A single matrix product is split across threads only above this many flops.
+const SPLIT_MIN_FLOPS: f64 = 8.0e6;
+
+/// A row-major matrix (one item of a stack) as a faer view, transposed if asked.
+pub(crate) fn view<T>(data: &[T], rows: usize, cols: usize, op: Transpose) -> MatRef<'_, T> {
+    let m = MatRef::from_row_major_slice(data, rows, cols);
+    match op {
+        Transpose::No => m,
+        Transpose::Yes => m.transpose(),
+    }
+}
+
+/// A mutable row-major matrix as a faer view.
+pub(crate) fn view_mut<T>(data: &mut [T], rows: usize, cols: usize) -> MatMut<'_, T> {
+    MatMut::from_row_major_slice_mut(data, rows, cols)
+}
+
+/// `[start, end)` of part `p` when `n` things are dealt into `parts` near-equal parts.
+pub(crate) fn part_range(n: usize, parts: usize, p: usize) -> (usize, usize) {
+    let (q, r) = (n / parts, n % parts);
+    let start = p * q + p.min(r);
+    (start, start + q + usize::from(p < r))
+}
+
+/// Splits a stack's storage into `parts` runs of whole matrices: `(first item, storage)`.
+pub(crate) fn split_items<T>(
+    mut data: &mut [T],
+    stride: usize,
+    items: usize,
+    parts: usize,
+) -> [Option<(usize, &mut [T])>; MAX_THREADS] {
+    let mut out = [const { None }; MAX_THREADS];
+    for (p, slot) in out.iter_mut().enumerate().take(parts) {
+        let (start, end) = part_range(items, parts, p);
+        let (head, tail) = std::mem::take(&mut data).split_at_mut((end - start) * stride);
+        *slot = Some((start, head));
+        data = tail;
+    }
+    out
+}
+
+/// Whether a product of `batch` items of `flops` each goes over the stack (`Some(parts)`),
+/// inside each item (`None` with `split == true`), or on one thread.
+enum Plan {
+    Serial,
+    OverStack(usize),
+    InsideItems,
+}
+
+fn plan(threads: usize, batch: usize, item_flops: f64, splittable: bool) -> Plan {
+    let total = item_flops * batch as f64;
+    if threads <= 1 || total < PARALLEL_MIN_FLOPS {
+        return Plan::Serial;
+    }
+    let split_items = splittable && item_flops >= SPLIT_MIN_FLOPS;
+    if batch >= threads && (batch % threads == 0 || batch >= 4 * threads || !split_items) {
+        Plan::OverStack(threads)
+    } else if split_items {
+        Plan::InsideItems
+    } else if batch >= 2 {
+        Plan::OverStack(batch.min(threads))
+    } else {
+        Plan::Serial
+    }
+}
+
+/// The operands of one stacked product, as the backend received them (already checked).
+#[derive(Clone, Copy)]
+pub(crate) struct Product<'a, T> {
+    pub a: &'a [T],
+    pub a_shape: Shape,
+    pub ta: Transpose,
+    pub b: &'a [T],
+    pub b_shape: Shape,
+    pub tb: Transpose,
+    pub alpha: T,
+    /// `Replace` for `beta == 0`; `Add` after the destination was scaled by `beta`.
+    pub accum: Accum,
+}
+
+impl<T: Elem> Product<'_, T> {
+    fn a_item(&self, e: usize) -> MatRef<'_, T> {
+        let n = self.a_shape.batch_stride();
+        view(
+            &self.a[e * n..(e + 1) * n],
+            self.a_shape.rows,
+            self.a_shape.cols,
+            self.ta,
+        )
+    }
+
+    fn b_item(&self, e: usize) -> MatRef<'_, T> {
+        let n = self.b_shape.batch_stride();
+        view(
+            &self.b[e * n..(e + 1) * n],
+            self.b_shape.rows,
+            self.b_shape.cols,
+            self.tb,
+        )
+    }
+}
+
+/// `dst = alpha op(a) op(b) (+ dst)` for every item, `dst` of shape `batch x m x n`.
+pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: usize, prod: Product<'_, T>) {
+    let batch = prod.a_shape.batch;
+    let stride = m * n;
+    let item = |dst: &mut [T], e: usize| {
+        fm::matmul(
+            view_mut(dst, m, n),
+            prod.accum,
+            prod.a_item(e),
+            prod.b_item(e),
+            prod.alpha,
+            Par::Seq,
+        );
+    };
+    let flops = 2.0 * (m * n * k) as f64;
+    match plan(team.threads(), batch, flops, m.max(n) >= 32) {
+        Plan::Serial => {
+            for (e, d) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(batch) {
+                item(d, e);
+            }
+        }
+        Plan::OverStack(parts) => {
+            let mut runs = split_items(dst, stride, batch, parts);
+            team.for_each_part(&mut runs[..parts], &|_, run| {
+                if let Some((first, data)) = run.take() {
+                    for (i, d) in data.chunks_exact_mut(stride).enumerate() {
+                        item(d, first + i);
+                    }
+                }
+            });
+        }
+        Plan::InsideItems => {
+            let parts = team.threads();
+            for (e, d) in dst.chunks_exact_mut(stride).enumerate() {
+                let (a, b) = (prod.a_item(e), prod.b_item(e));
+                let mut blocks = [const { None }; MAX_THREADS];
+                // Split the longer side of the output, so every block stays GEMM-shaped.
+                let mut rest = view_mut(d, m, n);
+                let by_rows = m >= n;
+                let len = if by_rows { m } else { n };
+                for (p, slot) in blocks.iter_mut().enumerate().take(parts) {
+                    let (start, end) = part_range(len, parts, p);
+                    let (head, tail) = if by_rows {
+                        rest.split_at_row_mut(end - start)
+                    } else {
+                        rest.split_at_col_mut(end - start)
+                    };
+                    *slot = Some((start, end, head));
+                    rest = tail;
+                }
+                team.for_each_part(&mut blocks[..parts], &|_, block| {
+                    if let Some((start, end, out)) = block.take() {
+                        let (lhs, rhs) = if by_rows {
+                            (a.subrows(start, end - start), b)
+                        } else {
+                            (a, b.subcols(start, end - start))
+                        };
+                        fm::matmul(out, prod.accum, lhs, rhs, prod.alpha, Par::Seq);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The lower triangle (diagonal included) of `dst = alpha lhs rhs (+ dst)`, square `dst`,
+/// computed by `parts` threads on row bands of equal area.
+fn lower_product<T: Elem>(
+    team: Option<&Team>,
+    dst: MatMut<'_, T>,
+    accum: Accum,
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+    alpha: T,
+) {
+    let m = dst.nrows();
+    let band = |out: MatMut<'_, T>, start: usize, end: usize| {
+        // Rows [start, end): a rectangle left of the diagonal block, then the block's lower
+        // triangle; the part right of it belongs to the upper triangle.
+        let (left, right) = out.split_at_col_mut(start);
+        let (diag, _) = right.split_at_col_mut(end - start);
+        let lhs_band = lhs.subrows(start, end - start);
+        if start > 0 {
+            fm::matmul(left, accum, lhs_band, rhs.subcols(0, start), alpha, Par::Seq);
+        }
+        triangular::matmul(
+            diag,
+            BlockStructure::TriangularLower,
+            accum,
+            lhs_band,
+            BlockStructure::Rectangular,
+            rhs.subcols(start, end - start),
+            BlockStructure::Rectangular,
+            alpha,
+            Par::Seq,
+        );
+    };
+    let parts = team.map_or(1, Team::threads);
+    let Some(team) = team.filter(|_| parts > 1) else {
+        band(dst, 0, m);
+        return;
+    };
+    // Rows [0, r) of a lower triangle hold a share (r/m)^2 of its area: cut at m sqrt(p/parts).
+    let cut = |p: usize| ((m as f64) * (p as f64 / parts as f64).sqrt()).round() as usize;
+    let mut bands = [const { None }; MAX_THREADS];
+    let mut rest = dst;
+    for (p, slot) in bands.iter_mut().enumerate().take(parts) {
+        let (start, end) = (cut(p), if p + 1 == parts { m } else { cut(p + 1) });
+        let (head, tail) = rest.split_at_row_mut(end - start);
+        *slot = Some((start, end, head));
+        rest = tail;
+    }
+    team.for_each_part(&mut bands[..parts], &|_, b| {
+        if let Some((start, end, out)) = b.take() {
+            band(out, start, end);
+        }
+    });
+}
+
+/// Copies the lower triangle of a square row-major matrix onto its upper triangle, in tiles
+/// so that the transposed reads stay in cache.
+pub(crate) fn mirror_lower<T: Copy>(d: &mut [T], m: usize) {
+    const TILE: usize = 32;
+    for i0 in (0..m).step_by(TILE) {
+        for j0 in (i0..m).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(m) {
+                for j in j0.max(i + 1)..(j0 + TILE).min(m) {
+                    d[i * m + j] = d[j * m + i];
+                }
+            }
+        }
+    }
+}
+
+/// `dst = alpha op(x) op(x)^T (+ dst)` or `dst = alpha s s (+ dst)` on every item of a stack
+/// of symmetric `m x m` outputs: the lower triangle from faer, then mirrored.
+pub(crate) fn symmetric<T: Elem>(team: &Team, dst: &mut [T], m: usize, k: usize, prod: Product<'_, T>) {
+    let batch = prod.a_shape.batch;
+    let stride = m * m;
+    let item = |d: &mut [T], e: usize, team: Option<&Team>| {
+        lower_product(
+            team,
+            view_mut(d, m, m),
+            prod.accum,
+            prod.a_item(e),
+            prod.b_item(e),
+            prod.alpha,
+        );
+        mirror_lower(d, m);
+    };
+    // Nominal flops of the lower triangle.
+    let flops = (m * m * k) as f64;
+    match plan(team.threads(), batch, flops, m >= 64) {
+        Plan::Serial => {
+            for (e, d) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(batch) {
+                item(d, e, None);
+            }
+        }
+        Plan::OverStack(parts) => {
+            let mut runs = split_items(dst, stride, batch, parts);
+            team.for_each_part(&mut runs[..parts], &|_, run| {
+                if let Some((first, data)) = run.take() {
+                    for (i, d) in data.chunks_exact_mut(stride).enumerate() {
+                        item(d, first + i, None);
+                    }
+                }
+            });
+        }
+        Plan::InsideItems => {
+            for (e, d) in dst.chunks_exact_mut(stride).enumerate() {
+                item(d, e, Some(team));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_cover_the_range_in_order() {
+        for n in [0, 1, 5, 64, 65] {
+            for parts in 1..6 {
+                let mut next = 0;
+                for p in 0..parts {
+                    let (s, e) = part_range(n, parts, p);
+                    assert_eq!(s, next);
+                    assert!(e - s <= n / parts + 1);
+                    next = e;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+
+    #[test]
+    fn mirror_copies_lower_to_upper() {
+        for m in [1, 2, 31, 33, 70] {
+            let mut d: Vec<f64> = (0..m * m).map(|i| i as f64).collect();
+            mirror_lower(&mut d, m);
+            for i in 0..m {
+                for j in 0..m {
+                    let (lo_i, lo_j) = if j > i { (j, i) } else { (i, j) };
+                    assert_eq!(d[i * m + j], (lo_i * m + lo_j) as f64);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! A fixed team of worker threads that runs one job split in parts, allocating nothing per job.
+//!
+//! Why not rayon: a call into a rayon pool from outside it goes through the pool's injector
+//! queue, which allocates a block every 63 jobs, and faer's own parallel GEMM allocates its job
+//! tables on every call. The optimizer promises no allocation per step after warm-up, so the
+//! backend splits work itself, statically (the parts are known before the job starts), and hands
+//! the parts to this team.
+//!
+//! The caller's thread runs part 0 and `threads - 1` parked workers run the others; a job is a
+//! borrowed closure, published under a mutex and waited for before [`Team::for_each_part`]
+//! returns. This module holds all the crate's `unsafe` code.
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+/// The most threads a backend runs: part descriptors live in fixed arrays of this length on the
+/// stack (no allocation per call).
+pub const MAX_THREADS: usize = 64;
+
+/// A job as the workers see it: "run part `p` for each `p < parts` that is yours".
+#[derive(Clone, Copy)]
+struct Job {
+    /// Borrowed from [`Team::for_each_part`]'s stack frame, which outlives every use: that
+    /// function waits until every worker reported the job done before it returns.
+    run: *const (dyn Fn(usize) + Sync + 'static),
+    parts: usize,
+}
+
+// SAFETY: the closure behind `run` is `Sync`, so calling it from several threads through a
+// shared pointer is allowed; the pointer itself is only dereferenced while the closure lives
+// (see `Job::run`).
+unsafe impl Send for Job {}
+
+struct State {
+    /// Incremented for every published job; a worker runs each epoch once.
+    epoch: u64,
+    job: Option<Job>,
+    /// Workers that have not finished the current job.
+    pending: usize,
+    /// A panic payload from a worker's part, re-raised on the caller's thread.
+    panic: Option<Box<dyn Any + Send>>,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    start: Condvar,
+    done: Condvar,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Parts run under catch_unwind, never while holding the lock, so poisoning cannot leave
+    // the state half-written; recover rather than cascade.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `threads - 1` parked workers plus the calling thread.
+pub(crate) struct Team {
+    threads: usize,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Serializes jobs from different caller threads sharing one backend.
+    dispatch: Mutex<()>,
+}
+
+impl Team {
+    /// A team of `threads` (clamped to `1..=MAX_THREADS`). If the OS refuses to start a
+    /// thread, the team runs with the ones it got (at least the caller's).
+    pub(crate) fn new(threads: usize) -> Team {
+        let wanted = threads.clamp(1, MAX_THREADS);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                epoch: 0,
+                job: None,
+                pending: 0,
+                panic: None,
+                shutdown: false,
+            }),
+            start: Condvar::new(),
+            done: Condvar::new(),
+        });
+        let mut workers = Vec::with_capacity(wanted - 1);
+        for index in 1..wanted {
+            let shared = Arc::clone(&shared);
+            let spawned = std::thread::Builder::new()
+                .name(format!("muon-faer-{index}"))
+                .spawn(move || worker(&shared, index));
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(_) => break,
+            }
+        }
+        Team {
+            threads: workers.len() + 1,
+            shared,
+            workers,
+            dispatch: Mutex::new(()),
+        }
+    }
+
+    /// Threads that run parts (the caller's included).
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Calls `f(p, &mut parts[p])` once for every `p`, in parallel, and returns when all are
+    /// done. `parts.len()` must not exceed [`threads`](Self::threads). A panic in any part is
+    /// re-raised here after every part has finished.
+    pub(crate) fn for_each_part<X: Send>(&self, parts: &mut [X], f: &(dyn Fn(usize, &mut X) + Sync)) {
+        let n = parts.len();
+        assert!(
+            n <= self.threads,
+            "{n} parts for a team of {} threads",
+            self.threads
+        );
+        if n <= 1 {
+            if let Some(x) = parts.first_mut() {
+                f(0, x);
+            }
+            return;
+        }
+        let base = PartsPtr {
+            ptr: parts.as_mut_ptr(),
+            _marker: PhantomData,
+        };
+        let run = move |p: usize| {
+            let base = &base;
+            // SAFETY: `p < n` (workers only run parts below `Job::parts`, the caller runs 0),
+            // and each `p` is run exactly once per job, so the `&mut` handed out here are to
+            // distinct elements of `parts`, which `for_each_part` borrows mutably for the
+            // whole job. `X: Send` makes handing them to other threads sound.
+            let x = unsafe { &mut *base.ptr.add(p) };
+            f(p, x);
+        };
+        let run: &(dyn Fn(usize) + Sync) = &run;
+        let _serial = self.dispatch.lock().unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut state = lock(&self.shared.state);
+            state.epoch += 1;
+            state.pending = self.workers.len();
+            // SAFETY: only the lifetime is erased. The closure lives in this frame, and this
+            // function does not return (nor unwind: the caller's part runs under
+            // catch_unwind) before `pending` is back to 0, i.e. before every worker has
+            // stopped using the pointer; the job is cleared before the frame ends.
+            let erased: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(run) };
+            state.job = Some(Job {
+                run: erased,
+                parts: n,
+            });
+        }
+        self.shared.start.notify_all();
+        let mine = catch_unwind(AssertUnwindSafe(|| run(0)));
+        let theirs = {
+            let mut state = lock(&self.shared.state);
+            while state.pending > 0 {
+                state = self
+                    .shared
+                    .done
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            state.job = None;
+            state.panic.take()
+        };
+        if let Err(payload) = mine {
+            resume_unwind(payload);
+        }
+        if let Some(payload) = theirs {
+            resume_unwind(payload);
+        }
+    }
+}
+
+/// The base of the parts array, shared by all parts of one job.
+struct PartsPtr<'a, X> {
+    ptr: *mut X,
+    _marker: PhantomData<&'a mut [X]>,
+}
+
+// SAFETY: every part dereferences a different element (see `for_each_part`), and the elements
+// are `Send`, so sharing the base pointer between threads is like splitting `&mut [X]`.
+unsafe impl<X: Send> Sync for PartsPtr<'_, X> {}
+
+fn worker(shared: &Shared, index: usize) {
+    let mut seen = 0u64;
+    loop {
+        let job = {
+            let mut state = lock(&shared.state);
+            while state.epoch == seen && !state.shutdown {
+                state = shared.start.wait(state).unwrap_or_else(PoisonError::into_inner);
+            }
+            if state.shutdown {
+                return;
+            }
+            seen = state.epoch;
+            state.job
+        };
+        let mut outcome = Ok(());
+        if let Some(job) = job {
+            if index < job.parts {
+                // SAFETY: the publisher keeps the closure alive until this worker has
+                // decremented `pending` below, which happens after this call returns.
+                let run = unsafe { &*job.run };
+                outcome = catch_unwind(AssertUnwindSafe(|| run(index)));
+            }
+        }
+        let mut state = lock(&shared.state);
+        if let Err(payload) = outcome {
+            state.panic.get_or_insert(payload);
+        }
+        state.pending -= 1;
+        if state.pending == 0 {
+            shared.done.notify_one();
+        }
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        lock(&self.shared.state).shutdown = true;
+        self.shared.start.notify_all();
+        for handle in self.workers.drain(..) {
+            // A worker never panics outside catch_unwind; nothing to report if it did.
+            let _ = handle.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_part_runs_once() {
+        let team = Team::new(3);
+        let mut parts = vec![0usize; team.threads()];
+        for round in 1..50 {
+            team.for_each_part(&mut parts, &|p, x| *x += p + round);
+        }
+        let expected: Vec<usize> = (0..team.threads())
+            .map(|p| (1..50).map(|r| p + r).sum())
+            .collect();
+        assert_eq!(parts, expected);
+    }
+
+    #[test]
+    fn fewer_parts_than_threads() {
+        let team = Team::new(4);
+        let mut parts = [1, 2];
+        team.for_each_part(&mut parts, &|_, x| *x *= 10);
+        assert_eq!(parts, [10, 20]);
+    }
+
+    #[test]
+    fn a_worker_panic_reaches_the_caller_and_the_team_survives() {
+        let team = Team::new(2);
+        if team.threads() < 2 {
+            return;
+        }
+        let mut parts = [0, 0];
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            team.for_each_part(&mut parts, &|p, _| assert!(p == 0, "part {p} fails"))
+        }));
+        assert!(result.is_err());
+        team.for_each_part(&mut parts, &|p, x| *x = p + 1);
+        assert_eq!(parts, [1, 2]);
+    }
+}
