@@ -1,0 +1,109 @@
+//! After warm-up, Newton-Schulz and a whole hybrid optimizer step allocate nothing on the faer
+//! backend, on every thread (the counter is global, so it sees the team's workers too).
+//!
+//! Warm-up allocates once per thread: faer's packing buffers are thread-local and created on a
+//! thread's first product. The shapes cover every scheduling path: serial, split inside one
+//! matrix, split over a stack of experts, tall and wide, tiny (faer's nano-gemm path).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use muon_core::{
+    newton_schulz, Backend, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz, NsWorkspace, ParamRole,
+    ParamSpec, Shape,
+};
+use muon_faer::Faer;
+
+struct Counting;
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call unchanged to the system allocator; only counts allocations.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc`'s contract, which we pass on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`, and `new_size` is the caller's to check.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations made while `f` runs.
+fn allocations(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    f();
+    ALLOCATIONS.load(Ordering::SeqCst) - before
+}
+
+const SHAPES: [Shape; 7] = [
+    Shape::matrix(8, 12),
+    Shape::matrix(128, 128),
+    Shape::matrix(96, 300),
+    Shape::matrix(300, 96),
+    Shape::matrix(256, 512),
+    Shape::batched(8, 64, 176),
+    Shape::batched(3, 150, 100),
+];
+
+fn input(shape: Shape) -> Vec<f32> {
+    (0..shape.len())
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 506.0)
+        .collect()
+}
+
+// One test function: the counter is process-wide, and parallel tests would count each other.
+#[test]
+fn no_allocation_after_warm_up() {
+    // The counter works (a check that cannot fail proves nothing).
+    assert!(allocations(|| drop(std::hint::black_box(vec![1u8; 100]))) >= 1);
+    for threads in [1, 2, 3] {
+        let cpu = Faer::<f32>::with_threads(threads);
+        let config = NewtonSchulz::quintic();
+        for shape in SHAPES {
+            let mut ws = NsWorkspace::new(&cpu, shape).unwrap();
+            let data = input(shape);
+            for _ in 0..2 {
+                cpu.upload(&mut ws.x, &data).unwrap();
+                newton_schulz(&cpu, &config, &mut ws).unwrap();
+            }
+            cpu.upload(&mut ws.x, &data).unwrap();
+            let n = allocations(|| newton_schulz(&cpu, &config, &mut ws).unwrap());
+            assert_eq!(
+                n, 0,
+                "newton_schulz on {shape} with {threads} threads allocated {n} times"
+            );
+        }
+
+        let specs = vec![
+            ParamSpec::new("embed", Shape::matrix(256, 64), ParamRole::Embedding),
+            ParamSpec::new("wq", Shape::matrix(64, 64), ParamRole::Hidden),
+            ParamSpec::new("w_up", Shape::matrix(256, 64), ParamRole::Hidden),
+            ParamSpec::new("experts", Shape::batched(4, 64, 128), ParamRole::Hidden),
+            ParamSpec::new("norm", Shape::vector(64), ParamRole::Norm),
+            ParamSpec::new("big", Shape::matrix(512, 384), ParamRole::Hidden),
+        ];
+        let mut opt = HybridOptimizer::new(&cpu, specs.clone(), HybridConfig::default()).unwrap();
+        let mut params: Vec<HostMatrix<f32>> = specs.iter().map(|s| HostMatrix::zeros(s.shape)).collect();
+        let grads: Vec<HostMatrix<f32>> = specs
+            .iter()
+            .map(|s| HostMatrix::from_vec(s.shape, input(s.shape)).unwrap())
+            .collect();
+        for _ in 0..2 {
+            opt.step(&cpu, &mut params, &grads, 1e-3).unwrap();
+        }
+        let n = allocations(|| {
+            opt.step(&cpu, &mut params, &grads, 1e-3).unwrap();
+        });
+        assert_eq!(n, 0, "a hybrid step with {threads} threads allocated {n} times");
+    }
+}
