@@ -1,1 +1,262 @@
-//! (being written, issue 5)
+//! Checkpoints: one safetensors file with every parameter, every optimizer buffer, the model's
+//! buffers (router biases) and string metadata, written atomically.
+//!
+//! Tensor names (all `F32`, shape `[rows, cols]`, or `[batch, rows, cols]` for a stack):
+//! - `param.<name>`: a parameter, `<name>` as its `ParamSpec` says (`param.layers.1.attn.wq`);
+//! - `optim.<name>.momentum` (Muon), or `optim.<name>.m` and `optim.<name>.v` (AdamW);
+//! - `buffer.<name>`: a model buffer.
+//!
+//! Metadata (the safetensors header's `__metadata__`, strings): `format`, the order of the
+//! parameters and buffers (`params`, `buffers`, JSON lists), `optimizer_step`, and whatever the
+//! trainer adds (the model config, the run settings, the data sampler's state).
+//!
+//! [`save`] writes a temporary file in the same directory, fsyncs it, and renames it over the
+//! target, so a crash leaves either the old checkpoint or the new one, never half of one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use muon_core::{OptimizerKind, OptimizerState, ParamState, Shape};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+/// The `format` metadata value of files this module writes.
+pub const FORMAT: &str = "moonlight-ref-checkpoint/1";
+
+/// What is wrong with a checkpoint; the message names the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointError(pub String);
+
+impl fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CheckpointError {}
+
+/// A named host tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    /// Its name (without the `param.` / `buffer.` prefix).
+    pub name: String,
+    /// Its shape.
+    pub shape: Shape,
+    /// Row-major elements, `shape.len()` of them.
+    pub data: Vec<f32>,
+}
+
+/// Everything a checkpoint holds, on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// Free-form metadata (the keys `format`, `params`, `buffers`, `optimizer_step` are this
+    /// module's own and are overwritten on save).
+    pub metadata: BTreeMap<String, String>,
+    /// The parameters, in the model's order.
+    pub params: Vec<Tensor>,
+    /// The model's buffers.
+    pub buffers: Vec<Tensor>,
+    /// The optimizer's state (its `params` in the same order as `params`).
+    pub optimizer: OptimizerState<f32>,
+}
+
+fn dims(shape: Shape) -> Vec<usize> {
+    if shape.batch == 1 {
+        vec![shape.rows, shape.cols]
+    } else {
+        vec![shape.batch, shape.rows, shape.cols]
+    }
+}
+
+fn to_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Serializes a checkpoint to safetensors bytes.
+pub fn to_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
+    let err = |e: &dyn fmt::Display| CheckpointError(format!("cannot serialize the checkpoint: {e}"));
+    if ckpt.optimizer.params.len() != ckpt.params.len() {
+        return Err(err(&"the optimizer state and the parameters differ in number"));
+    }
+    // (name, shape, bytes): the bytes must outlive the views.
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for t in &ckpt.params {
+        owned.push((format!("param.{}", t.name), dims(t.shape), to_bytes(&t.data)));
+    }
+    for t in &ckpt.buffers {
+        owned.push((format!("buffer.{}", t.name), dims(t.shape), to_bytes(&t.data)));
+    }
+    for p in &ckpt.optimizer.params {
+        let names: &[&str] = match p.kind {
+            OptimizerKind::Muon => &["momentum"],
+            OptimizerKind::AdamW => &["m", "v"],
+        };
+        if names.len() != p.buffers.len() {
+            return Err(err(&format!(
+                "`{}` has {} optimizer buffers",
+                p.name,
+                p.buffers.len()
+            )));
+        }
+        for (suffix, buffer) in names.iter().zip(&p.buffers) {
+            owned.push((
+                format!("optim.{}.{suffix}", p.name),
+                dims(p.shape),
+                to_bytes(buffer),
+            ));
+        }
+    }
+    let mut views = Vec::with_capacity(owned.len());
+    for (name, shape, bytes) in &owned {
+        views.push((
+            name.as_str(),
+            TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| err(&e))?,
+        ));
+    }
+    let mut metadata: HashMap<String, String> = ckpt.metadata.clone().into_iter().collect();
+    let names = |ts: &[Tensor]| serde_json::to_string(&ts.iter().map(|t| &t.name).collect::<Vec<_>>());
+    metadata.insert("format".into(), FORMAT.into());
+    metadata.insert("params".into(), names(&ckpt.params).map_err(|e| err(&e))?);
+    metadata.insert("buffers".into(), names(&ckpt.buffers).map_err(|e| err(&e))?);
+    metadata.insert("optimizer_step".into(), ckpt.optimizer.step.to_string());
+    safetensors::serialize(views, Some(metadata)).map_err(|e| err(&e))
+}
+
+/// Parses safetensors bytes written by [`to_safetensors`]; `path` only names the file in errors.
+pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
+    let file = path.display();
+    let bad = |msg: String| CheckpointError(format!("corrupt checkpoint {file}: {msg}"));
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("{e}")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("{e}")))?;
+    let metadata: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    match metadata.get("format") {
+        Some(f) if f == FORMAT => {}
+        Some(f) => return Err(bad(format!("format `{f}`, expected `{FORMAT}`"))),
+        None => return Err(bad("no `format` metadata: not a moonlight-ref checkpoint".into())),
+    }
+    let list = |key: &str| -> Result<Vec<String>, CheckpointError> {
+        let json = metadata
+            .get(key)
+            .ok_or_else(|| bad(format!("no `{key}` metadata")))?;
+        serde_json::from_str(json).map_err(|e| bad(format!("`{key}` metadata: {e}")))
+    };
+    let read = |name: &str| -> Result<(Shape, Vec<f32>), CheckpointError> {
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(bad(format!(
+                "tensor `{name}` is {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let shape = match *view.shape() {
+            [rows, cols] => Shape::matrix(rows, cols),
+            [batch, rows, cols] => Shape::batched(batch, rows, cols),
+            ref other => return Err(bad(format!("tensor `{name}` has {} dimensions", other.len()))),
+        };
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((shape, data))
+    };
+    let mut params = Vec::new();
+    let mut states = Vec::new();
+    for name in list("params")? {
+        let (shape, data) = read(&format!("param.{name}"))?;
+        let momentum = format!("optim.{name}.momentum");
+        let (kind, buffers) = if tensors.names().iter().any(|n| **n == momentum) {
+            (OptimizerKind::Muon, vec![read(&momentum)?])
+        } else {
+            let m = read(&format!("optim.{name}.m"))?;
+            let v = read(&format!("optim.{name}.v"))?;
+            (OptimizerKind::AdamW, vec![m, v])
+        };
+        if let Some((s, _)) = buffers.iter().find(|(s, _)| *s != shape) {
+            return Err(bad(format!(
+                "optimizer state of `{name}` has shape {s}, the parameter {shape}"
+            )));
+        }
+        states.push(ParamState {
+            name: name.clone(),
+            shape,
+            kind,
+            buffers: buffers.into_iter().map(|(_, d)| d).collect(),
+        });
+        params.push(Tensor { name, shape, data });
+    }
+    let mut buffers = Vec::new();
+    for name in list("buffers")? {
+        let (shape, data) = read(&format!("buffer.{name}"))?;
+        buffers.push(Tensor { name, shape, data });
+    }
+    let step = metadata
+        .get("optimizer_step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no valid `optimizer_step` metadata".into()))?;
+    Ok(Checkpoint {
+        metadata,
+        params,
+        buffers,
+        optimizer: OptimizerState { step, params: states },
+    })
+}
+
+/// The temporary file [`save`] writes before renaming it to `path`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
+/// fsync of the directory. On error the old `path`, if any, is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    // Make the rename itself durable (not possible on every platform; best effort).
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Saves a checkpoint atomically.
+pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), CheckpointError> {
+    let bytes = to_safetensors(ckpt)?;
+    write_atomic(path, &bytes)
+        .map_err(|e| CheckpointError(format!("cannot write checkpoint {}: {e}", path.display())))
+}
+
+/// Loads a checkpoint, checking its structure (not yet that it fits a model: the trainer does).
+pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| CheckpointError(format!("cannot read checkpoint {}: {e}", path.display())))?;
+    from_safetensors(path, &bytes)
+}

@@ -1,1 +1,229 @@
-//! (being written, issue 5)
+//! The run log: one JSON object per line for every step, every evaluation and the final
+//! summary (`"kind": "step" | "eval" | "summary"`), and an SVG plot of the losses of runs.
+//!
+//! A line of the log, pretty-printed:
+//! ```text
+//! {"kind":"step","step":120,"loss":1.87,"lr":0.0029,"grad_norm":0.41,
+//!  "update_rms_muon":0.2,"update_rms_adamw":0.31,"expert_load_max_over_mean":[1.4,1.3],
+//!  "tokens_per_s":5200.0,"fwd_bwd_ms":48.1,"optimizer_ms":1.9}
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// One line of the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// A training step.
+    Step(StepRecord),
+    /// An evaluation on the held-out split.
+    Eval(EvalRecord),
+    /// The end of a run.
+    Summary(Summary),
+}
+
+/// What one training step measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step just taken, from 1.
+    pub step: u64,
+    /// Mean cross-entropy of the step's batch (nats per token).
+    pub loss: f64,
+    /// The learning rate the step used.
+    pub lr: f64,
+    /// Global L2 norm of the gradients.
+    pub grad_norm: f64,
+    /// Mean update RMS (before lr) over the parameters Muon steps; `None` when there are none.
+    pub update_rms_muon: Option<f64>,
+    /// Mean update RMS (before lr) over the parameters AdamW steps.
+    pub update_rms_adamw: Option<f64>,
+    /// Per MoE layer, the busiest expert's load over the mean load (1 = balanced).
+    pub expert_load_max_over_mean: Vec<f64>,
+    /// Tokens processed per second of this step.
+    pub tokens_per_s: f64,
+    /// Forward plus backward, milliseconds.
+    pub fwd_bwd_ms: f64,
+    /// The optimizer step (and router-bias update), milliseconds.
+    pub optimizer_ms: f64,
+}
+
+/// One evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Steps taken when it ran.
+    pub step: u64,
+    /// Mean cross-entropy on the held-out batches.
+    pub val_loss: f64,
+}
+
+/// The end of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// `muon` or `adamw`.
+    pub optimizer: String,
+    /// The preset name (or `custom`).
+    pub preset: String,
+    /// Steps taken in all (counting those before a resume).
+    pub steps: u64,
+    /// Mean training loss of the last (up to) 10 steps of this process.
+    pub final_train_loss: f64,
+    /// The last validation loss.
+    pub final_val_loss: Option<f64>,
+    /// Tokens per second over this process's steps.
+    pub tokens_per_s: f64,
+    /// Seconds in forward and backward.
+    pub fwd_bwd_s: f64,
+    /// Seconds in the optimizer step (and router-bias update).
+    pub optimizer_s: f64,
+    /// `optimizer_s / (fwd_bwd_s + optimizer_s)`.
+    pub optimizer_share: f64,
+    /// Wall-clock seconds of the run, evaluation and checkpoints included.
+    pub wall_s: f64,
+}
+
+/// Appends records to a JSONL file, one line each, flushed per line so a crash loses nothing.
+pub struct RunLog {
+    out: BufWriter<File>,
+}
+
+impl RunLog {
+    /// Creates (or, with `append`, continues) the log at `path`.
+    pub fn open(path: &Path, append: bool) -> io::Result<RunLog> {
+        let file = if append {
+            OpenOptions::new().create(true).append(true).open(path)?
+        } else {
+            File::create(path)?
+        };
+        Ok(RunLog {
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// Writes one record as a line.
+    pub fn write(&mut self, record: &Record) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, record)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}
+
+/// Reads a JSONL log back; errors name the file and line.
+pub fn read_log(path: &Path) -> Result<Vec<Record>, String> {
+    let file = File::open(path).map_err(|e| format!("cannot read log {}: {e}", path.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("cannot read log {}: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str(&line)
+            .map_err(|e| format!("{} line {}: not a log record: {e}", path.display(), i + 1))?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// One run's curves for [`plot_losses`].
+pub struct Curves {
+    /// Legend label.
+    pub label: String,
+    /// (step, training loss), smoothed by the caller if wanted.
+    pub train: Vec<(f64, f64)>,
+    /// (step, validation loss).
+    pub val: Vec<(f64, f64)>,
+}
+
+impl Curves {
+    /// The curves of a log: training loss as a running mean over `smooth` steps.
+    pub fn from_records(label: String, records: &[Record], smooth: usize) -> Curves {
+        let steps: Vec<(f64, f64)> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Step(s) => Some((s.step as f64, s.loss)),
+                _ => None,
+            })
+            .collect();
+        let smooth = smooth.max(1);
+        let train = (0..steps.len())
+            .map(|i| {
+                let lo = (i + 1).saturating_sub(smooth);
+                let window = &steps[lo..=i];
+                let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
+                (steps[i].0, mean)
+            })
+            .collect();
+        let val = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Eval(e) => Some((e.step as f64, e.val_loss)),
+                _ => None,
+            })
+            .collect();
+        Curves { label, train, val }
+    }
+}
+
+/// Draws the training (lines) and validation (lines with dots) losses of several runs into an
+/// SVG file.
+pub fn plot_losses(runs: &[Curves], out: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let points = || runs.iter().flat_map(|r| r.train.iter().chain(&r.val));
+    let finite = |v: &f64| v.is_finite();
+    let x_max = points().map(|p| p.0).filter(finite).fold(1.0, f64::max);
+    let y_min = points().map(|p| p.1).filter(finite).fold(f64::INFINITY, f64::min);
+    let y_max = points()
+        .map(|p| p.1)
+        .filter(finite)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if !(y_min.is_finite() && y_max.is_finite()) {
+        return Err("no finite losses to plot".into());
+    }
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let err = |e: &dyn std::fmt::Display| format!("cannot draw {}: {e}", out.display());
+
+    let root = SVGBackend::new(out, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("moonlight-ref: loss", ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("cross-entropy (nats/token)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, run) in runs.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(run.train.iter().copied(), color.stroke_width(1)))
+            .map_err(|e| err(&e))?
+            .label(format!("{} train", run.label))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        if !run.val.is_empty() {
+            chart
+                .draw_series(LineSeries::new(run.val.iter().copied(), color.stroke_width(3)))
+                .map_err(|e| err(&e))?
+                .label(format!("{} val", run.label))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(4)));
+            chart
+                .draw_series(run.val.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
