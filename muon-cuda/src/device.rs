@@ -172,9 +172,15 @@ impl CudaBackend {
             .map_err(|e| backend_error("reading the device name", e))?;
         let arch = format!("compute_{}{}", capability.0, capability.1);
         let ptx = module_ptx(&arch)?;
-        let module = ctx
-            .load_module(Ptx::from_src(ptx))
-            .map_err(|e| backend_error(&format!("loading the {arch} kernels"), e))?;
+        let module = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+            backend_error(
+                &format!(
+                    "loading the {arch} kernels (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means the NVRTC \
+                     library is newer than the driver: use an NVRTC no newer than the driver's CUDA)"
+                ),
+                e,
+            )
+        })?;
         let load = |name: &str| {
             module
                 .load_function(name)
@@ -256,6 +262,9 @@ impl CudaBackend {
         let host: Vec<f32> = (0..shape.len())
             .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 / 1000.0 - 1.0)
             .collect();
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| backend_error("binding the CUDA context", e))?;
         let mut a = self.zeros(shape)?;
         self.upload(&mut a, &host)?;
         let mut c = self.zeros(shape)?;
@@ -299,6 +308,14 @@ impl CudaBackend {
         }
         self.synchronize()?;
         Ok(start.elapsed().as_secs_f64() / iterations.max(1) as f64)
+    }
+
+    /// Bytes of device scratch the backend holds (reduction partials, inverse norms, bf16
+    /// operands). It grows to the largest sizes seen, then stays: after a warm-up step an
+    /// optimizer step allocates nothing, which this lets a test check.
+    pub fn scratch_bytes(&self) -> usize {
+        let s = self.scratch();
+        s.partials.num_bytes() + s.inv.num_bytes() + s.bf16_a.num_bytes() + s.bf16_b.num_bytes()
     }
 
     fn scratch(&self) -> MutexGuard<'_, Scratch> {
@@ -383,6 +400,11 @@ impl Backend for CudaBackend {
         beta: f32,
     ) -> Result<()> {
         let g = row_major_gemm(dst.shape, a.shape, ta, b.shape, tb);
+        // cuBLAS runs in the calling thread's current context; kernel launches and copies bind
+        // it themselves (cudarc), raw cuBLAS calls do not.
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| backend_error("binding the CUDA context", e))?;
         let blas_err = |e| backend_error("cuBLAS GEMM", e);
         if self.precision != Precision::Bf16 {
             let (x, y) = (GemmInput::F32(&a.data), GemmInput::F32(&b.data));

@@ -71,6 +71,11 @@ impl CudaBackend {
         match self.never {}
     }
 
+    /// Bytes of device scratch the backend holds.
+    pub fn scratch_bytes(&self) -> usize {
+        match self.never {}
+    }
+
     /// Seconds per `n x n x n` GEMM in the backend's precision (see the `cuda` build).
     pub fn time_gemm(&self, n: usize, iterations: usize) -> Result<f64> {
         let _ = (n, iterations);

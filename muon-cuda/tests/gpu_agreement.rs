@@ -24,7 +24,7 @@
 
 mod common;
 
-use muon_cuda::CudaBackend;
+use muon_cuda::{CudaBackend, Precision};
 
 /// The GPU backend, or `None` after printing why the test skips.
 fn gpu(test: &str) -> Option<CudaBackend> {
@@ -92,5 +92,36 @@ fn a_non_finite_gradient_is_refused_on_the_gpu() {
 fn transfers_check_lengths() {
     if let Some(gpu) = gpu("transfers_check_lengths") {
         common::transfers_check_lengths(&gpu);
+    }
+}
+
+#[test]
+fn an_optimizer_step_after_warm_up_allocates_no_scratch() {
+    let Some(mut gpu) = gpu("an_optimizer_step_after_warm_up_allocates_no_scratch") else {
+        return;
+    };
+    use muon_core::{HybridConfig, HybridOptimizer};
+    for precision in Precision::ALL {
+        gpu.set_precision(precision);
+        let specs = common::optimizer_specs();
+        let mut opt = HybridOptimizer::new(&gpu, specs.clone(), HybridConfig::default()).unwrap();
+        let mut params: Vec<_> = specs
+            .iter()
+            .map(|s| common::to_gpu(&gpu, &common::host(s.shape, 1)))
+            .collect();
+        let grads: Vec<_> = specs
+            .iter()
+            .map(|s| common::to_gpu(&gpu, &common::host(s.shape, 2)))
+            .collect();
+        opt.step(&gpu, &mut params, &grads, 0.02).unwrap();
+        let warm = gpu.scratch_bytes();
+        for _ in 0..3 {
+            opt.step(&gpu, &mut params, &grads, 0.02).unwrap();
+        }
+        assert_eq!(
+            gpu.scratch_bytes(),
+            warm,
+            "{precision}: scratch grew after the warm-up step"
+        );
     }
 }
