@@ -72,28 +72,37 @@ impl Backend for EmulatedGpu {
             Precision::Tf32 => 11,
             Precision::Bf16 => 8,
         };
-        let round = |x: &HostMatrix<f32>| -> Vec<f64> {
-            x.as_slice()
-                .iter()
-                .map(|&v| round_significand(v, bits) as f64)
-                .collect()
-        };
-        let (x, y) = (round(a), round(b));
-        let at = |data: &[f64], s: Shape, t: Transpose, e: usize, i: usize, j: usize| {
-            let base = e * s.batch_stride();
-            match t {
-                Transpose::No => data[base + i * s.cols + j],
-                Transpose::Yes => data[base + j * s.cols + i],
+        // op(a) as row-major m x k and op(b)^T as row-major n x k, rounded, per stack item: every
+        // output element is then one contiguous dot product.
+        let gather = |x: &HostMatrix<f32>, t: Transpose, rows: usize, inner: usize, want_t: bool| {
+            let s = x.shape();
+            let mut out = Vec::with_capacity(s.len());
+            for e in 0..s.batch {
+                let item = x.item(e);
+                for i in 0..rows {
+                    for p in 0..inner {
+                        // Element (i, p) of op(x), or of op(x)^T when `want_t`.
+                        let (r, c) = if want_t { (p, i) } else { (i, p) };
+                        let v = match t {
+                            Transpose::No => item[r * s.cols + c],
+                            Transpose::Yes => item[c * s.cols + r],
+                        };
+                        out.push(round_significand(v, bits) as f64);
+                    }
+                }
             }
+            out
         };
-        let (sa, sb, sc) = (a.shape(), b.shape(), dst.shape());
+        let x = gather(a, ta, m, k, false);
+        let y = gather(b, tb, n, k, true);
+        let sc = dst.shape();
         let out = dst.as_mut_slice();
         for e in 0..sc.batch {
             for i in 0..m {
+                let row = &x[(e * m + i) * k..(e * m + i + 1) * k];
                 for j in 0..n {
-                    let dot: f64 = (0..k)
-                        .map(|p| at(&x, sa, ta, e, i, p) * at(&y, sb, tb, e, p, j))
-                        .sum();
+                    let col = &y[(e * n + j) * k..(e * n + j + 1) * k];
+                    let dot: f64 = row.iter().zip(col).map(|(u, v)| u * v).sum();
                     let c = &mut out[e * sc.batch_stride() + i * n + j];
                     let old = if beta == 0.0 { 0.0 } else { beta as f64 * *c as f64 };
                     *c = (alpha as f64 * dot + old) as f32;
