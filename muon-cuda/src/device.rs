@@ -94,6 +94,9 @@ fn ensure<T: DeviceRepr + ValidAsZeroBits>(
     Ok(())
 }
 
+/// NVRTC compilations of the kernel module so far in this process (a test checks the cache).
+static MODULE_COMPILATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The PTX of the kernel module for `arch`, compiled at most once per process.
 fn module_ptx(arch: &str) -> Result<String> {
     static CACHE: OnceLock<Mutex<Vec<(String, String)>>> = OnceLock::new();
@@ -103,6 +106,7 @@ fn module_ptx(arch: &str) -> Result<String> {
         return Ok(ptx.clone());
     }
     let ptx = kernels::compile(&kernels::module_source(), arch).map_err(Error::Backend)?;
+    MODULE_COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     cache.push((arch.to_string(), ptx.clone()));
     Ok(ptx)
 }
@@ -626,5 +630,53 @@ impl Backend for CudaBackend {
             keep,
         )
         .map_err(|e| backend_error("update kernel", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn the_kernel_module_is_compiled_once_per_process_and_architecture() {
+        if !kernels::nvrtc_available() {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "CI=true but NVRTC is missing: {}", crate::NO_NVRTC);
+            eprintln!(
+                "the_kernel_module_is_compiled_once...: skipped: {}",
+                crate::NO_NVRTC
+            );
+            return;
+        }
+        // compute_86 is used by no other test, so the counter moves only here.
+        let before = MODULE_COMPILATIONS.load(Ordering::Relaxed);
+        let first = module_ptx("compute_86").unwrap();
+        let second = module_ptx("compute_86").unwrap();
+        assert_eq!(first, second);
+        assert!(first.contains(".target sm_86"), "PTX for the wrong architecture");
+        assert_eq!(
+            MODULE_COMPILATIONS.load(Ordering::Relaxed) - before,
+            1,
+            "compiled twice"
+        );
+    }
+
+    #[test]
+    fn reductions_use_enough_blocks_and_no_more_than_the_scratch_holds() {
+        assert_eq!(reduce_blocks(0), 1);
+        assert_eq!(reduce_blocks(1), 1);
+        assert_eq!(reduce_blocks(REDUCE_THREADS as usize * 4 + 1), 2);
+        assert_eq!(reduce_blocks(usize::MAX / 2), MAX_REDUCE_BLOCKS);
+    }
+
+    #[test]
+    fn without_a_driver_is_available_is_false_and_new_errors() {
+        if ffi::driver_library_present() {
+            return; // covered by the GPU tests
+        }
+        assert!(!is_available());
+        let err = CudaBackend::new(0).unwrap_err().to_string();
+        assert!(err.contains("no CUDA driver library"), "{err}");
     }
 }

@@ -1,5 +1,5 @@
 //! The fused elementwise and reduction kernels, as CUDA C sources compiled at run time with
-//! NVRTC (once per process and GPU architecture, see [`compile`]).
+//! NVRTC (once per process and GPU architecture; `compile` does it in the `cuda` build).
 //!
 //! Every kernel is `extern "C"` (no name mangling), works on `f32` data, takes its element
 //! counts as `long long`, and walks its range with a grid-stride loop, so any launch size is
