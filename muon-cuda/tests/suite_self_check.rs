@@ -1,7 +1,8 @@
 //! Runs the GPU agreement suite (`common`) on the CPU, on a backend that emulates the GPU's
-//! GEMM arithmetic: every GEMM input rounded to the precision's significand (f32: 24 bits,
-//! TF32: 11, bf16: 8, round to nearest even), products summed in f64 and rounded to f32 once,
-//! as tensor cores accumulate wider than they read. Everything else is the portable backend.
+//! GEMM arithmetic: every GEMM input cut to the precision's significand (f32: 24 bits; bf16: 8,
+//! rounded to nearest even as the crate's cast kernel does; TF32: 11, truncated, the worse of
+//! what tensor cores fed f32 data may do), products summed in f64 and rounded to f32 once, as
+//! tensor cores accumulate wider than they read. Everything else is the portable backend.
 //!
 //! This checks, on any machine, that the suite is sound and that its per-precision
 //! tolerances hold for arithmetic of the kind the GPU does (a different summation order in
@@ -20,6 +21,15 @@ struct EmulatedGpu {
 }
 
 const CPU: Portable<f32> = Portable::new();
+
+/// Truncates `x` to `bits` significant bits, toward zero (NaN and Inf pass through).
+fn truncate_significand(x: f32, bits: u32) -> f32 {
+    if bits >= 24 || !x.is_finite() {
+        return x;
+    }
+    let drop = 24 - bits;
+    f32::from_bits(x.to_bits() >> drop << drop)
+}
 
 /// Rounds `x` to `bits` significant bits, to nearest even (NaN and Inf pass through).
 fn round_significand(x: f32, bits: u32) -> f32 {
@@ -67,10 +77,10 @@ impl Backend for EmulatedGpu {
         beta: f32,
     ) -> Result<()> {
         let (m, n, k) = gemm_dims(dst.shape(), a.shape(), ta, b.shape(), tb);
-        let bits = match self.precision {
-            Precision::F32 => 24,
-            Precision::Tf32 => 11,
-            Precision::Bf16 => 8,
+        let cut = |v: f32| match self.precision {
+            Precision::F32 => v,
+            Precision::Tf32 => truncate_significand(v, 11),
+            Precision::Bf16 => round_significand(v, 8),
         };
         // op(a) as row-major m x k and op(b)^T as row-major n x k, rounded, per stack item: every
         // output element is then one contiguous dot product.
@@ -87,7 +97,7 @@ impl Backend for EmulatedGpu {
                             Transpose::No => item[r * s.cols + c],
                             Transpose::Yes => item[c * s.cols + r],
                         };
-                        out.push(round_significand(v, bits) as f64);
+                        out.push(cut(v) as f64);
                     }
                 }
             }
@@ -155,6 +165,11 @@ fn rounding_keeps_the_requested_significand() {
     assert!(round_significand(f32::NAN, 8).is_nan());
     let x = 1.0 + 2f32.powi(-11);
     assert_eq!(round_significand(x, 11), 1.0, "TF32 keeps 10 stored bits");
+    assert_eq!(
+        truncate_significand(1.0 + 2f32.powi(-10) * 1.99, 11),
+        1.0 + 2f32.powi(-10)
+    );
+    assert_eq!(truncate_significand(-1.999, 8), -1.9921875);
 }
 
 #[test]

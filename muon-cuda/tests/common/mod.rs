@@ -77,20 +77,22 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 }
 
 /// Tolerance of one GEMM with inputs in [-1, 1] and inner dimension up to 129: rounding the
-/// inputs costs about sqrt(2/3) u per product (u = 2^-24, 2^-11, 2^-8), averaging over the sum.
+/// inputs costs about sqrt(2/3) u per product (u = 2^-24, 2^-11, 2^-8), averaging over the sum;
+/// TF32 hardware may truncate instead of round, which also biases every product by about
+/// 2^-10 (hence 4e-3, not 2e-3).
 pub fn gemm_tol(p: Precision) -> f64 {
     match p {
         Precision::F32 => 1e-5,
-        Precision::Tf32 => 2e-3,
+        Precision::Tf32 => 4e-3,
         Precision::Bf16 => 1.6e-2,
     }
 }
 
-/// Newton-Schulz output tolerance: see the table in the module docs.
+/// Newton-Schulz output tolerance: see the calibration table at the top of `gpu_agreement.rs`.
 pub fn ns_tol(p: Precision) -> f64 {
     match p {
         Precision::F32 => 2e-5,
-        Precision::Tf32 => 1e-2,
+        Precision::Tf32 => 1.5e-2,
         Precision::Bf16 => 8e-2,
     }
 }
