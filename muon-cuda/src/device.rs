@@ -55,7 +55,7 @@ impl CudaMatrix {
     }
 }
 
-/// The NVRTC kernels, loaded once per backend from PTX compiled once per process.
+/// The NVRTC kernels, loaded once per backend from a CUBIN compiled once per process.
 struct Kernels {
     axpby: CudaFunction,
     momentum_nesterov: CudaFunction,
@@ -97,18 +97,20 @@ fn ensure<T: DeviceRepr + ValidAsZeroBits>(
 /// NVRTC compilations of the kernel module so far in this process (a test checks the cache).
 static MODULE_COMPILATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The PTX of the kernel module for `arch`, compiled at most once per process.
-fn module_ptx(arch: &str) -> Result<String> {
-    static CACHE: OnceLock<Mutex<Vec<(String, String)>>> = OnceLock::new();
+/// The CUBIN of the kernel module for `arch` (`"sm_90"`), compiled at most once per process.
+fn module_cubin(arch: &str) -> Result<Vec<u8>> {
+    /// `(architecture, CUBIN)` pairs compiled so far.
+    type Compiled = Vec<(String, Vec<u8>)>;
+    static CACHE: OnceLock<Mutex<Compiled>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
     let mut cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some((_, ptx)) = cache.iter().find(|(a, _)| a == arch) {
-        return Ok(ptx.clone());
+    if let Some((_, cubin)) = cache.iter().find(|(a, _)| a == arch) {
+        return Ok(cubin.clone());
     }
-    let ptx = kernels::compile(&kernels::module_source(), arch).map_err(Error::Backend)?;
+    let cubin = kernels::compile_cubin(&kernels::module_source(), arch).map_err(Error::Backend)?;
     MODULE_COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    cache.push((arch.to_string(), ptx.clone()));
-    Ok(ptx)
+    cache.push((arch.to_string(), cubin.clone()));
+    Ok(cubin)
 }
 
 /// The GPU backend: one CUDA context and stream, a cuBLAS handle bound to that stream, the
@@ -174,17 +176,11 @@ impl CudaBackend {
         let name = ctx
             .name()
             .map_err(|e| backend_error("reading the device name", e))?;
-        let arch = format!("compute_{}{}", capability.0, capability.1);
-        let ptx = module_ptx(&arch)?;
-        let module = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
-            backend_error(
-                &format!(
-                    "loading the {arch} kernels (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means the NVRTC \
-                     library is newer than the driver: use an NVRTC no newer than the driver's CUDA)"
-                ),
-                e,
-            )
-        })?;
+        let arch = format!("sm_{}{}", capability.0, capability.1);
+        let cubin = module_cubin(&arch)?;
+        let module = ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|e| backend_error(&format!("loading the {arch} kernels"), e))?;
         let load = |name: &str| {
             module
                 .load_function(name)
@@ -649,12 +645,12 @@ mod tests {
             );
             return;
         }
-        // compute_86 is used by no other test, so the counter moves only here.
+        // sm_86 is used by no other test, so the counter moves only here.
         let before = MODULE_COMPILATIONS.load(Ordering::Relaxed);
-        let first = module_ptx("compute_86").unwrap();
-        let second = module_ptx("compute_86").unwrap();
+        let first = module_cubin("sm_86").unwrap();
+        let second = module_cubin("sm_86").unwrap();
         assert_eq!(first, second);
-        assert!(first.contains(".target sm_86"), "PTX for the wrong architecture");
+        assert_eq!(&first[..4], b"\x7fELF", "a CUBIN is an ELF image");
         assert_eq!(
             MODULE_COMPILATIONS.load(Ordering::Relaxed) - before,
             1,

@@ -46,6 +46,67 @@ pub(crate) fn nvrtc_library_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// Compiles `source` with NVRTC for the real architecture `arch` (`"sm_90"`) and returns the
+/// CUBIN (device code the driver loads without JIT). Errors carry NVRTC's log.
+///
+/// cudarc's safe NVRTC API returns PTX only; PTX from a newer NVRTC needs a driver at least as
+/// new to JIT it, whereas a CUBIN runs on any driver of the same CUDA major version (CUDA's
+/// minor-version compatibility), so the backend loads CUBINs. Check
+/// [`nvrtc_library_present`] first: cudarc panics when the library is missing.
+pub(crate) fn nvrtc_cubin(source: &str, arch: &str, options: &[String]) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::{c_char, CStr, CString};
+
+    /// Destroys the program on every path out.
+    struct Program(sys::nvrtcProgram);
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` came from a successful `create_program` and is destroyed
+            // exactly once, here; nothing uses it afterwards.
+            let _ = unsafe { result::destroy_program(self.0) };
+        }
+    }
+
+    let src = CString::new(source).map_err(|_| "kernel source contains a NUL byte".to_string())?;
+    let name = CString::new("muon_kernels.cu").expect("no NUL in the name");
+    let program = Program(
+        result::create_program(&src, Some(&name))
+            .map_err(|e| format!("NVRTC could not create a program: {e}"))?,
+    );
+    let mut opts = vec![format!("--gpu-architecture={arch}")];
+    opts.extend(options.iter().cloned());
+    // SAFETY: `program.0` is a live program (dropped only at the end of this function); the
+    // options are converted to NUL-terminated strings that outlive the call by cudarc.
+    if let Err(e) = unsafe { result::compile_program(program.0, &opts) } {
+        // SAFETY: the program is live; NVRTC writes a NUL-terminated log into a buffer of the
+        // size it reported.
+        let log = unsafe { result::get_program_log(program.0) }
+            .ok()
+            .map(|raw| {
+                // SAFETY: NVRTC NUL-terminates the log it wrote into `raw`, which is alive here.
+                unsafe { CStr::from_ptr(raw.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        return Err(format!(
+            "NVRTC failed to compile the muon-cuda kernels for {arch} ({e:?}, options {opts:?}):\n{log}"
+        ));
+    }
+    let mut size = 0usize;
+    // SAFETY: the program compiled for a real architecture, so it has a CUBIN; `size` is a
+    // valid place for its size.
+    unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) }
+        .result()
+        .map_err(|e| format!("NVRTC has no CUBIN for {arch}: {e:?}"))?;
+    let mut cubin = vec![0u8; size];
+    // SAFETY: `cubin` holds exactly the `size` bytes NVRTC reported and writes.
+    unsafe { sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr() as *mut c_char) }
+        .result()
+        .map_err(|e| format!("NVRTC could not return the CUBIN for {arch}: {e:?}"))?;
+    Ok(cubin)
+}
+
 /// Turns off cudarc's per-buffer event tracking for buffers allocated on `ctx` from now on.
 /// The backend uses one stream for everything, so the stream already orders every access;
 /// tracking would add an event wait and record per kernel argument.

@@ -243,6 +243,17 @@ pub fn compile(source: &str, arch: &str) -> Result<String, String> {
     }
 }
 
+/// Compiles `source` with NVRTC to a CUBIN for the real architecture `arch` (`"sm_90"`): what
+/// the backend loads, since a CUBIN needs no driver JIT and so runs on any CUDA 12 driver,
+/// where PTX from a newer NVRTC would need a driver at least as new. Errors carry NVRTC's log.
+#[cfg(feature = "cuda")]
+pub fn compile_cubin(source: &str, arch: &str) -> Result<Vec<u8>, String> {
+    if !nvrtc_available() {
+        return Err(crate::NO_NVRTC.to_string());
+    }
+    crate::ffi::nvrtc_cubin(source, arch, &["--std=c++14".to_string()])
+}
+
 /// Whether the NVRTC library can be loaded (`libnvrtc.so.12` or a name cudarc tries on the
 /// dynamic loader's path, e.g. `LD_LIBRARY_PATH`).
 #[cfg(feature = "cuda")]

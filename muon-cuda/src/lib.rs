@@ -8,7 +8,8 @@
 //!   (operands cast to bf16 in preallocated scratch, `cublasGemmStridedBatchedEx` with
 //!   `CUBLAS_COMPUTE_32F`). Momentum, weights and optimizer state always stay `f32`; only the
 //!   Newton-Schulz products see the lower precision (SPEC section 2 allows it).
-//! - Everything else is a fused kernel compiled once per process with NVRTC ([`kernels`]):
+//! - Everything else is a fused kernel compiled once per process with NVRTC to a CUBIN for the
+//!   device's architecture ([`kernels`]):
 //!   momentum + Nesterov, scale + weight decay + update, `axpby`, the AdamW direction, a
 //!   sum-of-squares reduction that writes a device slot, and the per-matrix Frobenius
 //!   normalization (reduce, then scale, on the device).

@@ -1,4 +1,5 @@
-//! Every kernel compiles to PTX with NVRTC for sm_80 (A100) and sm_90 (H100), on any machine:
+//! Every kernel compiles to PTX, and the module to a CUBIN (what the backend loads), with NVRTC
+//! for sm_80 (A100) and sm_90 (H100), on any machine:
 //! no GPU and no CUDA toolkit needed, only the NVRTC library (the `nvidia-cuda-nvrtc-cu12`
 //! wheel; `.ci/install-nvrtc.sh` installs it and `.ci/env.sh` puts it on LD_LIBRARY_PATH).
 //!
@@ -56,6 +57,29 @@ fn the_whole_module_compiles_for_sm80_and_sm90() {
             assert_entry(&ptx, name, arch);
         }
     }
+}
+
+/// The CUBIN path the backend loads: NVRTC runs the whole compiler down to SASS (ptxas
+/// included), so this also catches what only the assembler rejects.
+#[test]
+fn the_whole_module_compiles_to_cubin_for_sm80_and_sm90() {
+    if !nvrtc_or_skip("the_whole_module_compiles_to_cubin_for_sm80_and_sm90") {
+        return;
+    }
+    for arch in ARCHES {
+        let cubin = kernels::compile_cubin(&kernels::module_source(), arch)
+            .unwrap_or_else(|log| panic!("{arch}: {log}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: a CUBIN is an ELF image");
+        for (name, _) in KERNELS {
+            let found = cubin.windows(name.len()).any(|w| w == name.as_bytes());
+            assert!(found, "{arch}: the CUBIN lacks the kernel {name}");
+        }
+    }
+    let err = kernels::compile_cubin("extern \"C\" __global__ void k() { nope(); }", "sm_90").unwrap_err();
+    assert!(
+        err.contains("nope"),
+        "the NVRTC log should name the problem: {err}"
+    );
 }
 
 #[test]
