@@ -1,1 +1,1012 @@
-//! (being written, issue 5)
+//! [`ModelOps`] on the CPU, for every backend whose matrices are host slices
+//! ([`muon_core::HostMatrix`]): [`muon_core::Portable`] (any [`Real`], f64 for gradient checks)
+//! and [`muon_faer::Faer`] (f32 for training, f64 too).
+//!
+//! The slice-level kernels are written once, generic over the element type, in [`kernels`];
+//! a macro implements the trait for each backend by delegation. Row-wise work runs on rayon
+//! (rows of attention scores over batch x heads, token rows, expert row ranges); every
+//! reduction runs serially inside one task, so results do not depend on the thread count.
+//! Transcendentals and row reductions are computed in `f64`.
+
+use muon_core::{HostMatrix, Portable, Real, Result, Transpose};
+
+use crate::ops::ModelOps;
+
+/// Slice-level kernels shared by the host backends. Shapes are checked with `assert!`: the
+/// model issues well-formed calls, a violation is a bug.
+pub mod kernels {
+    use muon_core::{HostMatrix, Real, Transpose};
+    use rayon::prelude::*;
+
+    /// Rows handed to one rayon task at least: keeps tiny problems on one thread.
+    const MIN_ROWS: usize = 16;
+
+    #[inline]
+    fn f<T: Real>(x: T) -> f64 {
+        x.to_f64()
+    }
+    #[inline]
+    fn t<T: Real>(x: f64) -> T {
+        T::from_f64(x)
+    }
+
+    /// `(rows, cols)` of a plain (batch 1) matrix.
+    #[track_caller]
+    fn dims<T: Real>(m: &HostMatrix<T>, what: &str) -> (usize, usize) {
+        let s = m.shape();
+        assert!(s.batch == 1, "{what}: expected a plain matrix, got {s}");
+        (s.rows, s.cols)
+    }
+
+    #[track_caller]
+    fn same<T: Real>(a: &HostMatrix<T>, b: &HostMatrix<T>, what: &str) {
+        assert!(
+            a.shape() == b.shape(),
+            "{what}: shapes differ ({} vs {})",
+            a.shape(),
+            b.shape()
+        );
+    }
+
+    pub fn fill<T: Real>(dst: &mut HostMatrix<T>, value: T) {
+        dst.as_mut_slice().fill(value);
+    }
+
+    pub fn embedding_forward<T: Real>(out: &mut HostMatrix<T>, table: &HostMatrix<T>, tokens: &[u32]) {
+        let (n, c) = dims(out, "embedding out");
+        let (v, c2) = dims(table, "embedding table");
+        assert!(c == c2 && tokens.len() == n, "embedding_forward: shapes");
+        let tab = table.as_slice();
+        out.as_mut_slice()
+            .par_chunks_mut(c)
+            .with_min_len(MIN_ROWS)
+            .zip(tokens)
+            .for_each(|(row, &tok)| {
+                let tok = tok as usize;
+                assert!(tok < v, "token {tok} out of the vocabulary ({v})");
+                row.copy_from_slice(&tab[tok * c..(tok + 1) * c]);
+            });
+    }
+
+    pub fn embedding_backward<T: Real>(dtable: &mut HostMatrix<T>, dout: &HostMatrix<T>, tokens: &[u32]) {
+        let (n, c) = dims(dout, "embedding dout");
+        let (v, c2) = dims(dtable, "embedding dtable");
+        assert!(c == c2 && tokens.len() == n, "embedding_backward: shapes");
+        // Serial: two tokens may share a row of the table.
+        let dt = dtable.as_mut_slice();
+        for (row, &tok) in dout.as_slice().chunks_exact(c).zip(tokens) {
+            let tok = tok as usize;
+            assert!(tok < v, "token {tok} out of the vocabulary ({v})");
+            for (d, &g) in dt[tok * c..(tok + 1) * c].iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+    }
+
+    pub fn rmsnorm_forward<T: Real>(
+        out: &mut HostMatrix<T>,
+        rstd: &mut HostMatrix<T>,
+        x: &HostMatrix<T>,
+        gain: &HostMatrix<T>,
+        eps: f64,
+    ) {
+        same(out, x, "rmsnorm_forward");
+        let (n, w) = dims(x, "rmsnorm x");
+        assert!(dims(gain, "rmsnorm gain") == (1, w) && dims(rstd, "rmsnorm rstd") == (1, n));
+        let g = gain.as_slice();
+        out.as_mut_slice()
+            .par_chunks_mut(w)
+            .with_min_len(MIN_ROWS)
+            .zip(x.as_slice().par_chunks(w))
+            .zip(rstd.as_mut_slice().par_iter_mut())
+            .for_each(|((o, xr), r)| {
+                let ms = xr.iter().map(|&v| f(v) * f(v)).sum::<f64>() / w as f64;
+                let rs = 1.0 / (ms + eps).sqrt();
+                *r = t(rs);
+                for ((o, &xv), &gv) in o.iter_mut().zip(xr).zip(g) {
+                    *o = t(f(xv) * rs * f(gv));
+                }
+            });
+    }
+
+    pub fn rmsnorm_backward<T: Real>(
+        dx: &mut HostMatrix<T>,
+        dgain: &mut HostMatrix<T>,
+        dout: &HostMatrix<T>,
+        x: &HostMatrix<T>,
+        gain: &HostMatrix<T>,
+        rstd: &HostMatrix<T>,
+    ) {
+        same(dx, x, "rmsnorm_backward dx");
+        same(dout, x, "rmsnorm_backward dout");
+        same(dgain, gain, "rmsnorm_backward dgain");
+        let (_, w) = dims(x, "rmsnorm x");
+        let g = gain.as_slice();
+        // With xhat = x * r and dxhat = dout * g:
+        // dx = r * (dxhat - xhat * mean(dxhat * xhat)).
+        dx.as_mut_slice()
+            .par_chunks_mut(w)
+            .with_min_len(MIN_ROWS)
+            .zip(dout.as_slice().par_chunks(w))
+            .zip(x.as_slice().par_chunks(w))
+            .zip(rstd.as_slice().par_iter())
+            .for_each(|(((dxr, dor), xr), &r)| {
+                let r = f(r);
+                let mut dot = 0.0;
+                for ((&d, &xv), &gv) in dor.iter().zip(xr).zip(g) {
+                    dot += f(d) * f(gv) * f(xv) * r;
+                }
+                let mean = dot / w as f64;
+                for (((dxv, &d), &xv), &gv) in dxr.iter_mut().zip(dor).zip(xr).zip(g) {
+                    *dxv += t(r * (f(d) * f(gv) - f(xv) * r * mean));
+                }
+            });
+        // dgain[c] += sum_n dout[n,c] * xhat[n,c]: serial over rows, parallel over nothing (it
+        // is N*W work, small next to the GEMMs).
+        let dg = dgain.as_mut_slice();
+        for ((dor, xr), &r) in dout
+            .as_slice()
+            .chunks_exact(w)
+            .zip(x.as_slice().chunks_exact(w))
+            .zip(rstd.as_slice())
+        {
+            for ((dgv, &d), &xv) in dg.iter_mut().zip(dor).zip(xr) {
+                *dgv += d * xv * r;
+            }
+        }
+    }
+
+    pub fn copy_columns<T: Real>(
+        dst: &mut HostMatrix<T>,
+        dst_col: usize,
+        src: &HostMatrix<T>,
+        src_col: usize,
+        width: usize,
+        accumulate: bool,
+    ) {
+        let (n, wd) = dims(dst, "copy_columns dst");
+        let (n2, ws) = dims(src, "copy_columns src");
+        assert!(
+            n == n2 && dst_col + width <= wd && src_col + width <= ws,
+            "copy_columns: shapes"
+        );
+        dst.as_mut_slice()
+            .par_chunks_mut(wd)
+            .with_min_len(MIN_ROWS)
+            .zip(src.as_slice().par_chunks(ws))
+            .for_each(|(d, s)| {
+                let (d, s) = (&mut d[dst_col..dst_col + width], &s[src_col..src_col + width]);
+                if accumulate {
+                    d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
+                } else {
+                    d.copy_from_slice(s);
+                }
+            });
+    }
+
+    /// `(B, T, H)` of a heads stack `[B*H, T, D]` against a token matrix `[B*T, S]`.
+    #[track_caller]
+    fn head_dims<T: Real>(heads: &HostMatrix<T>, tokens: &HostMatrix<T>) -> (usize, usize, usize) {
+        let hs = heads.shape();
+        let (n, _) = dims(tokens, "token rows");
+        let seq = hs.rows;
+        assert!(seq > 0 && n % seq == 0, "heads {hs} do not tile {n} token rows");
+        let b = n / seq;
+        assert!(b > 0 && hs.batch % b == 0, "heads {hs} do not tile {b} sequences");
+        (b, seq, hs.batch / b)
+    }
+
+    pub fn split_heads<T: Real>(
+        dst: &mut HostMatrix<T>,
+        dst_col: usize,
+        src: &HostMatrix<T>,
+        src_col: usize,
+        head_stride: usize,
+        width: usize,
+    ) {
+        let (_, seq, h) = head_dims(dst, src);
+        let dd = dst.shape().cols;
+        let s_cols = src.shape().cols;
+        assert!(dst_col + width <= dd, "split_heads: dst columns");
+        assert!(
+            (h - 1) * head_stride + src_col + width <= s_cols,
+            "split_heads: src columns"
+        );
+        let s = src.as_slice();
+        dst.as_mut_slice()
+            .par_chunks_mut(seq * dd)
+            .enumerate()
+            .for_each(|(bh, m)| {
+                let (b, hh) = (bh / h, bh % h);
+                let c0 = hh * head_stride + src_col;
+                for (ti, row) in m.chunks_exact_mut(dd).enumerate() {
+                    let sr = &s[(b * seq + ti) * s_cols..][c0..c0 + width];
+                    row[dst_col..dst_col + width].copy_from_slice(sr);
+                }
+            });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_heads<T: Real>(
+        dst: &mut HostMatrix<T>,
+        dst_col: usize,
+        head_stride: usize,
+        src: &HostMatrix<T>,
+        src_col: usize,
+        width: usize,
+        accumulate: bool,
+    ) {
+        let (_, seq, h) = head_dims(src, dst);
+        let ds = src.shape().cols;
+        let d_cols = dst.shape().cols;
+        assert!(src_col + width <= ds, "merge_heads: src columns");
+        assert!(
+            (h - 1) * head_stride + dst_col + width <= d_cols,
+            "merge_heads: dst columns"
+        );
+        let s = src.as_slice();
+        let blocks = if head_stride == 0 { 1 } else { h };
+        dst.as_mut_slice()
+            .par_chunks_mut(d_cols)
+            .with_min_len(MIN_ROWS)
+            .enumerate()
+            .for_each(|(n, row)| {
+                let (b, ti) = (n / seq, n % seq);
+                if !accumulate {
+                    for hh in 0..blocks {
+                        let c0 = hh * head_stride + dst_col;
+                        row[c0..c0 + width].fill(T::ZERO);
+                    }
+                }
+                for hh in 0..h {
+                    let c0 = hh * head_stride + dst_col;
+                    let sr = &s[((b * h + hh) * seq + ti) * ds..][src_col..src_col + width];
+                    row[c0..c0 + width].iter_mut().zip(sr).for_each(|(d, &v)| *d += v);
+                }
+            });
+    }
+
+    pub fn rope_table<T: Real>(table: &mut HostMatrix<T>, theta: f64) {
+        let (_, d) = dims(table, "rope table");
+        assert!(d % 2 == 0, "rope table width {d} must be even");
+        let half = d / 2;
+        for (pos, row) in table.as_mut_slice().chunks_exact_mut(d).enumerate() {
+            for i in 0..half {
+                let freq = theta.powf(-2.0 * i as f64 / d as f64);
+                let angle = pos as f64 * freq;
+                row[i] = t(angle.cos());
+                row[half + i] = t(angle.sin());
+            }
+        }
+    }
+
+    pub fn rope<T: Real>(x: &mut HostMatrix<T>, col: usize, table: &HostMatrix<T>, inverse: bool) {
+        let xs = x.shape();
+        let (tr, d) = dims(table, "rope table");
+        assert!(
+            xs.rows <= tr && col + d <= xs.cols,
+            "rope: x {xs}, table {tr}x{d}, col {col}"
+        );
+        let half = d / 2;
+        let tab = table.as_slice();
+        let (seq, cols) = (xs.rows, xs.cols);
+        let sign = if inverse { -1.0 } else { 1.0 };
+        x.as_mut_slice()
+            .par_chunks_mut(cols)
+            .with_min_len(MIN_ROWS)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let pos = r % seq;
+                let (cos, sin) = tab[pos * d..(pos + 1) * d].split_at(half);
+                let v = &mut row[col..col + d];
+                for i in 0..half {
+                    let (a, b) = (f(v[i]), f(v[half + i]));
+                    let (c, s) = (f(cos[i]), sign * f(sin[i]));
+                    v[i] = t(a * c - b * s);
+                    v[half + i] = t(a * s + b * c);
+                }
+            });
+    }
+
+    pub fn causal_softmax_forward<T: Real>(scores: &mut HostMatrix<T>) {
+        let s = scores.shape();
+        assert!(s.rows == s.cols, "causal softmax on {s}: matrices must be square");
+        let seq = s.rows;
+        scores
+            .as_mut_slice()
+            .par_chunks_mut(seq)
+            .with_min_len(MIN_ROWS)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let i = r % seq;
+                let (live, masked) = row.split_at_mut(i + 1);
+                let max = live.iter().map(|&v| f(v)).fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for v in live.iter_mut() {
+                    let e = (f(*v) - max).exp();
+                    sum += e;
+                    *v = t(e);
+                }
+                let inv = 1.0 / sum;
+                live.iter_mut().for_each(|v| *v = t(f(*v) * inv));
+                masked.fill(T::ZERO);
+            });
+    }
+
+    pub fn causal_softmax_backward<T: Real>(grad: &mut HostMatrix<T>, probs: &HostMatrix<T>) {
+        same(grad, probs, "causal_softmax_backward");
+        let seq = probs.shape().cols;
+        grad.as_mut_slice()
+            .par_chunks_mut(seq)
+            .with_min_len(MIN_ROWS)
+            .zip(probs.as_slice().par_chunks(seq))
+            .for_each(|(g, p)| {
+                let dot: f64 = g.iter().zip(p).map(|(&g, &p)| f(g) * f(p)).sum();
+                g.iter_mut()
+                    .zip(p)
+                    .for_each(|(g, &p)| *g = t(f(p) * (f(*g) - dot)));
+            });
+    }
+
+    #[inline]
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    pub fn swiglu_forward<T: Real>(out: &mut HostMatrix<T>, gate: &HostMatrix<T>, up: &HostMatrix<T>) {
+        same(out, gate, "swiglu_forward gate");
+        same(out, up, "swiglu_forward up");
+        out.as_mut_slice()
+            .par_chunks_mut(1024)
+            .zip(gate.as_slice().par_chunks(1024))
+            .zip(up.as_slice().par_chunks(1024))
+            .for_each(|((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    let g = f(g);
+                    *o = t(g * sigmoid(g) * f(u));
+                }
+            });
+    }
+
+    pub fn swiglu_backward<T: Real>(
+        dgate: &mut HostMatrix<T>,
+        dup: &mut HostMatrix<T>,
+        dout: &HostMatrix<T>,
+        gate: &HostMatrix<T>,
+        up: &HostMatrix<T>,
+    ) {
+        for (m, what) in [(&*dgate, "dgate"), (&*dup, "dup"), (dout, "dout"), (up, "up")] {
+            same(m, gate, what);
+        }
+        dgate
+            .as_mut_slice()
+            .par_chunks_mut(1024)
+            .zip(dup.as_mut_slice().par_chunks_mut(1024))
+            .zip(dout.as_slice().par_chunks(1024))
+            .zip(gate.as_slice().par_chunks(1024))
+            .zip(up.as_slice().par_chunks(1024))
+            .for_each(|((((dg, du), d), g), u)| {
+                for i in 0..dg.len() {
+                    let (gv, uv, dv) = (f(g[i]), f(u[i]), f(d[i]));
+                    let s = sigmoid(gv);
+                    // d silu(g)/dg = s + g s (1 - s)
+                    dg[i] = t(dv * uv * (s + gv * s * (1.0 - s)));
+                    du[i] = t(dv * gv * s);
+                }
+            });
+    }
+
+    pub fn router_forward<T: Real>(
+        scores: &mut HostMatrix<T>,
+        gates: &mut HostMatrix<T>,
+        experts: &mut [u32],
+        logits: &HostMatrix<T>,
+        bias: &HostMatrix<T>,
+        scaling: f64,
+    ) {
+        same(scores, logits, "router_forward");
+        let (n, e) = dims(logits, "router logits");
+        let (n2, k) = dims(gates, "router gates");
+        assert!(n == n2 && k <= e && experts.len() == n * k && dims(bias, "router bias") == (1, e));
+        let b = bias.as_slice();
+        scores
+            .as_mut_slice()
+            .par_chunks_mut(e)
+            .with_min_len(MIN_ROWS)
+            .zip(logits.as_slice().par_chunks(e))
+            .zip(gates.as_mut_slice().par_chunks_mut(k))
+            .zip(experts.par_chunks_mut(k))
+            .for_each(|(((s, l), g), ex)| {
+                for (s, &l) in s.iter_mut().zip(l) {
+                    *s = t(sigmoid(f(l)));
+                }
+                // Top-k of s + b by repeated selection (k is small), ties to the lower index.
+                for slot in 0..k {
+                    let mut best = usize::MAX;
+                    let mut best_v = f64::NEG_INFINITY;
+                    for j in 0..e {
+                        if ex[..slot].contains(&(j as u32)) {
+                            continue;
+                        }
+                        let v = f(s[j]) + f(b[j]);
+                        if best == usize::MAX || v > best_v {
+                            best = j;
+                            best_v = v;
+                        }
+                    }
+                    ex[slot] = best as u32;
+                }
+                let sum: f64 = ex.iter().map(|&j| f(s[j as usize])).sum();
+                for (g, &j) in g.iter_mut().zip(ex.iter()) {
+                    *g = t(scaling * f(s[j as usize]) / sum);
+                }
+            });
+    }
+
+    pub fn router_backward<T: Real>(
+        dlogits: &mut HostMatrix<T>,
+        dgates: &HostMatrix<T>,
+        scores: &HostMatrix<T>,
+        experts: &[u32],
+        scaling: f64,
+    ) {
+        same(dlogits, scores, "router_backward");
+        let (n, e) = dims(scores, "router scores");
+        let (n2, k) = dims(dgates, "router dgates");
+        assert!(n == n2 && experts.len() == n * k);
+        dlogits
+            .as_mut_slice()
+            .par_chunks_mut(e)
+            .with_min_len(MIN_ROWS)
+            .zip(dgates.as_slice().par_chunks(k))
+            .zip(scores.as_slice().par_chunks(e))
+            .zip(experts.par_chunks(k))
+            .for_each(|(((dl, dg), s), ex)| {
+                dl.fill(T::ZERO);
+                // g_i = scaling * s_i / S with S = sum of the selected s_j:
+                // dL/ds_i = scaling * (dg_i - sum_j dg_j g_j / scaling) / S.
+                let sum: f64 = ex.iter().map(|&j| f(s[j as usize])).sum();
+                let dot: f64 = dg
+                    .iter()
+                    .zip(ex)
+                    .map(|(&d, &j)| f(d) * f(s[j as usize]))
+                    .sum::<f64>()
+                    / sum;
+                for (&d, &j) in dg.iter().zip(ex) {
+                    let j = j as usize;
+                    let sj = f(s[j]);
+                    let ds = scaling * (f(d) - dot) / sum;
+                    // s = sigmoid(l): ds/dl = s (1 - s)
+                    dl[j] = t(ds * sj * (1.0 - sj));
+                }
+            });
+    }
+
+    pub fn moe_dispatch(
+        counts: &mut [u32],
+        offsets: &mut [u32],
+        slot_row: &mut [u32],
+        row_token: &mut [u32],
+        experts: &[u32],
+        top_k: usize,
+    ) {
+        let e = counts.len();
+        let r = experts.len();
+        assert!(offsets.len() == e + 1 && slot_row.len() == r && row_token.len() == r && top_k > 0);
+        assert!(
+            r % top_k == 0,
+            "moe_dispatch: {r} slots are not a multiple of top_k {top_k}"
+        );
+        counts.fill(0);
+        for &x in experts {
+            assert!((x as usize) < e, "expert {x} out of {e}");
+            counts[x as usize] += 1;
+        }
+        offsets[0] = 0;
+        for i in 0..e {
+            offsets[i + 1] = offsets[i] + counts[i];
+        }
+        // Stable counting sort: reuse `counts` as the cursor, then restore it.
+        for (slot, &x) in experts.iter().enumerate() {
+            let x = x as usize;
+            // counts[x] slots of expert x remain: this one takes the first free row.
+            let pos = offsets[x + 1] - counts[x];
+            slot_row[slot] = pos;
+            row_token[pos as usize] = (slot / top_k) as u32;
+            counts[x] -= 1;
+        }
+        for i in 0..e {
+            counts[i] = offsets[i + 1] - offsets[i];
+        }
+    }
+
+    pub fn gather_rows<T: Real>(dst: &mut HostMatrix<T>, src: &HostMatrix<T>, rows: &[u32]) {
+        let (r, c) = dims(dst, "gather dst");
+        let (n, c2) = dims(src, "gather src");
+        assert!(c == c2 && rows.len() == r, "gather_rows: shapes");
+        let s = src.as_slice();
+        dst.as_mut_slice()
+            .par_chunks_mut(c)
+            .with_min_len(MIN_ROWS)
+            .zip(rows)
+            .for_each(|(d, &i)| {
+                let i = i as usize;
+                assert!(i < n, "gather_rows: row {i} of {n}");
+                d.copy_from_slice(&s[i * c..(i + 1) * c]);
+            });
+    }
+
+    pub fn scatter_add_slots<T: Real>(dsrc: &mut HostMatrix<T>, dgrouped: &HostMatrix<T>, slot_row: &[u32]) {
+        let (n, c) = dims(dsrc, "scatter dsrc");
+        let (r, c2) = dims(dgrouped, "scatter dgrouped");
+        assert!(
+            c == c2 && slot_row.len() == r && n > 0 && r % n == 0,
+            "scatter_add_slots: shapes"
+        );
+        let k = r / n;
+        let g = dgrouped.as_slice();
+        dsrc.as_mut_slice()
+            .par_chunks_mut(c)
+            .with_min_len(MIN_ROWS)
+            .zip(slot_row.par_chunks(k))
+            .for_each(|(d, rows)| {
+                for &row in rows {
+                    let row = row as usize;
+                    d.iter_mut()
+                        .zip(&g[row * c..(row + 1) * c])
+                        .for_each(|(d, &v)| *d += v);
+                }
+            });
+    }
+
+    pub fn moe_combine<T: Real>(
+        out: &mut HostMatrix<T>,
+        grouped: &HostMatrix<T>,
+        gates: &HostMatrix<T>,
+        slot_row: &[u32],
+    ) {
+        let (n, c) = dims(out, "combine out");
+        let (r, c2) = dims(grouped, "combine grouped");
+        let (n2, k) = dims(gates, "combine gates");
+        assert!(
+            c == c2 && n == n2 && r == n * k && slot_row.len() == r,
+            "moe_combine: shapes"
+        );
+        let gr = grouped.as_slice();
+        out.as_mut_slice()
+            .par_chunks_mut(c)
+            .with_min_len(MIN_ROWS)
+            .zip(gates.as_slice().par_chunks(k))
+            .zip(slot_row.par_chunks(k))
+            .for_each(|((o, g), rows)| {
+                for (&gv, &row) in g.iter().zip(rows) {
+                    let row = row as usize;
+                    o.iter_mut()
+                        .zip(&gr[row * c..(row + 1) * c])
+                        .for_each(|(o, &v)| *o += gv * v);
+                }
+            });
+    }
+
+    pub fn moe_combine_backward<T: Real>(
+        dgrouped: &mut HostMatrix<T>,
+        dgates: &mut HostMatrix<T>,
+        dout: &HostMatrix<T>,
+        grouped: &HostMatrix<T>,
+        gates: &HostMatrix<T>,
+        slot_row: &[u32],
+    ) {
+        same(dgrouped, grouped, "moe_combine_backward grouped");
+        same(dgates, gates, "moe_combine_backward gates");
+        let (n, c) = dims(dout, "combine dout");
+        let (n2, k) = dims(gates, "combine gates");
+        assert!(n == n2 && slot_row.len() == n * k && grouped.shape().rows == n * k);
+        let gr = grouped.as_slice();
+        let g = gates.as_slice();
+        // dgates: parallel over tokens.
+        dgates
+            .as_mut_slice()
+            .par_chunks_mut(k)
+            .with_min_len(MIN_ROWS)
+            .zip(dout.as_slice().par_chunks(c))
+            .zip(slot_row.par_chunks(k))
+            .for_each(|((dg, d), rows)| {
+                for (dg, &row) in dg.iter_mut().zip(rows) {
+                    let row = row as usize;
+                    let dot: f64 = d
+                        .iter()
+                        .zip(&gr[row * c..(row + 1) * c])
+                        .map(|(&a, &b)| f(a) * f(b))
+                        .sum();
+                    *dg = t(dot);
+                }
+            });
+        // dgrouped: every grouped row is one slot; find it through the inverse map, serially
+        // (a scatter of whole rows; N*K*C copies).
+        let dgr = dgrouped.as_mut_slice();
+        let d = dout.as_slice();
+        for (slot, &row) in slot_row.iter().enumerate() {
+            let (row, n_i) = (row as usize, slot / k);
+            let gv = g[slot];
+            dgr[row * c..(row + 1) * c]
+                .iter_mut()
+                .zip(&d[n_i * c..(n_i + 1) * c])
+                .for_each(|(o, &v)| *o = gv * v);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm<T: Real>(
+        dst: &mut HostMatrix<T>,
+        alpha: T,
+        a: &HostMatrix<T>,
+        w: &HostMatrix<T>,
+        transpose_w: Transpose,
+        offsets: &[u32],
+        beta: T,
+    ) {
+        let (r, n) = dims(dst, "grouped dst");
+        let (r2, k) = dims(a, "grouped a");
+        let ws = w.shape();
+        let (wk, wn) = ws.op(transpose_w);
+        assert!(
+            r == r2 && wk == k && wn == n && offsets.len() == ws.batch + 1,
+            "grouped_gemm: shapes"
+        );
+        assert!(
+            offsets[ws.batch] as usize == r,
+            "grouped_gemm: offsets cover {} of {r} rows",
+            offsets[ws.batch]
+        );
+        let (asl, wsl) = (a.as_slice(), w.as_slice());
+        let d = dst.as_mut_slice();
+        for e in 0..ws.batch {
+            let (lo, hi) = (offsets[e] as usize, offsets[e + 1] as usize);
+            if lo == hi {
+                continue;
+            }
+            let we = &wsl[e * ws.batch_stride()..(e + 1) * ws.batch_stride()];
+            d[lo * n..hi * n]
+                .par_chunks_mut(n)
+                .with_min_len(4)
+                .zip(asl[lo * k..hi * k].par_chunks(k))
+                .for_each(|(drow, arow)| {
+                    if beta == T::ZERO {
+                        drow.fill(T::ZERO);
+                    } else if beta != T::ONE {
+                        drow.iter_mut().for_each(|v| *v *= beta);
+                    }
+                    match transpose_w {
+                        // w_e is [n, k]: dot products with its rows.
+                        Transpose::Yes => {
+                            for (j, dv) in drow.iter_mut().enumerate() {
+                                let wr = &we[j * k..(j + 1) * k];
+                                let mut acc = T::ZERO;
+                                for (&x, &y) in arow.iter().zip(wr) {
+                                    acc += x * y;
+                                }
+                                *dv += alpha * acc;
+                            }
+                        }
+                        // w_e is [k, n]: combinations of its rows.
+                        Transpose::No => {
+                            for (p, &x) in arow.iter().enumerate() {
+                                let ax = alpha * x;
+                                for (dv, &y) in drow.iter_mut().zip(&we[p * n..(p + 1) * n]) {
+                                    *dv += ax * y;
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+    }
+
+    pub fn grouped_gemm_weight_grad<T: Real>(
+        dw: &mut HostMatrix<T>,
+        alpha: T,
+        x: &HostMatrix<T>,
+        y: &HostMatrix<T>,
+        offsets: &[u32],
+        beta: T,
+    ) {
+        let ws = dw.shape();
+        let (r, p) = dims(x, "weight grad x");
+        let (r2, q) = dims(y, "weight grad y");
+        assert!(
+            r == r2 && ws.rows == p && ws.cols == q && offsets.len() == ws.batch + 1,
+            "grouped weight grad"
+        );
+        let (xs, ys) = (x.as_slice(), y.as_slice());
+        dw.as_mut_slice()
+            .par_chunks_mut(q)
+            .with_min_len(4)
+            .enumerate()
+            .for_each(|(idx, row)| {
+                let (e, pi) = (idx / p, idx % p);
+                if beta == T::ZERO {
+                    row.fill(T::ZERO);
+                } else if beta != T::ONE {
+                    row.iter_mut().for_each(|v| *v *= beta);
+                }
+                for ri in offsets[e] as usize..offsets[e + 1] as usize {
+                    let xv = alpha * xs[ri * p + pi];
+                    for (dv, &yv) in row.iter_mut().zip(&ys[ri * q..(ri + 1) * q]) {
+                        *dv += xv * yv;
+                    }
+                }
+            });
+    }
+
+    pub fn router_bias_update<T: Real>(bias: &mut HostMatrix<T>, counts: &[u32], rate: f64) {
+        let (_, e) = dims(bias, "router bias");
+        assert!(
+            counts.len() == e,
+            "router_bias_update: {} counts for {e} experts",
+            counts.len()
+        );
+        let mean = counts.iter().map(|&c| c as f64).sum::<f64>() / e as f64;
+        for (b, &c) in bias.as_mut_slice().iter_mut().zip(counts) {
+            let diff = mean - c as f64;
+            let sign = if diff > 0.0 {
+                1.0
+            } else if diff < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            *b = t(f(*b) + rate * sign);
+        }
+    }
+
+    pub fn cross_entropy_forward<T: Real>(
+        probs: &mut HostMatrix<T>,
+        loss: &mut HostMatrix<T>,
+        logits: &HostMatrix<T>,
+        targets: &[u32],
+    ) {
+        same(probs, logits, "cross_entropy_forward");
+        let (n, v) = dims(logits, "logits");
+        assert!(
+            targets.len() == n && loss.shape().len() == 1,
+            "cross_entropy_forward: shapes"
+        );
+        probs
+            .as_mut_slice()
+            .par_chunks_mut(v)
+            .with_min_len(4)
+            .zip(logits.as_slice().par_chunks(v))
+            .for_each(|(p, l)| {
+                let max = l.iter().map(|&x| f(x)).fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for (p, &x) in p.iter_mut().zip(l) {
+                    let e = (f(x) - max).exp();
+                    sum += e;
+                    *p = t(e);
+                }
+                let inv = 1.0 / sum;
+                p.iter_mut().for_each(|p| *p = t(f(*p) * inv));
+            });
+        // The loss from the logits (log-sum-exp), not from rounded probabilities, serially.
+        let mut total = 0.0;
+        for (l, &tg) in logits.as_slice().chunks_exact(v).zip(targets) {
+            let tg = tg as usize;
+            assert!(tg < v, "target {tg} out of the vocabulary ({v})");
+            let max = l.iter().map(|&x| f(x)).fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + l.iter().map(|&x| (f(x) - max).exp()).sum::<f64>().ln();
+            total += lse - f(l[tg]);
+        }
+        loss.as_mut_slice()[0] = t(total / n as f64);
+    }
+
+    pub fn cross_entropy_backward<T: Real>(
+        dlogits: &mut HostMatrix<T>,
+        probs: &HostMatrix<T>,
+        targets: &[u32],
+        scale: f64,
+    ) {
+        same(dlogits, probs, "cross_entropy_backward");
+        let (n, v) = dims(probs, "probs");
+        assert!(targets.len() == n, "cross_entropy_backward: shapes");
+        dlogits
+            .as_mut_slice()
+            .par_chunks_mut(v)
+            .with_min_len(4)
+            .zip(probs.as_slice().par_chunks(v))
+            .zip(targets.par_iter())
+            .for_each(|((d, p), &tg)| {
+                for (j, (d, &p)) in d.iter_mut().zip(p).enumerate() {
+                    let onehot = if j == tg as usize { 1.0 } else { 0.0 };
+                    *d = t(scale * (f(p) - onehot));
+                }
+            });
+    }
+}
+
+#[track_caller]
+fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(muon_core::Error::Backend(format!("{what}: {a} elements vs {b}")));
+    }
+    Ok(())
+}
+
+/// Implements [`ModelOps`] for a backend whose `Matrix` is `HostMatrix<$t>`, by delegation
+/// to [`kernels`].
+macro_rules! impl_host_model_ops {
+    ([$($gen:tt)*] $backend:ty, $t:ty) => {
+        impl<$($gen)*> ModelOps for $backend {
+            type Indices = Vec<u32>;
+
+            fn indices_zeros(&self, len: usize) -> Result<Vec<u32>> {
+                Ok(vec![0; len])
+            }
+            fn indices_len(idx: &Vec<u32>) -> usize {
+                idx.len()
+            }
+            fn indices_upload(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
+                same_len("indices_upload", dst.len(), src.len())?;
+                dst.copy_from_slice(src);
+                Ok(())
+            }
+            fn indices_download(&self, src: &Vec<u32>, dst: &mut [u32]) -> Result<()> {
+                same_len("indices_download", src.len(), dst.len())?;
+                dst.copy_from_slice(src);
+                Ok(())
+            }
+            fn fill(&self, dst: &mut HostMatrix<$t>, value: $t) -> Result<()> {
+                kernels::fill(dst, value);
+                Ok(())
+            }
+            fn embedding_forward(&self, out: &mut HostMatrix<$t>, table: &HostMatrix<$t>, tokens: &Vec<u32>) -> Result<()> {
+                kernels::embedding_forward(out, table, tokens);
+                Ok(())
+            }
+            fn embedding_backward(&self, dtable: &mut HostMatrix<$t>, dout: &HostMatrix<$t>, tokens: &Vec<u32>) -> Result<()> {
+                kernels::embedding_backward(dtable, dout, tokens);
+                Ok(())
+            }
+            fn rmsnorm_forward(
+                &self, out: &mut HostMatrix<$t>, rstd: &mut HostMatrix<$t>, x: &HostMatrix<$t>,
+                gain: &HostMatrix<$t>, eps: f64,
+            ) -> Result<()> {
+                kernels::rmsnorm_forward(out, rstd, x, gain, eps);
+                Ok(())
+            }
+            fn rmsnorm_backward(
+                &self, dx: &mut HostMatrix<$t>, dgain: &mut HostMatrix<$t>, dout: &HostMatrix<$t>,
+                x: &HostMatrix<$t>, gain: &HostMatrix<$t>, rstd: &HostMatrix<$t>,
+            ) -> Result<()> {
+                kernels::rmsnorm_backward(dx, dgain, dout, x, gain, rstd);
+                Ok(())
+            }
+            fn copy_columns(
+                &self, dst: &mut HostMatrix<$t>, dst_col: usize, src: &HostMatrix<$t>, src_col: usize,
+                width: usize, accumulate: bool,
+            ) -> Result<()> {
+                kernels::copy_columns(dst, dst_col, src, src_col, width, accumulate);
+                Ok(())
+            }
+            fn split_heads(
+                &self, dst: &mut HostMatrix<$t>, dst_col: usize, src: &HostMatrix<$t>, src_col: usize,
+                head_stride: usize, width: usize,
+            ) -> Result<()> {
+                kernels::split_heads(dst, dst_col, src, src_col, head_stride, width);
+                Ok(())
+            }
+            fn merge_heads(
+                &self, dst: &mut HostMatrix<$t>, dst_col: usize, head_stride: usize, src: &HostMatrix<$t>,
+                src_col: usize, width: usize, accumulate: bool,
+            ) -> Result<()> {
+                kernels::merge_heads(dst, dst_col, head_stride, src, src_col, width, accumulate);
+                Ok(())
+            }
+            fn rope_table(&self, table: &mut HostMatrix<$t>, theta: f64) -> Result<()> {
+                kernels::rope_table(table, theta);
+                Ok(())
+            }
+            fn rope(&self, x: &mut HostMatrix<$t>, col: usize, table: &HostMatrix<$t>, inverse: bool) -> Result<()> {
+                kernels::rope(x, col, table, inverse);
+                Ok(())
+            }
+            fn causal_softmax_forward(&self, scores: &mut HostMatrix<$t>) -> Result<()> {
+                kernels::causal_softmax_forward(scores);
+                Ok(())
+            }
+            fn causal_softmax_backward(&self, grad: &mut HostMatrix<$t>, probs: &HostMatrix<$t>) -> Result<()> {
+                kernels::causal_softmax_backward(grad, probs);
+                Ok(())
+            }
+            fn swiglu_forward(&self, out: &mut HostMatrix<$t>, gate: &HostMatrix<$t>, up: &HostMatrix<$t>) -> Result<()> {
+                kernels::swiglu_forward(out, gate, up);
+                Ok(())
+            }
+            fn swiglu_backward(
+                &self, dgate: &mut HostMatrix<$t>, dup: &mut HostMatrix<$t>, dout: &HostMatrix<$t>,
+                gate: &HostMatrix<$t>, up: &HostMatrix<$t>,
+            ) -> Result<()> {
+                kernels::swiglu_backward(dgate, dup, dout, gate, up);
+                Ok(())
+            }
+            fn router_forward(
+                &self, scores: &mut HostMatrix<$t>, gates: &mut HostMatrix<$t>, experts: &mut Vec<u32>,
+                logits: &HostMatrix<$t>, bias: &HostMatrix<$t>, scaling: f64,
+            ) -> Result<()> {
+                kernels::router_forward(scores, gates, experts, logits, bias, scaling);
+                Ok(())
+            }
+            fn router_backward(
+                &self, dlogits: &mut HostMatrix<$t>, dgates: &HostMatrix<$t>, scores: &HostMatrix<$t>,
+                experts: &Vec<u32>, scaling: f64,
+            ) -> Result<()> {
+                kernels::router_backward(dlogits, dgates, scores, experts, scaling);
+                Ok(())
+            }
+            fn moe_dispatch(
+                &self, counts: &mut Vec<u32>, offsets: &mut Vec<u32>, slot_row: &mut Vec<u32>,
+                row_token: &mut Vec<u32>, experts: &Vec<u32>, top_k: usize,
+            ) -> Result<()> {
+                kernels::moe_dispatch(counts, offsets, slot_row, row_token, experts, top_k);
+                Ok(())
+            }
+            fn gather_rows(&self, dst: &mut HostMatrix<$t>, src: &HostMatrix<$t>, rows: &Vec<u32>) -> Result<()> {
+                kernels::gather_rows(dst, src, rows);
+                Ok(())
+            }
+            fn scatter_add_slots(
+                &self, dsrc: &mut HostMatrix<$t>, dgrouped: &HostMatrix<$t>, slot_row: &Vec<u32>,
+            ) -> Result<()> {
+                kernels::scatter_add_slots(dsrc, dgrouped, slot_row);
+                Ok(())
+            }
+            fn moe_combine(
+                &self, out: &mut HostMatrix<$t>, grouped: &HostMatrix<$t>, gates: &HostMatrix<$t>,
+                slot_row: &Vec<u32>,
+            ) -> Result<()> {
+                kernels::moe_combine(out, grouped, gates, slot_row);
+                Ok(())
+            }
+            fn moe_combine_backward(
+                &self, dgrouped: &mut HostMatrix<$t>, dgates: &mut HostMatrix<$t>, dout: &HostMatrix<$t>,
+                grouped: &HostMatrix<$t>, gates: &HostMatrix<$t>, slot_row: &Vec<u32>,
+            ) -> Result<()> {
+                kernels::moe_combine_backward(dgrouped, dgates, dout, grouped, gates, slot_row);
+                Ok(())
+            }
+            fn grouped_gemm(
+                &self, dst: &mut HostMatrix<$t>, alpha: $t, a: &HostMatrix<$t>, w: &HostMatrix<$t>,
+                transpose_w: Transpose, offsets: &Vec<u32>, beta: $t,
+            ) -> Result<()> {
+                kernels::grouped_gemm(dst, alpha, a, w, transpose_w, offsets, beta);
+                Ok(())
+            }
+            fn grouped_gemm_weight_grad(
+                &self, dw: &mut HostMatrix<$t>, alpha: $t, x: &HostMatrix<$t>, y: &HostMatrix<$t>,
+                offsets: &Vec<u32>, beta: $t,
+            ) -> Result<()> {
+                kernels::grouped_gemm_weight_grad(dw, alpha, x, y, offsets, beta);
+                Ok(())
+            }
+            fn router_bias_update(&self, bias: &mut HostMatrix<$t>, counts: &Vec<u32>, rate: f64) -> Result<()> {
+                kernels::router_bias_update(bias, counts, rate);
+                Ok(())
+            }
+            fn cross_entropy_forward(
+                &self, probs: &mut HostMatrix<$t>, loss: &mut HostMatrix<$t>, logits: &HostMatrix<$t>,
+                targets: &Vec<u32>,
+            ) -> Result<()> {
+                kernels::cross_entropy_forward(probs, loss, logits, targets);
+                Ok(())
+            }
+            fn cross_entropy_backward(
+                &self, dlogits: &mut HostMatrix<$t>, probs: &HostMatrix<$t>, targets: &Vec<u32>, scale: f64,
+            ) -> Result<()> {
+                kernels::cross_entropy_backward(dlogits, probs, targets, scale);
+                Ok(())
+            }
+        }
+    };
+}
+
+impl_host_model_ops!([T: Real] Portable<T>, T);
+impl_host_model_ops!([T: muon_faer::Elem] muon_faer::Faer<T>, T);

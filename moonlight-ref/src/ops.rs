@@ -1,1 +1,294 @@
-//! (being written, issue 5)
+//! The model's operations beyond muon-core's [`Backend`]: what a device must offer to run the
+//! forward and backward passes of [`crate::model`].
+//!
+//! The model never reads an element: activations, parameters and gradients are opaque
+//! `Self::Matrix` stacks, integer data (token ids, routing choices, expert offsets) opaque
+//! `Self::Indices` buffers. Every matrix product goes through [`Backend::gemm`] (dense, batched,
+//! transpose flags) or [`ModelOps::grouped_gemm`] / [`ModelOps::grouped_gemm_weight_grad`]
+//! (the per-expert products on row ranges of one stack, which a GPU runs as a grouped GEMM).
+//! The remaining ops are elementwise or row-wise and map one-to-one to small CUDA kernels.
+//!
+//! Conventions (row-major throughout, see [`muon_core::Shape`]):
+//! - Dimension letters: `N = B*T` tokens (row `b*T + t`), `C` model width, `V` vocabulary,
+//!   `H` heads, `E` routed experts, `K` experts per token, `R = N*K` routed rows.
+//! - A vector (norm gain, rstd, selection bias) is a `1 x n` matrix.
+//! - Heads layout: a `[B*H, T, D]` stack, matrix `b*H + h` holding head `h` of sequence `b`;
+//!   this is the layout batched GEMMs of attention work on.
+//! - Ops named `*_backward` with an "accumulate" note add into their gradient outputs
+//!   (`+=`); all others overwrite. Ops check shapes and panic on a violation (a caller bug:
+//!   the model only issues well-formed calls and checks user input itself).
+
+use muon_core::{Backend, Result};
+
+/// Operations the Moonlight-style model needs from a backend, beyond [`Backend`].
+pub trait ModelOps: Backend {
+    /// A buffer of `u32` on the backend (token ids, expert choices, offsets).
+    type Indices;
+
+    // ----- integer buffers -----
+
+    /// A buffer of `len` zeros.
+    fn indices_zeros(&self, len: usize) -> Result<Self::Indices>;
+    /// Its length.
+    fn indices_len(idx: &Self::Indices) -> usize;
+    /// Copies `src` into `dst` (same length).
+    fn indices_upload(&self, dst: &mut Self::Indices, src: &[u32]) -> Result<()>;
+    /// Copies `src` into `dst` (same length); on a GPU this waits for the work writing `src`.
+    fn indices_download(&self, src: &Self::Indices, dst: &mut [u32]) -> Result<()>;
+
+    // ----- elementwise -----
+
+    /// Sets every element of `dst` to `value`.
+    fn fill(&self, dst: &mut Self::Matrix, value: Self::Elem) -> Result<()>;
+
+    // ----- embedding -----
+
+    /// `out[n] = table[tokens[n]]`. out: `[N, C]`, table: `[V, C]`, tokens: `[N]`.
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Matrix,
+        table: &Self::Matrix,
+        tokens: &Self::Indices,
+    ) -> Result<()>;
+    /// Accumulates `dtable[tokens[n]] += dout[n]`. dtable: `[V, C]`, dout: `[N, C]`.
+    fn embedding_backward(
+        &self,
+        dtable: &mut Self::Matrix,
+        dout: &Self::Matrix,
+        tokens: &Self::Indices,
+    ) -> Result<()>;
+
+    // ----- RMSNorm -----
+
+    /// `rstd[n] = 1/sqrt(mean_c x[n,c]^2 + eps)`, `out[n,c] = x[n,c] * rstd[n] * gain[c]`.
+    /// out, x: `[N, W]`, rstd: `[1, N]`, gain: `[1, W]`.
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Matrix,
+        rstd: &mut Self::Matrix,
+        x: &Self::Matrix,
+        gain: &Self::Matrix,
+        eps: f64,
+    ) -> Result<()>;
+    /// Accumulates the gradients of [`rmsnorm_forward`](Self::rmsnorm_forward) into `dx`
+    /// `[N, W]` and `dgain` `[1, W]`, given `dout` `[N, W]` and the forward's `x`, `gain`,
+    /// `rstd`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Self::Matrix,
+        dgain: &mut Self::Matrix,
+        dout: &Self::Matrix,
+        x: &Self::Matrix,
+        gain: &Self::Matrix,
+        rstd: &Self::Matrix,
+    ) -> Result<()>;
+
+    // ----- layout -----
+
+    /// Copies (or with `accumulate` adds) the column block `src[:, src_col..src_col+width]`
+    /// into `dst[:, dst_col..dst_col+width]`. dst: `[N, Wd]`, src: `[N, Ws]`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_columns(
+        &self,
+        dst: &mut Self::Matrix,
+        dst_col: usize,
+        src: &Self::Matrix,
+        src_col: usize,
+        width: usize,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    /// Token rows to heads: `dst[b*H+h][t][dst_col + j] = src[b*T+t][h*head_stride + src_col
+    /// + j]` for `j < width`.
+    ///
+    /// dst: `[B*H, T, Dd]`, src: `[B*T, S]`; `head_stride == 0` broadcasts one block to
+    /// every head (MLA's shared RoPE key). Other columns of `dst` are left alone.
+    #[allow(clippy::too_many_arguments)]
+    fn split_heads(
+        &self,
+        dst: &mut Self::Matrix,
+        dst_col: usize,
+        src: &Self::Matrix,
+        src_col: usize,
+        head_stride: usize,
+        width: usize,
+    ) -> Result<()>;
+
+    /// The adjoint of [`split_heads`](Self::split_heads): writes (or with `accumulate` adds)
+    /// `dst[b*T+t][h*head_stride + dst_col + j] = src[b*H+h][t][src_col + j]`; with
+    /// `head_stride == 0` the heads are summed into the one block. dst: `[B*T, S]`, src:
+    /// `[B*H, T, Ds]`.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_heads(
+        &self,
+        dst: &mut Self::Matrix,
+        dst_col: usize,
+        head_stride: usize,
+        src: &Self::Matrix,
+        src_col: usize,
+        width: usize,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    // ----- RoPE -----
+
+    /// The rotation table for positions `0..T` and a rotary width `d` (even):
+    /// `table[t][i] = cos(t * theta^(-2i/d))`, `table[t][d/2 + i] = sin(...)`, `i < d/2`.
+    /// table: `[T, d]`.
+    fn rope_table(&self, table: &mut Self::Matrix, theta: f64) -> Result<()>;
+    /// Rotates, in place, the columns `col..col+d` of every row of `x` `[M, T, Dx]` by its
+    /// position `t` (the row index inside its matrix), rotate-half convention: the pairs are
+    /// `(col + i, col + d/2 + i)`. `inverse` rotates by minus the angle, which is the
+    /// backward pass (a rotation's transpose is its inverse).
+    fn rope(&self, x: &mut Self::Matrix, col: usize, table: &Self::Matrix, inverse: bool) -> Result<()>;
+
+    // ----- attention -----
+
+    /// In place on `[M, T, T]` scores: row `i` becomes `softmax(s[i, 0..=i])`, zeros after
+    /// `i` (causal).
+    fn causal_softmax_forward(&self, scores: &mut Self::Matrix) -> Result<()>;
+    /// In place: `grad` holds dL/dP on entry and dL/dS on exit,
+    /// `dS[i,j] = P[i,j] * (dP[i,j] - sum_k P[i,k] dP[i,k])`. grad, probs: `[M, T, T]`.
+    fn causal_softmax_backward(&self, grad: &mut Self::Matrix, probs: &Self::Matrix) -> Result<()>;
+
+    // ----- SwiGLU -----
+
+    /// `out = silu(gate) * up`, elementwise on `[R, F]`.
+    fn swiglu_forward(&self, out: &mut Self::Matrix, gate: &Self::Matrix, up: &Self::Matrix) -> Result<()>;
+    /// Overwrites `dgate`, `dup` `[R, F]` with the gradients of
+    /// [`swiglu_forward`](Self::swiglu_forward) given `dout`.
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Self::Matrix,
+        dup: &mut Self::Matrix,
+        dout: &Self::Matrix,
+        gate: &Self::Matrix,
+        up: &Self::Matrix,
+    ) -> Result<()>;
+
+    // ----- MoE routing -----
+
+    /// Sigmoid router with selection bias: `scores = sigmoid(logits)`; for each token the `K`
+    /// experts with the largest `scores + bias` (ties to the lower index), in descending
+    /// order, into `experts` `[N*K]`; `gates[n,k] = scaling * s_sel / sum(s_sel)`.
+    /// scores, logits: `[N, E]`, bias: `[1, E]`, gates: `[N, K]`.
+    #[allow(clippy::too_many_arguments)]
+    fn router_forward(
+        &self,
+        scores: &mut Self::Matrix,
+        gates: &mut Self::Matrix,
+        experts: &mut Self::Indices,
+        logits: &Self::Matrix,
+        bias: &Self::Matrix,
+        scaling: f64,
+    ) -> Result<()>;
+    /// Overwrites `dlogits` `[N, E]` with the gradient through the gates (the selection is
+    /// not differentiated): zero for unselected experts.
+    fn router_backward(
+        &self,
+        dlogits: &mut Self::Matrix,
+        dgates: &Self::Matrix,
+        scores: &Self::Matrix,
+        experts: &Self::Indices,
+        scaling: f64,
+    ) -> Result<()>;
+
+    /// Groups the `R = N*K` (token, choice) slots by expert, stably in slot order:
+    /// `counts[e]` tokens per expert, `offsets` `[E+1]` the exclusive prefix sum,
+    /// `slot_row[n*K+k]` the grouped row of slot `(n, k)`, `row_token[r]` the token of
+    /// grouped row `r`. experts: `[N*K]` with values `< E`, `top_k` = K.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_dispatch(
+        &self,
+        counts: &mut Self::Indices,
+        offsets: &mut Self::Indices,
+        slot_row: &mut Self::Indices,
+        row_token: &mut Self::Indices,
+        experts: &Self::Indices,
+        top_k: usize,
+    ) -> Result<()>;
+    /// `dst[r] = src[rows[r]]`. dst: `[R, C]`, src: `[N, C]`, rows: `[R]`.
+    fn gather_rows(&self, dst: &mut Self::Matrix, src: &Self::Matrix, rows: &Self::Indices) -> Result<()>;
+    /// The adjoint of a gather by `row_token` written per token: accumulates
+    /// `dsrc[n] += sum_k dgrouped[slot_row[n*K+k]]`. dsrc: `[N, C]`, dgrouped: `[N*K, C]`.
+    fn scatter_add_slots(
+        &self,
+        dsrc: &mut Self::Matrix,
+        dgrouped: &Self::Matrix,
+        slot_row: &Self::Indices,
+    ) -> Result<()>;
+    /// Accumulates the weighted expert outputs: `out[n] += sum_k gates[n,k] *
+    /// grouped[slot_row[n*K+k]]`. out: `[N, C]`, grouped: `[N*K, C]`, gates: `[N, K]`.
+    fn moe_combine(
+        &self,
+        out: &mut Self::Matrix,
+        grouped: &Self::Matrix,
+        gates: &Self::Matrix,
+        slot_row: &Self::Indices,
+    ) -> Result<()>;
+    /// The gradients of [`moe_combine`](Self::moe_combine), overwriting:
+    /// `dgrouped[slot_row[n*K+k]] = gates[n,k] * dout[n]`,
+    /// `dgates[n,k] = dout[n] . grouped[slot_row[n*K+k]]`.
+    fn moe_combine_backward(
+        &self,
+        dgrouped: &mut Self::Matrix,
+        dgates: &mut Self::Matrix,
+        dout: &Self::Matrix,
+        grouped: &Self::Matrix,
+        gates: &Self::Matrix,
+        slot_row: &Self::Indices,
+    ) -> Result<()>;
+
+    /// Per-expert products on row ranges: for each expert `e`, the rows
+    /// `offsets[e]..offsets[e+1]` of `dst` `[R, n]` become `alpha * a_rows op(w_e) + beta *
+    /// dst_rows`, where `a` is `[R, k]` and `w` an `[E, *, *]` stack with `op(w_e)` of shape
+    /// `k x n`. On a GPU: cuBLAS grouped GEMM, or one GEMM per expert on host-side offsets.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_gemm(
+        &self,
+        dst: &mut Self::Matrix,
+        alpha: Self::Elem,
+        a: &Self::Matrix,
+        w: &Self::Matrix,
+        transpose_w: muon_core::Transpose,
+        offsets: &Self::Indices,
+        beta: Self::Elem,
+    ) -> Result<()>;
+    /// The weight gradient of a grouped product: for each expert `e`,
+    /// `dw_e = alpha * x_rows^T y_rows + beta * dw_e` over its row range, where `dw` is
+    /// `[E, P, Q]`, `x` `[R, P]`, `y` `[R, Q]`. An expert with no rows gets `beta * dw_e`.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_gemm_weight_grad(
+        &self,
+        dw: &mut Self::Matrix,
+        alpha: Self::Elem,
+        x: &Self::Matrix,
+        y: &Self::Matrix,
+        offsets: &Self::Indices,
+        beta: Self::Elem,
+    ) -> Result<()>;
+    /// Auxiliary-loss-free balancing: `bias[e] += rate * sign(mean(counts) - counts[e])`.
+    fn router_bias_update(&self, bias: &mut Self::Matrix, counts: &Self::Indices, rate: f64) -> Result<()>;
+
+    // ----- loss -----
+
+    /// Softmax cross-entropy: `probs = softmax(logits)` per row and `loss[0] = mean_n
+    /// -log probs[n, targets[n]]`. probs, logits: `[N, V]`, loss: `[1, 1]`.
+    fn cross_entropy_forward(
+        &self,
+        probs: &mut Self::Matrix,
+        loss: &mut Self::Matrix,
+        logits: &Self::Matrix,
+        targets: &Self::Indices,
+    ) -> Result<()>;
+    /// `dlogits = scale * (probs - onehot(targets))`, overwriting; `scale = dL/dloss / N` for a
+    /// mean.
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Self::Matrix,
+        probs: &Self::Matrix,
+        targets: &Self::Indices,
+        scale: f64,
+    ) -> Result<()>;
+}
