@@ -5,17 +5,21 @@
 use muon_core::{AdamWCoefficients, Real};
 
 use crate::matmul::part_range;
-use crate::team::{Team, MAX_THREADS};
+use crate::team::{Team, MAX_PARTS};
 
 /// Below this many elements an elementwise pass runs on the caller's thread: waking a worker
 /// costs about as much as streaming this much memory.
 const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
+/// Chunks for a pass over `len` elements: two per thread (so a thread slowed down by a
+/// shared core takes fewer), none smaller than half the threshold.
 fn parts_for(team: &Team, len: usize) -> usize {
-    if len < PARALLEL_MIN_ELEMS {
+    if len < PARALLEL_MIN_ELEMS || team.threads() == 1 {
         1
     } else {
-        team.threads().min(len / (PARALLEL_MIN_ELEMS / 2)).max(1)
+        (2 * team.threads())
+            .min(len / (PARALLEL_MIN_ELEMS / 2))
+            .clamp(1, MAX_PARTS)
     }
 }
 
@@ -35,8 +39,8 @@ impl<T> Split for &[T] {
 }
 
 /// Cuts `s` (of `len` elements) into `parts` contiguous chunks; the rest of the array is empty.
-fn cut<S: Split>(mut s: S, len: usize, parts: usize) -> [S; MAX_THREADS] {
-    let mut out: [S; MAX_THREADS] = std::array::from_fn(|_| S::default());
+fn cut<S: Split>(mut s: S, len: usize, parts: usize) -> [S; MAX_PARTS] {
+    let mut out: [S; MAX_PARTS] = std::array::from_fn(|_| S::default());
     for (p, slot) in out.iter_mut().enumerate().take(parts) {
         let (start, end) = part_range(len, parts, p);
         let (head, tail) = std::mem::take(&mut s).split_at_len(end - start);
@@ -53,11 +57,11 @@ macro_rules! chunked {
         let len = $len;
         let parts = parts_for($team, len);
         $(let mut $name = cut($buf, len, parts);)+
-        let mut chunks = [const { None }; MAX_THREADS];
+        let mut chunks = [const { None }; MAX_PARTS];
         for (p, slot) in chunks.iter_mut().enumerate().take(parts) {
             *slot = Some(($(std::mem::take(&mut $name[p]),)+));
         }
-        $team.for_each_part(&mut chunks[..parts], &|_, chunk| {
+        $team.for_each_part(&mut chunks[..parts], &|chunk| {
             if let Some(($($name,)+)) = chunk.take() $body
         });
     }};
@@ -145,10 +149,10 @@ fn sum_squares_serial<T: Real>(x: &[T]) -> f64 {
 
 /// The sum of the squares of all elements, in `f64`.
 pub(crate) fn sum_squares<T: Real>(team: &Team, x: &[T]) -> f64 {
-    let mut partial = [0.0f64; MAX_THREADS];
+    let mut partial = [0.0f64; MAX_PARTS];
     let parts = parts_for(team, x.len());
     {
-        let mut slots = [const { None }; MAX_THREADS];
+        let mut slots = [const { None }; MAX_PARTS];
         let (mut rest, mut out) = (x, &mut partial[..]);
         for (p, slot) in slots.iter_mut().enumerate().take(parts) {
             let (start, end) = part_range(x.len(), parts, p);
@@ -157,7 +161,7 @@ pub(crate) fn sum_squares<T: Real>(team: &Team, x: &[T]) -> f64 {
             *slot = Some((chunk, o));
             (rest, out) = (tail, o_tail);
         }
-        team.for_each_part(&mut slots[..parts], &|_, s| {
+        team.for_each_part(&mut slots[..parts], &|s| {
             if let Some((chunk, o)) = s.take() {
                 o[0] = sum_squares_serial(chunk);
             }
@@ -172,9 +176,9 @@ pub(crate) fn normalize_frobenius<T: Real>(team: &Team, x: &mut [T], stride: usi
     let factor = |sum: f64| T::from_f64(1.0 / (norm_scale.to_f64() * sum.sqrt() + eps.to_f64()));
     let items = x.len() / stride.max(1);
     if items >= team.threads() && x.len() >= PARALLEL_MIN_ELEMS && team.threads() > 1 {
-        let parts = team.threads();
+        let parts = items.min(MAX_PARTS);
         let mut runs = crate::matmul::split_items(x, stride, items, parts);
-        team.for_each_part(&mut runs[..parts], &|_, run| {
+        team.for_each_part(&mut runs[..parts], &|run| {
             if let Some((_, data)) = run.take() {
                 for item in data.chunks_exact_mut(stride) {
                     let f = factor(sum_squares_serial(item));

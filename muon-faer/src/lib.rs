@@ -129,7 +129,7 @@ impl<T: Elem> Faer<T> {
     /// `1..=`[`MAX_THREADS`]. If the OS refuses to start a thread, it runs on those it got.
     pub fn with_threads(threads: usize) -> Self {
         Faer {
-            team: Arc::new(Team::new(threads)),
+            team: new_team(threads),
             _elem: PhantomData,
         }
     }
@@ -143,9 +143,28 @@ impl<T: Elem> Faer<T> {
     /// new team for this handle; clones made before keep the old one.
     pub fn set_threads(&mut self, threads: usize) {
         if threads.clamp(1, MAX_THREADS) != self.team.threads() {
-            self.team = Arc::new(Team::new(threads));
+            self.team = new_team(threads);
         }
     }
+}
+
+/// A team whose threads have each run a faer product once: faer keeps its packing buffers in
+/// thread-locals created on a thread's first product, and with dynamic scheduling that first
+/// product could otherwise fall inside any later call.
+fn new_team(threads: usize) -> Arc<Team> {
+    fn product<T: Elem>() {
+        const N: usize = 32;
+        let (a, mut c) = ([T::ONE; N * N], [T::ZERO; N * N]);
+        let a = faer::MatRef::from_row_major_slice(&a, N, N);
+        let c = faer::MatMut::from_row_major_slice_mut(&mut c, N, N);
+        faer::linalg::matmul::matmul(c, Accum::Replace, a, a, T::ONE, faer::Par::Seq);
+    }
+    let team = Team::new(threads);
+    team.run_everywhere(&|| {
+        product::<f32>();
+        product::<f64>();
+    });
+    Arc::new(team)
 }
 
 fn mismatch(what: &str, expected: Shape, found: Shape) -> Error {

@@ -17,7 +17,7 @@ use faer::linalg::matmul::{self as fm};
 use faer::{Accum, MatMut, MatRef, Par};
 use muon_core::{Shape, Transpose};
 
-use crate::team::{Team, MAX_THREADS};
+use crate::team::{Team, MAX_PARTS};
 use crate::Elem;
 
 /// Below this many flops a whole call runs on one thread: waking a parked worker costs a few
@@ -53,8 +53,8 @@ pub(crate) fn split_items<T>(
     stride: usize,
     items: usize,
     parts: usize,
-) -> [Option<(usize, &mut [T])>; MAX_THREADS] {
-    let mut out = [const { None }; MAX_THREADS];
+) -> [Option<(usize, &mut [T])>; MAX_PARTS] {
+    let mut out = [const { None }; MAX_PARTS];
     for (p, slot) in out.iter_mut().enumerate().take(parts) {
         let (start, end) = part_range(items, parts, p);
         let (head, tail) = std::mem::take(&mut data).split_at_mut((end - start) * stride);
@@ -64,26 +64,33 @@ pub(crate) fn split_items<T>(
     out
 }
 
-/// Whether a product of `batch` items of `flops` each goes over the stack (`Some(parts)`),
-/// inside each item (`None` with `split == true`), or on one thread.
+/// How a product over a stack is run: on the caller's thread, with the stack's matrices as
+/// the parts threads claim (`OverStack(parts)`, runs of whole matrices), or with each matrix
+/// cut into `InsideItems(parts)` blocks.
 enum Plan {
     Serial,
     OverStack(usize),
-    InsideItems,
+    InsideItems(usize),
 }
 
-fn plan(threads: usize, batch: usize, item_flops: f64, splittable: bool) -> Plan {
+/// `len`: the output side a split would cut.
+fn plan(threads: usize, batch: usize, item_flops: f64, len: usize) -> Plan {
     let total = item_flops * batch as f64;
     if threads <= 1 || total < PARALLEL_MIN_FLOPS {
         return Plan::Serial;
     }
-    let split_items = splittable && item_flops >= SPLIT_MIN_FLOPS;
-    if batch >= threads && (batch % threads == 0 || batch >= 4 * threads || !split_items) {
-        Plan::OverStack(threads)
-    } else if split_items {
-        Plan::InsideItems
+    // Blocks of at least 32 rows keep the kernels efficient; more blocks than threads let a
+    // thread that runs late (a shared core) take fewer of them.
+    let blocks = (threads * if len >= 1024 { 4 } else { 2 })
+        .min(len / 32)
+        .min(MAX_PARTS);
+    let split = item_flops >= SPLIT_MIN_FLOPS && blocks >= threads;
+    if batch >= threads && (batch % threads == 0 || batch >= 4 * threads || !split) {
+        Plan::OverStack(batch.min(MAX_PARTS))
+    } else if split {
+        Plan::InsideItems(blocks)
     } else if batch >= 2 {
-        Plan::OverStack(batch.min(threads))
+        Plan::OverStack(batch.min(MAX_PARTS))
     } else {
         Plan::Serial
     }
@@ -140,7 +147,7 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
         );
     };
     let flops = 2.0 * (m * n * k) as f64;
-    match plan(team.threads(), batch, flops, m.max(n) >= 32) {
+    match plan(team.threads(), batch, flops, m.max(n)) {
         Plan::Serial => {
             for (e, d) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(batch) {
                 item(d, e);
@@ -148,7 +155,7 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
         }
         Plan::OverStack(parts) => {
             let mut runs = split_items(dst, stride, batch, parts);
-            team.for_each_part(&mut runs[..parts], &|_, run| {
+            team.for_each_part(&mut runs[..parts], &|run| {
                 if let Some((first, data)) = run.take() {
                     for (i, d) in data.chunks_exact_mut(stride).enumerate() {
                         item(d, first + i);
@@ -156,11 +163,10 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
                 }
             });
         }
-        Plan::InsideItems => {
-            let parts = team.threads();
+        Plan::InsideItems(parts) => {
             for (e, d) in dst.chunks_exact_mut(stride).enumerate() {
                 let (a, b) = (prod.a_item(e), prod.b_item(e));
-                let mut blocks = [const { None }; MAX_THREADS];
+                let mut blocks = [const { None }; MAX_PARTS];
                 // Split the longer side of the output, so every block stays GEMM-shaped.
                 let mut rest = view_mut(d, m, n);
                 let by_rows = m >= n;
@@ -175,7 +181,7 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
                     *slot = Some((start, end, head));
                     rest = tail;
                 }
-                team.for_each_part(&mut blocks[..parts], &|_, block| {
+                team.for_each_part(&mut blocks[..parts], &|block| {
                     if let Some((start, end, out)) = block.take() {
                         let (lhs, rhs) = if by_rows {
                             (a.subrows(start, end - start), b)
@@ -191,9 +197,9 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
 }
 
 /// The lower triangle (diagonal included) of `dst = alpha lhs rhs (+ dst)`, square `dst`,
-/// computed by `parts` threads on row bands of equal area.
+/// cut into `parts` row bands of equal area for the team (`None`: on this thread).
 fn lower_product<T: Elem>(
-    team: Option<&Team>,
+    team: Option<(&Team, usize)>,
     dst: MatMut<'_, T>,
     accum: Accum,
     lhs: MatRef<'_, T>,
@@ -206,6 +212,9 @@ fn lower_product<T: Elem>(
         // triangle; the part right of it belongs to the upper triangle.
         let (left, right) = out.split_at_col_mut(start);
         let (diag, _) = right.split_at_col_mut(end - start);
+        if end == start {
+            return;
+        }
         let lhs_band = lhs.subrows(start, end - start);
         if start > 0 {
             fm::matmul(left, accum, lhs_band, rhs.subcols(0, start), alpha, Par::Seq);
@@ -222,14 +231,13 @@ fn lower_product<T: Elem>(
             Par::Seq,
         );
     };
-    let parts = team.map_or(1, Team::threads);
-    let Some(team) = team.filter(|_| parts > 1) else {
+    let Some((team, parts)) = team.filter(|&(_, parts)| parts > 1) else {
         band(dst, 0, m);
         return;
     };
     // Rows [0, r) of a lower triangle hold a share (r/m)^2 of its area: cut at m sqrt(p/parts).
     let cut = |p: usize| ((m as f64) * (p as f64 / parts as f64).sqrt()).round() as usize;
-    let mut bands = [const { None }; MAX_THREADS];
+    let mut bands = [const { None }; MAX_PARTS];
     let mut rest = dst;
     for (p, slot) in bands.iter_mut().enumerate().take(parts) {
         let (start, end) = (cut(p), if p + 1 == parts { m } else { cut(p + 1) });
@@ -237,7 +245,7 @@ fn lower_product<T: Elem>(
         *slot = Some((start, end, head));
         rest = tail;
     }
-    team.for_each_part(&mut bands[..parts], &|_, b| {
+    team.for_each_part(&mut bands[..parts], &|b| {
         if let Some((start, end, out)) = b.take() {
             band(out, start, end);
         }
@@ -264,7 +272,7 @@ pub(crate) fn mirror_lower<T: Copy>(d: &mut [T], m: usize) {
 pub(crate) fn symmetric<T: Elem>(team: &Team, dst: &mut [T], m: usize, k: usize, prod: Product<'_, T>) {
     let batch = prod.a_shape.batch;
     let stride = m * m;
-    let item = |d: &mut [T], e: usize, team: Option<&Team>| {
+    let item = |d: &mut [T], e: usize, team: Option<(&Team, usize)>| {
         lower_product(
             team,
             view_mut(d, m, m),
@@ -277,7 +285,7 @@ pub(crate) fn symmetric<T: Elem>(team: &Team, dst: &mut [T], m: usize, k: usize,
     };
     // Nominal flops of the lower triangle.
     let flops = (m * m * k) as f64;
-    match plan(team.threads(), batch, flops, m >= 64) {
+    match plan(team.threads(), batch, flops, m) {
         Plan::Serial => {
             for (e, d) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(batch) {
                 item(d, e, None);
@@ -285,7 +293,7 @@ pub(crate) fn symmetric<T: Elem>(team: &Team, dst: &mut [T], m: usize, k: usize,
         }
         Plan::OverStack(parts) => {
             let mut runs = split_items(dst, stride, batch, parts);
-            team.for_each_part(&mut runs[..parts], &|_, run| {
+            team.for_each_part(&mut runs[..parts], &|run| {
                 if let Some((first, data)) = run.take() {
                     for (i, d) in data.chunks_exact_mut(stride).enumerate() {
                         item(d, first + i, None);
@@ -293,9 +301,9 @@ pub(crate) fn symmetric<T: Elem>(team: &Team, dst: &mut [T], m: usize, k: usize,
                 }
             });
         }
-        Plan::InsideItems => {
+        Plan::InsideItems(parts) => {
             for (e, d) in dst.chunks_exact_mut(stride).enumerate() {
-                item(d, e, Some(team));
+                item(d, e, Some((team, parts)));
             }
         }
     }

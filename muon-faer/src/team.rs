@@ -13,20 +13,23 @@
 use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-/// The most threads a backend runs: part descriptors live in fixed arrays of this length on the
-/// stack (no allocation per call).
+/// The most threads a backend runs.
 pub const MAX_THREADS: usize = 64;
 
-/// A job as the workers see it: "run part `p` for each `p < parts` that is yours".
+/// The most parts one job is cut into: part descriptors live in fixed arrays of this length
+/// on the stack (no allocation per call).
+pub(crate) const MAX_PARTS: usize = 256;
+
+/// A job as the workers see it: a closure that claims parts until none are left.
 #[derive(Clone, Copy)]
 struct Job {
     /// Borrowed from [`Team::for_each_part`]'s stack frame, which outlives every use: that
     /// function waits until every worker reported the job done before it returns.
-    run: *const (dyn Fn(usize) + Sync + 'static),
-    parts: usize,
+    run: *const (dyn Fn() + Sync + 'static),
 }
 
 // SAFETY: the closure behind `run` is `Sync`, so calling it from several threads through a
@@ -87,7 +90,7 @@ impl Team {
             let shared = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
                 .name(format!("muon-faer-{index}"))
-                .spawn(move || worker(&shared, index));
+                .spawn(move || worker(&shared));
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(_) => break,
@@ -106,53 +109,59 @@ impl Team {
         self.threads
     }
 
-    /// Calls `f(p, &mut parts[p])` once for every `p`, in parallel, and returns when all are
-    /// done. `parts.len()` must not exceed [`threads`](Self::threads). A panic in any part is
-    /// re-raised here after every part has finished.
-    pub(crate) fn for_each_part<X: Send>(&self, parts: &mut [X], f: &(dyn Fn(usize, &mut X) + Sync)) {
+    /// Calls `f(&mut part)` once for every element of `parts`, in parallel: the caller's
+    /// thread and the workers claim parts in order from a shared counter, so a thread slowed
+    /// down (by another process on its core) simply claims fewer. Returns when all are done;
+    /// a panic in any part is re-raised here after every claimed part has finished.
+    pub(crate) fn for_each_part<X: Send>(&self, parts: &mut [X], f: &(dyn Fn(&mut X) + Sync)) {
         let n = parts.len();
-        assert!(
-            n <= self.threads,
-            "{n} parts for a team of {} threads",
-            self.threads
-        );
-        if n <= 1 {
-            if let Some(x) = parts.first_mut() {
-                f(0, x);
-            }
+        if n <= 1 || self.workers.is_empty() {
+            parts.iter_mut().for_each(f);
             return;
         }
         let base = PartsPtr {
             ptr: parts.as_mut_ptr(),
             _marker: PhantomData,
         };
-        let run = move |p: usize| {
+        let next = AtomicUsize::new(0);
+        let run = move || {
             let base = &base;
-            // SAFETY: `p < n` (workers only run parts below `Job::parts`, the caller runs 0),
-            // and each `p` is run exactly once per job, so the `&mut` handed out here are to
-            // distinct elements of `parts`, which `for_each_part` borrows mutably for the
-            // whole job. `X: Send` makes handing them to other threads sound.
-            let x = unsafe { &mut *base.ptr.add(p) };
-            f(p, x);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                // SAFETY: `i < n`, and the counter hands out each index once, so the `&mut`
+                // made here are to distinct elements of `parts`, which `for_each_part`
+                // borrows mutably for the whole job. `X: Send` makes handing them to other
+                // threads sound.
+                f(unsafe { &mut *base.ptr.add(i) });
+            }
         };
-        let run: &(dyn Fn(usize) + Sync) = &run;
+        self.run_everywhere(&run);
+    }
+
+    /// Runs `run` once on every thread of the team (the caller's included) and returns when
+    /// all are done, re-raising a panic from any of them.
+    pub(crate) fn run_everywhere(&self, run: &(dyn Fn() + Sync)) {
+        if self.workers.is_empty() {
+            run();
+            return;
+        }
         let _serial = self.dispatch.lock().unwrap_or_else(PoisonError::into_inner);
         {
             let mut state = lock(&self.shared.state);
             state.epoch += 1;
             state.pending = self.workers.len();
-            // SAFETY: only the lifetime is erased. The closure lives in this frame, and this
-            // function does not return (nor unwind: the caller's part runs under
+            // SAFETY: only the lifetime is erased. The closure outlives this call, and this
+            // function does not return (nor unwind: the caller's share runs under
             // catch_unwind) before `pending` is back to 0, i.e. before every worker has
-            // stopped using the pointer; the job is cleared before the frame ends.
-            let erased: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(run) };
-            state.job = Some(Job {
-                run: erased,
-                parts: n,
-            });
+            // stopped using the pointer; the job is cleared before it returns.
+            let erased: &'static (dyn Fn() + Sync) = unsafe { std::mem::transmute(run) };
+            state.job = Some(Job { run: erased });
         }
         self.shared.start.notify_all();
-        let mine = catch_unwind(AssertUnwindSafe(|| run(0)));
+        let mine = catch_unwind(AssertUnwindSafe(run));
         let theirs = {
             let mut state = lock(&self.shared.state);
             while state.pending > 0 {
@@ -184,7 +193,7 @@ struct PartsPtr<'a, X> {
 // are `Send`, so sharing the base pointer between threads is like splitting `&mut [X]`.
 unsafe impl<X: Send> Sync for PartsPtr<'_, X> {}
 
-fn worker(shared: &Shared, index: usize) {
+fn worker(shared: &Shared) {
     let mut seen = 0u64;
     loop {
         let job = {
@@ -200,12 +209,10 @@ fn worker(shared: &Shared, index: usize) {
         };
         let mut outcome = Ok(());
         if let Some(job) = job {
-            if index < job.parts {
-                // SAFETY: the publisher keeps the closure alive until this worker has
-                // decremented `pending` below, which happens after this call returns.
-                let run = unsafe { &*job.run };
-                outcome = catch_unwind(AssertUnwindSafe(|| run(index)));
-            }
+            // SAFETY: the publisher keeps the closure alive until this worker has
+            // decremented `pending` below, which happens after this call returns.
+            let run = unsafe { &*job.run };
+            outcome = catch_unwind(AssertUnwindSafe(run));
         }
         let mut state = lock(&shared.state);
         if let Err(payload) = outcome {
@@ -236,36 +243,40 @@ mod tests {
     #[test]
     fn every_part_runs_once() {
         let team = Team::new(3);
-        let mut parts = vec![0usize; team.threads()];
+        let mut parts: Vec<usize> = vec![0; 40];
         for round in 1..50 {
-            team.for_each_part(&mut parts, &|p, x| *x += p + round);
+            team.for_each_part(&mut parts, &|x| *x += round);
         }
-        let expected: Vec<usize> = (0..team.threads())
-            .map(|p| (1..50).map(|r| p + r).sum())
-            .collect();
-        assert_eq!(parts, expected);
+        assert!(parts.iter().all(|&x| x == (1..50).sum::<usize>()));
+    }
+
+    #[test]
+    fn run_everywhere_runs_on_every_thread() {
+        let team = Team::new(3);
+        let count = AtomicUsize::new(0);
+        team.run_everywhere(&|| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), team.threads());
     }
 
     #[test]
     fn fewer_parts_than_threads() {
         let team = Team::new(4);
         let mut parts = [1, 2];
-        team.for_each_part(&mut parts, &|_, x| *x *= 10);
+        team.for_each_part(&mut parts, &|x| *x *= 10);
         assert_eq!(parts, [10, 20]);
     }
 
     #[test]
-    fn a_worker_panic_reaches_the_caller_and_the_team_survives() {
+    fn a_part_panic_reaches_the_caller_and_the_team_survives() {
         let team = Team::new(2);
-        if team.threads() < 2 {
-            return;
-        }
-        let mut parts = [0, 0];
+        let mut parts = [0, 1, 2, 3];
         let result = catch_unwind(AssertUnwindSafe(|| {
-            team.for_each_part(&mut parts, &|p, _| assert!(p == 0, "part {p} fails"))
+            team.for_each_part(&mut parts, &|x| assert!(*x != 2, "part {x} fails"))
         }));
         assert!(result.is_err());
-        team.for_each_part(&mut parts, &|p, x| *x = p + 1);
-        assert_eq!(parts, [1, 2]);
+        team.for_each_part(&mut parts, &|x| *x += 1);
+        assert_eq!(parts, [1, 2, 3, 4]);
     }
 }
