@@ -1,3 +1,345 @@
-fn main() {
-    eprintln!("moonlight-ref is being written (issue 5)");
+//! `moonlight-ref`: pretrain a small Moonlight-style MoE language model with Muon or AdamW.
+//!
+//! ```text
+//! moonlight-ref [train] [--preset tiny] [--optimizer muon|adamw] [--steps N] ...
+//! moonlight-ref params --preset moonlight-16b-a3b
+//! moonlight-ref plot runs/tiny-muon/log.jsonl runs/tiny-adamw/log.jsonl --out loss.svg
+//! ```
+//! Errors go to stderr with a non-zero exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use moonlight_ref::config::ModelConfig;
+use moonlight_ref::data::{DataFormat, DataSource};
+use moonlight_ref::log::{plot_losses, read_log, Curves};
+use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
+use muon_core::{LrSchedule, NewtonSchulz, UpdateScale};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moonlight-ref",
+    version,
+    about = "Pretrain a small Moonlight-style MoE language model on the CPU with Muon or AdamW",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// `train`'s options, when no subcommand is given.
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model (the default).
+    Train(Box<TrainArgs>),
+    /// Print a preset's total and active parameter counts.
+    Params {
+        /// tiny, small or moonlight-16b-a3b.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+    },
+    /// Plot the losses of one or more runs' log.jsonl into an SVG file.
+    Plot {
+        /// Logs to compare (each labelled by its directory name).
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// The SVG file to write.
+        #[arg(long, short, default_value = "loss.svg")]
+        out: PathBuf,
+        /// Running mean of the training loss over this many steps.
+        #[arg(long, default_value_t = 20)]
+        smooth: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OptimizerArg {
+    Muon,
+    Adamw,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NsSchedule {
+    /// Keller Jordan's fixed quintic (Moonlight).
+    Quintic,
+    /// Polar Express (Amsel et al. 2025), per-step coefficients.
+    PolarExpress,
+    /// microsoft/dion's per-step coefficients.
+    Dion,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AttentionArg {
+    Mha,
+    Mla,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Text,
+    Bin,
+}
+
+#[derive(Args, Debug, Clone)]
+struct TrainArgs {
+    /// Model size: tiny, small or moonlight-16b-a3b.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// muon: Muon for hidden matrices, AdamW for the rest; adamw: AdamW for everything.
+    #[arg(long, value_enum, default_value = "muon")]
+    optimizer: OptimizerArg,
+    /// Training steps.
+    #[arg(long, default_value_t = 300)]
+    steps: u64,
+    /// Sequences per batch (B).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Tokens per sequence (T).
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    /// Peak learning rate, the same for Muon and AdamW.
+    #[arg(long, default_value_t = train::DEFAULT_LR)]
+    lr: f64,
+    /// Decoupled weight decay (both optimizers).
+    #[arg(long, default_value_t = 0.1)]
+    wd: f64,
+    /// Linear warm-up steps, then cosine decay to 0.1x at the last step.
+    #[arg(long, default_value_t = train::DEFAULT_WARMUP)]
+    warmup: u64,
+    /// Muon's update scale: match-adamw[=RMS] (Moonlight, RMS 0.2), aspect-ratio, unit,
+    /// custom=F.
+    #[arg(long, default_value = "match-adamw", value_parser = parse_update_scale)]
+    update_scale: UpdateScale,
+    /// Plain momentum instead of Nesterov.
+    #[arg(long)]
+    no_nesterov: bool,
+    /// Muon's momentum coefficient.
+    #[arg(long, default_value_t = 0.95)]
+    momentum: f64,
+    /// Newton-Schulz iterations.
+    #[arg(long, default_value_t = 5)]
+    ns_steps: usize,
+    /// Newton-Schulz coefficient schedule.
+    #[arg(long, value_enum, default_value = "quintic")]
+    ns_schedule: NsSchedule,
+    /// Attention type (default: the preset's).
+    #[arg(long, value_enum)]
+    attention: Option<AttentionArg>,
+    /// Vocabulary size (default: the preset's; raise it for .bin shards of a larger tokenizer).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Fixes the initialization and the data order.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Evaluate on the held-out split every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// Output directory for log.jsonl and checkpoint.safetensors [default: runs/PRESET-OPTIMIZER].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from a checkpoint (pass the options of the run that wrote it).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Stop after this step with a checkpoint, as if interrupted (--resume continues; the
+    /// schedule still runs to --steps).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Train on this file instead of the embedded corpus (bytes as tokens, or a .bin shard).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// How to read --data [default: bin for *.bin, else text].
+    #[arg(long, value_enum)]
+    data_format: Option<FormatArg>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_update_scale(s: &str) -> Result<UpdateScale, String> {
+    let number = |v: &str| -> Result<f64, String> {
+        match v.parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 => Ok(f),
+            _ => Err(format!("`{v}` is not a number > 0")),
+        }
+    };
+    match s.split_once('=') {
+        None if s == "match-adamw" => Ok(UpdateScale::MatchAdamW { rms: 0.2 }),
+        None if s == "aspect-ratio" => Ok(UpdateScale::AspectRatio),
+        None if s == "unit" => Ok(UpdateScale::Unit),
+        Some(("match-adamw", v)) => Ok(UpdateScale::MatchAdamW { rms: number(v)? }),
+        Some(("custom", v)) => Ok(UpdateScale::Custom(number(v)?)),
+        _ => Err("expected match-adamw[=RMS], aspect-ratio, unit or custom=F".into()),
+    }
+}
+
+impl TrainArgs {
+    fn options(&self) -> Result<TrainOptions, String> {
+        let mut model = ModelConfig::preset(&self.preset)?;
+        if let Some(kind) = self.attention {
+            model = train::with_attention(model, matches!(kind, AttentionArg::Mla));
+        }
+        if let Some(v) = self.vocab {
+            model.vocab_size = v;
+        }
+        let optimizer = match self.optimizer {
+            OptimizerArg::Muon => OptimizerChoice::Muon,
+            OptimizerArg::Adamw => OptimizerChoice::AdamW,
+        };
+        let mut settings = RunSettings::new(&self.preset, model, optimizer);
+        settings.steps = self.steps;
+        settings.batch = self.batch;
+        settings.seq = self.seq;
+        settings.lr = self.lr;
+        settings.seed = self.seed;
+        settings.schedule = LrSchedule::moonlight(self.warmup, self.steps);
+        let muon = &mut settings.hybrid.muon;
+        muon.weight_decay = self.wd;
+        muon.momentum = self.momentum;
+        muon.nesterov = !self.no_nesterov;
+        muon.update_scale = self.update_scale;
+        muon.newton_schulz = match self.ns_schedule {
+            NsSchedule::Quintic => NewtonSchulz::quintic(),
+            NsSchedule::PolarExpress => NewtonSchulz::polar_express(),
+            NsSchedule::Dion => NewtonSchulz::dion(),
+        };
+        muon.newton_schulz.steps = self.ns_steps;
+        settings.hybrid.adamw.weight_decay = self.wd;
+
+        let data = match &self.data {
+            None => DataSource::Embedded,
+            Some(path) => DataSource::File {
+                path: path.clone(),
+                format: self.data_format.map(|f| match f {
+                    FormatArg::Text => DataFormat::Text,
+                    FormatArg::Bin => DataFormat::Bin,
+                }),
+            },
+        };
+        let out = self
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", self.preset, optimizer)));
+        Ok(TrainOptions {
+            settings,
+            data,
+            eval_every: self.eval_every,
+            eval_batches: self.eval_batches,
+            out: Some(out),
+            resume: self.resume.clone(),
+            checkpoint_every: self.checkpoint_every,
+            stop_at: self.stop_at,
+            progress: !self.quiet,
+        })
+    }
+}
+
+fn run_train(args: &TrainArgs) -> Result<(), String> {
+    let opts = args.options()?;
+    let threads = match args.threads {
+        Some(0) => return Err("--threads must be at least 1".into()),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // The model's own CPU ops run on rayon; the optimizer's on muon-faer's team.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+    let backend = muon_faer::Faer::<f32>::with_threads(threads);
+    let result = train::train(&backend, &opts).map_err(|e| e.to_string())?;
+    let s = &result.summary;
+    let out = opts
+        .out
+        .as_ref()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    println!(
+        "{} {} steps: train loss {:.4}, val loss {}, {:.0} tokens/s, optimizer {:.1}% of step time ({:.1} s fwd+bwd, {:.1} s optimizer), {:.0} s; log {out}/{}",
+        s.optimizer,
+        s.steps,
+        s.final_train_loss,
+        s.final_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        s.tokens_per_s,
+        100.0 * s.optimizer_share,
+        s.fwd_bwd_s,
+        s.optimizer_s,
+        s.wall_s,
+        train::LOG_FILE,
+    );
+    Ok(())
+}
+
+fn run_params(preset: &str) -> Result<(), String> {
+    let config = ModelConfig::preset(preset)?;
+    config.validate()?;
+    let c = config.param_counts();
+    let human = |n: u64| {
+        if n >= 1_000_000_000 {
+            format!("{:.2}B", n as f64 / 1e9)
+        } else if n >= 1_000_000 {
+            format!("{:.2}M", n as f64 / 1e6)
+        } else {
+            format!("{:.1}K", n as f64 / 1e3)
+        }
+    };
+    println!("preset {preset}");
+    println!("total parameters   {:>16} ({})", c.total, human(c.total));
+    println!("active per token   {:>16} ({})", c.active, human(c.active));
+    println!(
+        "  active without embedding and head {} ",
+        human(c.active - c.embedding_and_head)
+    );
+    println!(
+        "embedding + head   {:>16} ({})",
+        c.embedding_and_head,
+        human(c.embedding_and_head)
+    );
+    println!("attention          {:>16} ({})", c.attention, human(c.attention));
+    println!("dense FFN          {:>16} ({})", c.dense_ffn, human(c.dense_ffn));
+    println!("MoE                {:>16} ({})", c.moe, human(c.moe));
+    Ok(())
+}
+
+fn run_plot(logs: &[PathBuf], out: &Path, smooth: usize) -> Result<(), String> {
+    let mut runs = Vec::new();
+    for path in logs {
+        let records = read_log(path)?;
+        let label = path.parent().and_then(|p| p.file_name()).map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        runs.push(Curves::from_records(label, &records, smooth));
+    }
+    plot_losses(&runs, out)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        None => run_train(&cli.train),
+        Some(Command::Train(args)) => run_train(args),
+        Some(Command::Params { preset }) => run_params(preset),
+        Some(Command::Plot { logs, out, smooth }) => run_plot(logs, out, *smooth),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,217 @@
+//! moonlight-ref's training loop end to end on a shrunken `tiny`: the loss falls, a resumed
+//! run equals an uninterrupted one exactly, and bad input ends in clear errors.
+
+use std::path::PathBuf;
+
+use moonlight_ref::checkpoint;
+use moonlight_ref::config::{Attention, ModelConfig};
+use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainError, TrainOptions, CHECKPOINT_FILE};
+use muon_core::LrSchedule;
+use muon_faer::Faer;
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("muon-trainer-train-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `tiny` shrunk further so a test step takes milliseconds: width 32, one dense block and one
+/// MoE block of 4 experts (top-2), MLA.
+fn micro() -> ModelConfig {
+    ModelConfig {
+        dim: 32,
+        n_layers: 2,
+        n_heads: 2,
+        head_dim: 16,
+        attention: Attention::Mla {
+            kv_lora_rank: 16,
+            qk_nope_head_dim: 16,
+            qk_rope_head_dim: 8,
+            v_head_dim: 16,
+        },
+        dense_ffn_width: 64,
+        n_routed_experts: 4,
+        expert_width: 32,
+        top_k: 2,
+        max_seq_len: 32,
+        ..ModelConfig::tiny()
+    }
+}
+
+fn options(optimizer: OptimizerChoice, steps: u64) -> TrainOptions {
+    let mut settings = RunSettings::new("micro", micro(), optimizer);
+    settings.steps = steps;
+    settings.batch = 4;
+    settings.seq = 16;
+    settings.lr = 1e-2;
+    settings.schedule = LrSchedule::moonlight(3, steps);
+    let mut opts = TrainOptions::new(settings);
+    opts.eval_every = 0;
+    opts.eval_batches = 2;
+    opts
+}
+
+fn backend() -> Faer<f32> {
+    Faer::with_threads(2)
+}
+
+#[test]
+fn loss_falls_with_muon_and_with_adamw() {
+    for optimizer in [OptimizerChoice::Muon, OptimizerChoice::AdamW] {
+        let run = train::train(&backend(), &options(optimizer, 40)).unwrap();
+        let first = run.losses[0].1;
+        let last: f64 = run.losses[35..].iter().map(|p| p.1).sum::<f64>() / 5.0;
+        // Uniform over 256 bytes is ln 256 = 5.55 nats; the byte frequencies alone are worth
+        // more than a nat, which 40 steps find.
+        assert!(
+            (first - 256f64.ln()).abs() < 0.5,
+            "{optimizer}: first loss {first}"
+        );
+        assert!(last < first - 1.0, "{optimizer}: loss {first} -> {last}");
+        let val = run.summary.final_val_loss.unwrap();
+        assert!(val < first - 1.0, "{optimizer}: val loss {val}");
+        assert!(run.summary.optimizer_share > 0.0 && run.summary.optimizer_share < 1.0);
+    }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_step_for_step() {
+    let dir = scratch("resume");
+    let steps = 12;
+    let whole = train::train(&backend(), &options(OptimizerChoice::Muon, steps)).unwrap();
+
+    let mut first = options(OptimizerChoice::Muon, steps);
+    first.out = Some(dir.clone());
+    first.stop_at = Some(5);
+    let part1 = train::train(&backend(), &first).unwrap();
+    assert_eq!(part1.losses.len(), 5);
+
+    let mut second = options(OptimizerChoice::Muon, steps);
+    second.out = Some(dir.clone());
+    second.resume = Some(dir.join(CHECKPOINT_FILE));
+    let part2 = train::train(&backend(), &second).unwrap();
+    assert_eq!(part2.losses.first().unwrap().0, 6);
+
+    let resumed: Vec<(u64, f64)> = part1.losses.iter().chain(&part2.losses).copied().collect();
+    assert_eq!(resumed, whole.losses, "losses of the resumed run differ");
+    assert_eq!(part2.val_losses.last(), whole.val_losses.last());
+
+    // The log holds every step once, across the two processes.
+    let log = moonlight_ref::log::read_log(&dir.join(train::LOG_FILE)).unwrap();
+    let steps_logged = log
+        .iter()
+        .filter(|r| matches!(r, moonlight_ref::log::Record::Step(_)))
+        .count();
+    assert_eq!(steps_logged, 12);
+}
+
+#[test]
+fn resume_refuses_a_checkpoint_of_another_run() {
+    let dir = scratch("mismatch");
+    let mut opts = options(OptimizerChoice::AdamW, 6);
+    opts.out = Some(dir.clone());
+    opts.stop_at = Some(2);
+    train::train(&backend(), &opts).unwrap();
+    let ckpt_path = dir.join(CHECKPOINT_FILE);
+
+    let resume = |mutate: &dyn Fn(&mut TrainOptions)| {
+        let mut o = options(OptimizerChoice::AdamW, 6);
+        o.resume = Some(ckpt_path.clone());
+        mutate(&mut o);
+        match train::train(&backend(), &o) {
+            Err(TrainError::Checkpoint(e)) => e.to_string(),
+            other => panic!("expected a checkpoint error, got {:?}", other.map(|r| r.summary)),
+        }
+    };
+    let err = resume(&|o| o.settings.lr = 2e-2);
+    assert!(err.contains("lr (checkpoint 0.01, now 0.02)"), "{err}");
+    let err = resume(&|o| o.settings.optimizer = OptimizerChoice::Muon);
+    assert!(err.contains("optimizer"), "{err}");
+    let err = resume(&|o| o.settings.model.expert_width = 16);
+    assert!(
+        err.contains("model.expert_width (checkpoint 32, now 16)"),
+        "{err}"
+    );
+    let err = resume(&|o| {
+        o.data = moonlight_ref::data::DataSource::File {
+            path: write_text(&dir),
+            format: None,
+        };
+    });
+    assert!(err.contains("other data"), "{err}");
+
+    // A checkpoint whose tensor has the wrong shape (same settings).
+    let mut ckpt = checkpoint::load(&ckpt_path).unwrap();
+    let p = &mut ckpt.params[1];
+    p.shape = muon_core::Shape::matrix(p.shape.cols, p.shape.rows * p.shape.batch);
+    let bad = dir.join("bad-shape.safetensors");
+    checkpoint::save(&bad, &ckpt).unwrap();
+    let mut o = options(OptimizerChoice::AdamW, 6);
+    o.resume = Some(bad);
+    let err = train::train(&backend(), &o).unwrap_err().to_string();
+    assert!(err.contains("has shape"), "{err}");
+
+    // A truncated one.
+    let bytes = std::fs::read(&ckpt_path).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let mut o = options(OptimizerChoice::AdamW, 6);
+    o.resume = Some(cut);
+    let err = train::train(&backend(), &o).unwrap_err().to_string();
+    assert!(err.contains("corrupt checkpoint"), "{err}");
+}
+
+fn write_text(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("other.txt");
+    std::fs::write(&path, "a different corpus, repeated. ".repeat(200)).unwrap();
+    path
+}
+
+#[test]
+fn non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = scratch("nan");
+    let mut opts = options(OptimizerChoice::AdamW, 20);
+    // AdamW moves every weight by about lr per step: at 1e30 the activations overflow.
+    opts.settings.lr = 1e30;
+    opts.settings.schedule = LrSchedule::Constant;
+    opts.out = Some(dir.clone());
+    opts.checkpoint_every = 1;
+    let err = train::train(&backend(), &opts).unwrap_err();
+    let TrainError::NonFinite {
+        step,
+        ref last_checkpoint,
+        ..
+    } = err
+    else {
+        panic!("expected a non-finite error, got {err}");
+    };
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("at step {step}")), "{msg}");
+    let (path, saved) = last_checkpoint.clone().expect("a checkpoint before the bad step");
+    assert_eq!(saved, step - 1);
+    let ckpt = checkpoint::load(&path).unwrap();
+    assert_eq!(ckpt.metadata["step"], (step - 1).to_string());
+}
+
+#[test]
+fn impossible_configs_are_errors_not_panics() {
+    type Mutation = Box<dyn Fn(&mut TrainOptions)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("top_k", Box::new(|o| o.settings.model.top_k = 5)),
+        ("n_heads", Box::new(|o| o.settings.model.n_heads = 3)),
+        ("max_seq_len", Box::new(|o| o.settings.seq = 64)),
+        (
+            "--warmup",
+            Box::new(|o| o.settings.schedule = LrSchedule::moonlight(50, 10)),
+        ),
+        ("--lr", Box::new(|o| o.settings.lr = -1.0)),
+        ("momentum", Box::new(|o| o.settings.hybrid.muon.momentum = 1.5)),
+    ];
+    for (what, mutate) in cases {
+        let mut o = options(OptimizerChoice::Muon, 10);
+        mutate(&mut o);
+        let err = train::train(&backend(), &o).unwrap_err().to_string();
+        assert!(err.contains(what), "{what}: {err}");
+    }
+}
