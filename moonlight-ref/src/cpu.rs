@@ -12,10 +12,106 @@ use muon_core::{HostMatrix, Portable, Real, Result, Transpose};
 
 use crate::ops::ModelOps;
 
+/// The element types of the host kernels: [`Real`] plus the exponential in the element's own
+/// precision and a single-threaded faer product.
+///
+/// `f32` uses its own inlined exponential ([`exp_f32`]) rather than libm's `expf`: the SwiGLU
+/// sigmoids and softmax exponentials dominate the non-GEMM time, an inlined polynomial
+/// vectorizes, and in a process that has created a `muon_faer::Faer` backend we measured
+/// libm's `expf`/`exp` calls running ~25x slower (4 ns -> 100+ ns per call on this machine;
+/// plain Rust arithmetic is unaffected), which made the softmax the bottleneck.
+pub trait CpuReal: Real {
+    /// `e^self`.
+    fn exp(self) -> Self;
+
+    /// One single-threaded product on row-major slices, with faer's kernels:
+    /// `c = alpha * op(a) op(b)` (or `c += ...` with `accumulate`), where `a` is stored
+    /// `a_rows x a_cols`, `b` `b_rows x b_cols`, and `c` is `m x n`.
+    fn matmul(
+        c: &mut [Self],
+        m: usize,
+        n: usize,
+        a: (&[Self], usize, usize, Transpose),
+        b: (&[Self], usize, usize, Transpose),
+        alpha: Self,
+        accumulate: bool,
+    );
+}
+
+fn faer_view<T>(data: &[T], rows: usize, cols: usize, op: Transpose) -> faer::MatRef<'_, T> {
+    let m = faer::MatRef::from_row_major_slice(data, rows, cols);
+    match op {
+        Transpose::No => m,
+        Transpose::Yes => m.transpose(),
+    }
+}
+
+macro_rules! impl_cpu_real {
+    ($t:ty, $exp:path) => {
+        impl CpuReal for $t {
+            #[inline]
+            fn exp(self) -> Self {
+                $exp(self)
+            }
+
+            fn matmul(
+                c: &mut [Self],
+                m: usize,
+                n: usize,
+                a: (&[Self], usize, usize, Transpose),
+                b: (&[Self], usize, usize, Transpose),
+                alpha: Self,
+                accumulate: bool,
+            ) {
+                let accum = if accumulate {
+                    faer::Accum::Add
+                } else {
+                    faer::Accum::Replace
+                };
+                faer::linalg::matmul::matmul(
+                    faer::MatMut::from_row_major_slice_mut(c, m, n),
+                    accum,
+                    faer_view(a.0, a.1, a.2, a.3),
+                    faer_view(b.0, b.1, b.2, b.3),
+                    alpha,
+                    faer::Par::Seq,
+                );
+            }
+        }
+    };
+}
+impl_cpu_real!(f32, exp_f32);
+impl_cpu_real!(f64, f64::exp);
+
+/// `e^x` in `f32` (Cephes `expf`: range reduction by `ln 2` in two parts, a degree-6
+/// polynomial; within 2 ulp of the exact value on `[-87, 88]`). Below -87.3 it returns
+/// ~1e-38 instead of a subnormal (the callers add it to 1 or normalize by a sum that includes
+/// `e^0`), above 88 it saturates near `f32::MAX`; NaN stays NaN.
+#[inline]
+pub fn exp_f32(x: f32) -> f32 {
+    // Comparisons, not min/max, so that NaN passes through.
+    let x = if x < -87.3 {
+        -87.3
+    } else if x > 88.0 {
+        88.0
+    } else {
+        x
+    };
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// Slice-level kernels shared by the host backends. Shapes are checked with `assert!`: the
 /// model issues well-formed calls, a violation is a bug.
 pub mod kernels {
-    use muon_core::{HostMatrix, Real, Transpose};
+    use super::CpuReal as Real;
+    use muon_core::{HostMatrix, Transpose};
     use rayon::prelude::*;
 
     /// Rows handed to one rayon task at least: keeps tiny problems on one thread.
@@ -320,15 +416,18 @@ pub mod kernels {
             .for_each(|(r, row)| {
                 let i = r % seq;
                 let (live, masked) = row.split_at_mut(i + 1);
-                let max = live.iter().map(|&v| f(v)).fold(f64::NEG_INFINITY, f64::max);
+                let max = live
+                    .iter()
+                    .copied()
+                    .fold(live[0], |m, v| if v > m { v } else { m });
                 let mut sum = 0.0;
                 for v in live.iter_mut() {
-                    let e = (f(*v) - max).exp();
-                    sum += e;
-                    *v = t(e);
+                    let e = (*v - max).exp();
+                    sum += f(e);
+                    *v = e;
                 }
-                let inv = 1.0 / sum;
-                live.iter_mut().for_each(|v| *v = t(f(*v) * inv));
+                let inv: T = t(1.0 / sum);
+                live.iter_mut().for_each(|v| *v *= inv);
                 masked.fill(T::ZERO);
             });
     }
@@ -349,8 +448,8 @@ pub mod kernels {
     }
 
     #[inline]
-    fn sigmoid(x: f64) -> f64 {
-        1.0 / (1.0 + (-x).exp())
+    fn sigmoid<T: Real>(x: T) -> T {
+        T::ONE / (T::ONE + (-x).exp())
     }
 
     pub fn swiglu_forward<T: Real>(out: &mut HostMatrix<T>, gate: &HostMatrix<T>, up: &HostMatrix<T>) {
@@ -362,8 +461,7 @@ pub mod kernels {
             .zip(up.as_slice().par_chunks(1024))
             .for_each(|((o, g), u)| {
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    let g = f(g);
-                    *o = t(g * sigmoid(g) * f(u));
+                    *o = g * sigmoid(g) * u;
                 }
             });
     }
@@ -387,11 +485,11 @@ pub mod kernels {
             .zip(up.as_slice().par_chunks(1024))
             .for_each(|((((dg, du), d), g), u)| {
                 for i in 0..dg.len() {
-                    let (gv, uv, dv) = (f(g[i]), f(u[i]), f(d[i]));
+                    let (gv, uv, dv) = (g[i], u[i], d[i]);
                     let s = sigmoid(gv);
                     // d silu(g)/dg = s + g s (1 - s)
-                    dg[i] = t(dv * uv * (s + gv * s * (1.0 - s)));
-                    du[i] = t(dv * gv * s);
+                    dg[i] = dv * uv * (s + gv * s * (T::ONE - s));
+                    du[i] = dv * gv * s;
                 }
             });
     }
@@ -418,7 +516,7 @@ pub mod kernels {
             .zip(experts.par_chunks_mut(k))
             .for_each(|(((s, l), g), ex)| {
                 for (s, &l) in s.iter_mut().zip(l) {
-                    *s = t(sigmoid(f(l)));
+                    *s = sigmoid(l);
                 }
                 // Top-k of s + b by repeated selection (k is small), ties to the lower index.
                 for slot in 0..k {
@@ -636,6 +734,20 @@ pub mod kernels {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Applies BLAS `beta` to `d` before a product: returns whether the product must add to
+    /// `d` (`false`: overwrite, and `d` is never read, so NaN in it does not leak through).
+    fn scale_for_beta<T: Real>(d: &mut [T], beta: T) -> bool {
+        if beta == T::ZERO {
+            false
+        } else {
+            if beta != T::ONE {
+                d.iter_mut().for_each(|v| *v *= beta);
+            }
+            true
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn grouped_gemm<T: Real>(
         dst: &mut HostMatrix<T>,
         alpha: T,
@@ -660,44 +772,23 @@ pub mod kernels {
         );
         let (asl, wsl) = (a.as_slice(), w.as_slice());
         let d = dst.as_mut_slice();
+        let threads = rayon::current_num_threads().max(1);
         for e in 0..ws.batch {
             let (lo, hi) = (offsets[e] as usize, offsets[e + 1] as usize);
             if lo == hi {
                 continue;
             }
             let we = &wsl[e * ws.batch_stride()..(e + 1) * ws.batch_stride()];
+            // Row blocks of this expert's range, one faer product each, across the threads.
+            let chunk = (hi - lo).div_ceil(threads).max(16);
             d[lo * n..hi * n]
-                .par_chunks_mut(n)
-                .with_min_len(4)
-                .zip(asl[lo * k..hi * k].par_chunks(k))
-                .for_each(|(drow, arow)| {
-                    if beta == T::ZERO {
-                        drow.fill(T::ZERO);
-                    } else if beta != T::ONE {
-                        drow.iter_mut().for_each(|v| *v *= beta);
-                    }
-                    match transpose_w {
-                        // w_e is [n, k]: dot products with its rows.
-                        Transpose::Yes => {
-                            for (j, dv) in drow.iter_mut().enumerate() {
-                                let wr = &we[j * k..(j + 1) * k];
-                                let mut acc = T::ZERO;
-                                for (&x, &y) in arow.iter().zip(wr) {
-                                    acc += x * y;
-                                }
-                                *dv += alpha * acc;
-                            }
-                        }
-                        // w_e is [k, n]: combinations of its rows.
-                        Transpose::No => {
-                            for (p, &x) in arow.iter().enumerate() {
-                                let ax = alpha * x;
-                                for (dv, &y) in drow.iter_mut().zip(&we[p * n..(p + 1) * n]) {
-                                    *dv += ax * y;
-                                }
-                            }
-                        }
-                    }
+                .par_chunks_mut(chunk * n)
+                .zip(asl[lo * k..hi * k].par_chunks(chunk * k))
+                .for_each(|(dc, ac)| {
+                    let rows = ac.len() / k.max(1);
+                    let accumulate = scale_for_beta(dc, beta);
+                    let wop = (we, ws.rows, ws.cols, transpose_w);
+                    T::matmul(dc, rows, n, (ac, rows, k, Transpose::No), wop, alpha, accumulate);
                 });
         }
     }
@@ -718,23 +809,23 @@ pub mod kernels {
             "grouped weight grad"
         );
         let (xs, ys) = (x.as_slice(), y.as_slice());
+        // One faer product per expert, the experts across the threads.
         dw.as_mut_slice()
-            .par_chunks_mut(q)
-            .with_min_len(4)
+            .par_chunks_mut(p * q)
             .enumerate()
-            .for_each(|(idx, row)| {
-                let (e, pi) = (idx / p, idx % p);
-                if beta == T::ZERO {
-                    row.fill(T::ZERO);
-                } else if beta != T::ONE {
-                    row.iter_mut().for_each(|v| *v *= beta);
-                }
-                for ri in offsets[e] as usize..offsets[e + 1] as usize {
-                    let xv = alpha * xs[ri * p + pi];
-                    for (dv, &yv) in row.iter_mut().zip(&ys[ri * q..(ri + 1) * q]) {
-                        *dv += xv * yv;
+            .for_each(|(e, dwe)| {
+                let (lo, hi) = (offsets[e] as usize, offsets[e + 1] as usize);
+                let accumulate = scale_for_beta(dwe, beta);
+                if lo == hi {
+                    if !accumulate {
+                        dwe.fill(T::ZERO);
                     }
+                    return;
                 }
+                let rows = hi - lo;
+                let xe = (&xs[lo * p..hi * p], rows, p, Transpose::Yes);
+                let ye = (&ys[lo * q..hi * q], rows, q, Transpose::No);
+                T::matmul(dwe, p, q, xe, ye, alpha, accumulate);
             });
     }
 
@@ -777,24 +868,35 @@ pub mod kernels {
             .with_min_len(4)
             .zip(logits.as_slice().par_chunks(v))
             .for_each(|(p, l)| {
-                let max = l.iter().map(|&x| f(x)).fold(f64::NEG_INFINITY, f64::max);
+                let max = l.iter().copied().fold(l[0], |m, v| if v > m { v } else { m });
                 let mut sum = 0.0;
                 for (p, &x) in p.iter_mut().zip(l) {
-                    let e = (f(x) - max).exp();
-                    sum += e;
-                    *p = t(e);
+                    let e = (x - max).exp();
+                    sum += f(e);
+                    *p = e;
                 }
-                let inv = 1.0 / sum;
-                p.iter_mut().for_each(|p| *p = t(f(*p) * inv));
+                let inv: T = t(1.0 / sum);
+                p.iter_mut().for_each(|p| *p *= inv);
             });
-        // The loss from the logits (log-sum-exp), not from rounded probabilities, serially.
+        // -log p[target], serially in f64: a probability rounded to the element type has a
+        // relative error ~eps, which the log turns into an absolute error ~eps. Where it is so
+        // small that rounding loses it (p < 1e-30: f32 underflows near 1e-38), the row's
+        // log-sum-exp is computed exactly from the logits instead.
         let mut total = 0.0;
-        for (l, &tg) in logits.as_slice().chunks_exact(v).zip(targets) {
+        let rows = probs
+            .as_slice()
+            .chunks_exact(v)
+            .zip(logits.as_slice().chunks_exact(v));
+        for ((p, l), &tg) in rows.zip(targets) {
             let tg = tg as usize;
             assert!(tg < v, "target {tg} out of the vocabulary ({v})");
-            let max = l.iter().map(|&x| f(x)).fold(f64::NEG_INFINITY, f64::max);
-            let lse = max + l.iter().map(|&x| (f(x) - max).exp()).sum::<f64>().ln();
-            total += lse - f(l[tg]);
+            let pt = f(p[tg]);
+            total += if pt > 1e-30 {
+                -pt.ln()
+            } else {
+                let max = l.iter().map(|&x| f(x)).fold(f64::NEG_INFINITY, f64::max);
+                max + l.iter().map(|&x| (f(x) - max).exp()).sum::<f64>().ln() - f(l[tg])
+            };
         }
         loss.as_mut_slice()[0] = t(total / n as f64);
     }
@@ -1008,5 +1110,28 @@ macro_rules! impl_host_model_ops {
     };
 }
 
-impl_host_model_ops!([T: Real] Portable<T>, T);
-impl_host_model_ops!([T: muon_faer::Elem] muon_faer::Faer<T>, T);
+impl_host_model_ops!([T: CpuReal] Portable<T>, T);
+impl_host_model_ops!([T: muon_faer::Elem + CpuReal] muon_faer::Faer<T>, T);
+
+#[cfg(test)]
+mod tests {
+    use super::exp_f32;
+
+    #[test]
+    fn exp_f32_is_within_a_few_ulp_of_the_exact_exponential() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f64;
+        while x <= 88.0 {
+            let got = exp_f32(x as f32) as f64;
+            let want = (x as f32 as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        // 2 ulp of f32 = 2.4e-7 relative.
+        assert!(worst < 2.4e-7, "max relative error {worst:e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(-1e9) >= 0.0 && exp_f32(-1e9) < 1e-37);
+        assert!(exp_f32(1e9).is_finite());
+    }
+}
