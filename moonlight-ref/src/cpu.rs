@@ -89,20 +89,14 @@ impl_cpu_real!(f64, f64::exp);
 /// `e^0`), above 88 it saturates near `f32::MAX`; NaN stays NaN.
 #[inline]
 pub fn exp_f32(x: f32) -> f32 {
-    // Comparisons, not min/max, so that NaN passes through.
-    let x = if x < -87.3 {
-        -87.3
-    } else if x > 88.0 {
-        88.0
-    } else {
-        x
-    };
+    // `clamp` passes NaN through (unlike min/max).
+    let x = x.clamp(-87.3, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
