@@ -74,7 +74,7 @@ use muon_core::{AdamWCoefficients, Backend, Error, HostMatrix, Real, Result, Sha
 use crate::matmul::Product;
 use crate::team::Team;
 
-pub use crate::team::MAX_THREADS;
+pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
 
 mod sealed {
     pub trait Sealed {}
@@ -158,6 +158,7 @@ fn new_team(threads: usize) -> Arc<Team> {
         let a = faer::MatRef::from_row_major_slice(&a, N, N);
         let c = faer::MatMut::from_row_major_slice_mut(&mut c, N, N);
         faer::linalg::matmul::matmul(c, Accum::Replace, a, a, T::ONE, faer::Par::Seq);
+        clear_avx_upper_state();
     }
     let team = Team::new(threads);
     team.run_everywhere(&|| {
@@ -194,20 +195,6 @@ fn gemm_dims(dst: Shape, a: Shape, ta: Transpose, b: Shape, tb: Transpose) -> Re
     }
     same_shape("gemm destination", Shape::batched(dst.batch, m, n), dst)?;
     Ok((m, n, k))
-}
-
-impl<T: Elem> Faer<T> {
-    /// Turns BLAS `beta` into faer's accumulate flag, scaling `dst` first when needed.
-    fn accumulate(&self, dst: &mut [T], beta: T) -> Accum {
-        if beta == T::ZERO {
-            Accum::Replace
-        } else {
-            if beta != T::ONE {
-                elementwise::scale(&self.team, dst, beta);
-            }
-            Accum::Add
-        }
-    }
 }
 
 impl<T: Elem> Backend for Faer<T> {
@@ -260,7 +247,6 @@ impl<T: Elem> Backend for Faer<T> {
         if dst.shape().is_empty() {
             return Ok(());
         }
-        let accum = self.accumulate(dst.as_mut_slice(), beta);
         let prod = Product {
             a: a.as_slice(),
             a_shape: a.shape(),
@@ -269,7 +255,7 @@ impl<T: Elem> Backend for Faer<T> {
             b_shape: b.shape(),
             tb,
             alpha,
-            accum,
+            beta,
         };
         matmul::gemm(&self.team, dst.as_mut_slice(), m, n, k, prod);
         Ok(())
@@ -339,7 +325,7 @@ impl<T: Elem> Backend for Faer<T> {
             b_shape: xs,
             tb: op.flip(),
             alpha: T::ONE,
-            accum: Accum::Replace,
+            beta: T::ZERO,
         };
         matmul::symmetric(&self.team, dst.as_mut_slice(), m, k, prod);
         Ok(())
@@ -356,7 +342,6 @@ impl<T: Elem> Backend for Faer<T> {
         if ss.is_empty() {
             return Ok(());
         }
-        let accum = self.accumulate(dst.as_mut_slice(), beta);
         let prod = Product {
             a: s.as_slice(),
             a_shape: ss,
@@ -365,7 +350,7 @@ impl<T: Elem> Backend for Faer<T> {
             b_shape: ss,
             tb: Transpose::No,
             alpha,
-            accum,
+            beta,
         };
         matmul::symmetric(&self.team, dst.as_mut_slice(), ss.rows, ss.rows, prod);
         Ok(())

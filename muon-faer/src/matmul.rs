@@ -17,7 +17,7 @@ use faer::linalg::matmul::{self as fm};
 use faer::{Accum, MatMut, MatRef, Par};
 use muon_core::{Shape, Transpose};
 
-use crate::team::{Team, MAX_PARTS};
+use crate::team::{clear_avx_upper_state, Team, MAX_PARTS};
 use crate::Elem;
 
 /// Below this many flops a whole call runs on one thread: waking a parked worker costs a few
@@ -106,8 +106,21 @@ pub(crate) struct Product<'a, T> {
     pub b_shape: Shape,
     pub tb: Transpose,
     pub alpha: T,
-    /// `Replace` for `beta == 0`; `Add` after the destination was scaled by `beta`.
-    pub accum: Accum,
+    /// BLAS `beta`: each block of the destination is scaled just before its product, while
+    /// it is in cache, rather than in a separate pass over the whole stack.
+    pub beta: T,
+}
+
+/// Applies BLAS `beta` to a block of the destination and returns faer's accumulate flag:
+/// `beta == 0` overwrites (never reads), `beta == 1` adds, anything else scales then adds.
+fn prepare<T: Elem>(dst: MatMut<'_, T>, beta: T) -> Accum {
+    if beta == T::ZERO {
+        return Accum::Replace;
+    }
+    if beta != T::ONE {
+        faer::zip!(dst).for_each(|faer::unzip!(x)| *x *= beta);
+    }
+    Accum::Add
 }
 
 impl<T: Elem> Product<'_, T> {
@@ -137,14 +150,10 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
     let batch = prod.a_shape.batch;
     let stride = m * n;
     let item = |dst: &mut [T], e: usize| {
-        fm::matmul(
-            view_mut(dst, m, n),
-            prod.accum,
-            prod.a_item(e),
-            prod.b_item(e),
-            prod.alpha,
-            Par::Seq,
-        );
+        let mut out = view_mut(dst, m, n);
+        let accum = prepare(out.as_mut(), prod.beta);
+        fm::matmul(out, accum, prod.a_item(e), prod.b_item(e), prod.alpha, Par::Seq);
+        clear_avx_upper_state();
     };
     let flops = 2.0 * (m * n * k) as f64;
     match plan(team.threads(), batch, flops, m.max(n)) {
@@ -182,13 +191,15 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
                     rest = tail;
                 }
                 team.for_each_part(&mut blocks[..parts], &|block| {
-                    if let Some((start, end, out)) = block.take() {
+                    if let Some((start, end, mut out)) = block.take() {
+                        let accum = prepare(out.as_mut(), prod.beta);
                         let (lhs, rhs) = if by_rows {
                             (a.subrows(start, end - start), b)
                         } else {
                             (a, b.subcols(start, end - start))
                         };
-                        fm::matmul(out, prod.accum, lhs, rhs, prod.alpha, Par::Seq);
+                        fm::matmul(out, accum, lhs, rhs, prod.alpha, Par::Seq);
+                        clear_avx_upper_state();
                     }
                 });
             }
@@ -201,7 +212,7 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
 fn lower_product<T: Elem>(
     team: Option<(&Team, usize)>,
     dst: MatMut<'_, T>,
-    accum: Accum,
+    beta: T,
     lhs: MatRef<'_, T>,
     rhs: MatRef<'_, T>,
     alpha: T,
@@ -210,14 +221,18 @@ fn lower_product<T: Elem>(
     let band = |out: MatMut<'_, T>, start: usize, end: usize| {
         // Rows [start, end): a rectangle left of the diagonal block, then the block's lower
         // triangle; the part right of it belongs to the upper triangle.
-        let (left, right) = out.split_at_col_mut(start);
-        let (diag, _) = right.split_at_col_mut(end - start);
+        let (mut left, right) = out.split_at_col_mut(start);
+        let (mut diag, _) = right.split_at_col_mut(end - start);
+        // Scaling the whole diagonal block is harmless: its upper part is mirrored over.
+        let accum = prepare(diag.as_mut(), beta);
+        prepare(left.as_mut(), beta);
         if end == start {
             return;
         }
         let lhs_band = lhs.subrows(start, end - start);
         if start > 0 {
             fm::matmul(left, accum, lhs_band, rhs.subcols(0, start), alpha, Par::Seq);
+            clear_avx_upper_state();
         }
         triangular::matmul(
             diag,
@@ -230,6 +245,7 @@ fn lower_product<T: Elem>(
             alpha,
             Par::Seq,
         );
+        clear_avx_upper_state();
     };
     let Some((team, parts)) = team.filter(|&(_, parts)| parts > 1) else {
         band(dst, 0, m);
@@ -252,16 +268,29 @@ fn lower_product<T: Elem>(
     });
 }
 
-/// Copies the lower triangle of a square row-major matrix onto its upper triangle, in tiles
-/// so that the transposed reads stay in cache.
-pub(crate) fn mirror_lower<T: Copy>(d: &mut [T], m: usize) {
-    const TILE: usize = 32;
-    for i0 in (0..m).step_by(TILE) {
-        for j0 in (i0..m).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(m) {
-                for j in j0.max(i + 1)..(j0 + TILE).min(m) {
-                    d[i * m + j] = d[j * m + i];
+/// Copies the lower triangle of a square row-major matrix onto its upper triangle. Works in
+/// 16 x 16 tiles through a buffer on the stack, so both the reads (rows of the lower tile)
+/// and the writes (rows of the upper tile) are contiguous.
+pub(crate) fn mirror_lower<T: Copy + Default>(d: &mut [T], m: usize) {
+    const B: usize = 16;
+    let mut tile = [[T::default(); B]; B];
+    for i0 in (0..m).step_by(B) {
+        let bi = B.min(m - i0);
+        for i in i0..i0 + bi {
+            for j in i + 1..i0 + bi {
+                d[i * m + j] = d[j * m + i];
+            }
+        }
+        for j0 in (i0 + B..m).step_by(B) {
+            let bj = B.min(m - j0);
+            for r in 0..bj {
+                let src = &d[(j0 + r) * m + i0..][..bi];
+                for (c, &v) in src.iter().enumerate() {
+                    tile[c][r] = v;
                 }
+            }
+            for (c, row) in tile.iter().enumerate().take(bi) {
+                d[(i0 + c) * m + j0..][..bj].copy_from_slice(&row[..bj]);
             }
         }
     }
@@ -276,7 +305,7 @@ pub(crate) fn symmetric<T: Elem>(team: &Team, dst: &mut [T], m: usize, k: usize,
         lower_product(
             team,
             view_mut(d, m, m),
-            prod.accum,
+            prod.beta,
             prod.a_item(e),
             prod.b_item(e),
             prod.alpha,

@@ -732,3 +732,33 @@ fn newton_schulz_against_nalgebra_and_the_polar_factor() {
         );
     }
 }
+
+#[test]
+fn the_backend_can_be_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Faer<f32>>();
+    let cpu = Faer::<f32>::with_threads(2);
+    let shape = Shape::matrix(40, 70);
+    std::thread::scope(|s| {
+        for seed in 0..3 {
+            let cpu = &cpu;
+            s.spawn(move || {
+                let x = Rng::new(seed).vec(shape.len());
+                let got = ns_on(cpu, &NewtonSchulz::quintic(), shape, &x);
+                let want = ns_on(&F64, &NewtonSchulz::quintic(), shape, &x);
+                assert!(max_abs_diff(&got, &want) < 1e-3);
+            });
+        }
+    });
+}
+
+#[test]
+fn thread_count_settings() {
+    let mut cpu = Faer::<f64>::with_threads(0);
+    assert_eq!(cpu.threads(), 1, "0 threads clamps to 1");
+    cpu.set_threads(3);
+    assert_eq!(cpu.threads(), 3);
+    cpu.set_threads(1000);
+    assert_eq!(cpu.threads(), muon_faer::MAX_THREADS);
+    assert!(Faer::<f32>::new().threads() >= 1);
+}
