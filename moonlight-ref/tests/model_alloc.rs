@@ -45,7 +45,7 @@ fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
     let (batch, seq) = (4, 32);
     let mut model = Model::new(&b, cfg, batch, seq, 1).unwrap();
     let tokens: Vec<u32> = (0..batch * seq).map(|i| (i * 13 % 256) as u32).collect();
-    let mut step = |model: &mut Model<Faer<f32>>| {
+    let step = |model: &mut Model<Faer<f32>>| {
         model.forward(&b, &tokens, &tokens).unwrap();
         model.backward(&b).unwrap();
         model.update_router_bias(&b).unwrap();
