@@ -922,3 +922,75 @@ fn faer_and_portable_f32_agree() {
         }
     }
 }
+
+// ----- an independent implementation -----
+
+/// `tests/fixtures/model_reference.py` evaluates the same network in NumPy, token by token and
+/// head by head (no heads stacks, grouped rows or dispatch), from its own random parameters;
+/// this loads them by name and compares logits and loss. Both are f64 with differently
+/// ordered sums over at most a few dozen terms per layer, so they agree to ~1e-14; 1e-10 leaves
+/// room and still catches any semantic difference (a rotation convention, a gate
+/// normalization, a missing norm), which moves the logits by O(0.01..1).
+#[test]
+fn forward_matches_the_numpy_reference() {
+    let cases: serde_json::Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/model_reference.json")).unwrap();
+    let b = B64::new();
+    for case in cases.as_array().unwrap() {
+        let cfg: ModelConfig = serde_json::from_value(case["config"].clone()).unwrap();
+        let (batch, seq) = (
+            case["batch"].as_u64().unwrap() as usize,
+            case["seq"].as_u64().unwrap() as usize,
+        );
+        let mut model = Model::new(&b, cfg.clone(), batch, seq, 0).unwrap();
+        let floats = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let specs = model.param_specs();
+        assert_eq!(specs.len(), case["params"].as_object().unwrap().len());
+        for (spec, m) in specs.iter().zip(model.params_mut()) {
+            let data = floats(&case["params"][&spec.name]);
+            b.upload(m, &data)
+                .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+        }
+        let bufs: Vec<Buffer<f64>> = model
+            .buffers(&b)
+            .unwrap()
+            .into_iter()
+            .map(|(name, shape, _)| {
+                let data = floats(&case["buffers"][&name]);
+                (name, shape, data)
+            })
+            .collect();
+        model.load_buffers(&b, &bufs).unwrap();
+        let loss = model
+            .forward(&b, &ids(&case["tokens"]), &ids(&case["targets"]))
+            .unwrap();
+        let want_loss = case["loss"].as_f64().unwrap();
+        let want_logits = floats(&case["logits"]);
+        let logits = model.logits.as_slice();
+        assert_eq!(logits.len(), want_logits.len());
+        let diff = logits
+            .iter()
+            .zip(&want_logits)
+            .map(|(a, w)| (a - w).abs())
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{:?}: loss {loss} vs {want_loss}, max |logit diff| {diff:.2e}",
+            cfg.attention
+        );
+        assert!(diff < 1e-10, "{:?}: logits differ by {diff:e}", cfg.attention);
+        assert!((loss - want_loss).abs() < 1e-10, "loss {loss} vs {want_loss}");
+    }
+}
