@@ -91,7 +91,11 @@ impl_cpu_real!(f64, f64::exp);
 pub fn exp_f32(x: f32) -> f32 {
     // `clamp` passes NaN through (unlike min/max).
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    // round(x / ln 2) without `floor` (a libm call on baseline x86-64): truncate, then step
+    // down where truncation rounded a negative value up.
+    let t = x * std::f32::consts::LOG2_E + 0.5;
+    let n = t as i32;
+    let n = (if n as f32 > t { n - 1 } else { n }) as f32;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
