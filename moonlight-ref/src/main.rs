@@ -93,7 +93,7 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value = "muon")]
     optimizer: OptimizerArg,
     /// Training steps.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = train::DEFAULT_STEPS)]
     steps: u64,
     /// Sequences per batch (B).
     #[arg(long, default_value_t = 16)]
@@ -297,10 +297,8 @@ fn run_params(preset: &str) -> Result<(), String> {
     println!("preset {preset}");
     println!("total parameters   {:>16} ({})", c.total, human(c.total));
     println!("active per token   {:>16} ({})", c.active, human(c.active));
-    println!(
-        "  active without embedding and head {} ",
-        human(c.active - c.embedding_and_head)
-    );
+    let without = c.active - c.embedding_and_head;
+    println!("  without emb+head {:>16} ({})", without, human(without));
     println!(
         "embedding + head   {:>16} ({})",
         c.embedding_and_head,

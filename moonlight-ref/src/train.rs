@@ -80,7 +80,7 @@ impl RunSettings {
     /// The defaults of `moonlight-ref train` for a model: Moonlight's recipe (wd 0.1, update
     /// RMS matched to AdamW, warm-up then cosine to 0.1x) at a size that trains in minutes.
     pub fn new(preset: &str, model: ModelConfig, optimizer: OptimizerChoice) -> RunSettings {
-        let steps = 600;
+        let steps = DEFAULT_STEPS;
         let mut hybrid = HybridConfig::default();
         hybrid.muon.weight_decay = 0.1;
         hybrid.adamw.weight_decay = 0.1;
@@ -99,8 +99,11 @@ impl RunSettings {
     }
 }
 
-/// The default base learning rate for `tiny` (both optimizers).
-pub const DEFAULT_LR: f64 = 3e-3;
+/// The default number of steps (about a minute for `tiny` on two cores).
+pub const DEFAULT_STEPS: u64 = 500;
+/// The default base learning rate, the same for both optimizers as in Moonlight: the best of
+/// AdamW's sweep on `tiny` (3e-3, 1e-2, 2e-2, 4e-2 at 300 steps; see the README).
+pub const DEFAULT_LR: f64 = 1e-2;
 /// The default warm-up steps.
 pub const DEFAULT_WARMUP: u64 = 30;
 
