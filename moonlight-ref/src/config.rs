@@ -131,7 +131,8 @@ impl ModelConfig {
         }
     }
 
-    /// Bytes in, ~0.4M parameters: MLA, one dense block then two MoE blocks of 8 experts.
+    /// Bytes in, 0.34M parameters (0.2M active): MLA, one dense block then two MoE blocks of 8
+    /// experts (top-2, one shared).
     pub fn tiny() -> ModelConfig {
         ModelConfig {
             vocab_size: 256,
@@ -159,7 +160,8 @@ impl ModelConfig {
         }
     }
 
-    /// Bytes in, ~6M parameters: MLA, one dense block then five MoE blocks of 16 experts.
+    /// Bytes in, 7.5M parameters (2.3M active): MLA, one dense block then five MoE blocks of 16
+    /// experts (top-2, one shared).
     pub fn small() -> ModelConfig {
         ModelConfig {
             vocab_size: 256,

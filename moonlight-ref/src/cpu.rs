@@ -923,6 +923,14 @@ pub mod kernels {
     }
 }
 
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux); `None` elsewhere.
+fn host_available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[track_caller]
 fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
     if a != b {
@@ -953,6 +961,9 @@ macro_rules! impl_host_model_ops {
                 same_len("indices_download", src.len(), dst.len())?;
                 dst.copy_from_slice(src);
                 Ok(())
+            }
+            fn available_memory(&self) -> Option<u64> {
+                host_available_memory()
             }
             fn fill(&self, dst: &mut HostMatrix<$t>, value: $t) -> Result<()> {
                 kernels::fill(dst, value);

@@ -36,6 +36,13 @@ pub trait ModelOps: Backend {
     /// Copies `src` into `dst` (same length); on a GPU this waits for the work writing `src`.
     fn indices_download(&self, src: &Self::Indices, dst: &mut [u32]) -> Result<()>;
 
+    /// Bytes the backend can still allocate, if it knows (host: the OS's available memory;
+    /// a GPU: free device memory). [`crate::model::Model::new`] refuses a model that cannot
+    /// fit with a clear error instead of dying in the allocator.
+    fn available_memory(&self) -> Option<u64> {
+        None
+    }
+
     // ----- elementwise -----
 
     /// Sets every element of `dst` to `value`.

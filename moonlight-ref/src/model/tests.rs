@@ -994,3 +994,20 @@ fn forward_matches_the_numpy_reference() {
         assert!((loss - want_loss).abs() < 1e-10, "loss {loss} vs {want_loss}");
     }
 }
+
+#[test]
+fn a_model_too_big_for_memory_is_refused_with_an_error() {
+    // Moonlight-16B needs ~128 GB for f32 parameters and gradients alone.
+    let b = Portable::<f32>::new();
+    let cfg = ModelConfig::moonlight_16b_a3b();
+    let need = Model::<Portable<f32>>::min_bytes(&cfg, 1, 16);
+    assert!(need > 2 * 4 * 15_900_000_000, "{need}");
+    match b.available_memory() {
+        Some(avail) if avail < need => {
+            let err = Model::new(&b, cfg, 1, 16, 0).err().expect("refused");
+            assert!(matches!(err, ModelError::Config(_)));
+            assert!(err.to_string().contains("GiB"), "{err}");
+        }
+        other => eprintln!("skipped: available memory {other:?} is not below {need} bytes"),
+    }
+}
