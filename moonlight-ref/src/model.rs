@@ -131,17 +131,24 @@ pub(crate) fn linear_backward<B: ModelOps>(
 
 /// A small deterministic generator (SplitMix64) for initialization and tests.
 #[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
+pub struct SplitMix64 {
+    state: u64,
+    /// The second normal of the last Box-Muller pair, not handed out yet.
+    spare: Option<f64>,
+}
 
 impl SplitMix64 {
     /// A generator from a seed.
     pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
+        SplitMix64 {
+            state: seed,
+            spare: None,
+        }
     }
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
@@ -150,11 +157,17 @@ impl SplitMix64 {
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
-    /// Standard normal (Box-Muller; one of the pair is dropped for simplicity).
+    /// Standard normal (Box-Muller, both of each pair used).
     pub fn normal(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
         let u1 = 1.0 - self.uniform(); // (0, 1]
         let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (sin, cos) = (std::f64::consts::TAU * u2).sin_cos();
+        self.spare = Some(r * sin);
+        r * cos
     }
 }
 

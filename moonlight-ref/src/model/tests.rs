@@ -1012,3 +1012,19 @@ fn a_model_too_big_for_memory_is_refused_with_an_error() {
         other => eprintln!("skipped: available memory {other:?} is not below {need} bytes"),
     }
 }
+
+#[test]
+fn splitmix_normals_have_unit_variance() {
+    let mut rng = SplitMix64::new(123);
+    let n = 200_000;
+    let xs: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
+    // Standard errors: 1/sqrt(n) = 2.2e-3 for the mean, sqrt(2/n) = 3.2e-3 for the variance.
+    assert!(
+        mean.abs() < 0.01 && (var - 1.0).abs() < 0.015,
+        "mean {mean}, variance {var}"
+    );
+    let mut again = SplitMix64::new(123);
+    assert!(xs.iter().take(100).all(|&x| x == again.normal()));
+}
