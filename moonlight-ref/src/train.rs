@@ -626,6 +626,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
     let mut losses = Vec::new();
     let mut val_losses = Vec::new();
     let (mut fwd_bwd_s, mut optimizer_s) = (0.0f64, 0.0f64);
+    let (mut bar_loss, mut bar_rate) = (0.0f64, 0.0f64);
 
     for step in start..end {
         let number = step + 1; // the step being taken, from 1
@@ -681,7 +682,16 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
             optimizer_ms: dt_opt * 1e3,
         }))?;
         progress.set_position(number);
-        progress.set_message(format!("loss {loss:.3} | {:.0} tok/s", tokens_per_s));
+        // The bar shows running means, steadier than one step's figures.
+        let smooth = |old: f64, new: f64| {
+            if number == start + 1 {
+                new
+            } else {
+                0.9 * old + 0.1 * new
+            }
+        };
+        (bar_loss, bar_rate) = (smooth(bar_loss, loss), smooth(bar_rate, tokens_per_s));
+        progress.set_message(format!("loss {bar_loss:.3} | {bar_rate:.0} tok/s"));
 
         let last = number == end;
         if (opts.eval_every > 0 && number % opts.eval_every == 0) || last {
