@@ -138,9 +138,30 @@ fn bad_input_is_a_message_and_a_failure() {
         quick_train(&dir).args(["--vocab", "0"]),
         "vocab_size must be at least 1",
     );
-    fails_with(bin().args(["train", "--seq", "4096", "--quiet", "--out"]).arg(&dir), "max_seq_len");
+    fails_with(
+        bin()
+            .args(["train", "--seq", "4096", "--quiet", "--out"])
+            .arg(&dir),
+        "max_seq_len",
+    );
     fails_with(
         quick_train(&dir).args(["--update-scale", "sideways"]),
         "match-adamw",
     );
+}
+
+/// The README's main command exactly as written (`train`, all defaults): ~1 minute in release
+/// on 2 cores, several in the dev profile, so it is opt-in:
+/// `cargo test --release -p moonlight-ref --test cli -- --ignored`.
+#[test]
+#[ignore = "slow: the full default run (500 steps of tiny)"]
+fn readme_main_command_as_written() {
+    let dir = scratch("readme-main");
+    let out = bin().arg("train").current_dir(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = std::fs::read_to_string(dir.join("runs/tiny-muon/log.jsonl")).unwrap();
+    let summary = log.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(summary).unwrap();
+    // The README reports ~0.64; anything under 1 nat per byte means it learned the corpus.
+    assert!(v["final_val_loss"].as_f64().unwrap() < 1.0, "{summary}");
 }

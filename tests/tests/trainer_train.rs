@@ -215,3 +215,33 @@ fn impossible_configs_are_errors_not_panics() {
         assert!(err.contains(what), "{what}: {err}");
     }
 }
+
+#[test]
+fn trains_on_a_bin_shard_and_with_either_attention() {
+    let dir = scratch("bin");
+    // The embedded corpus's first bytes as a token shard.
+    let tokens: Vec<u16> = moonlight_ref::data::embedded_corpus()[..20_000]
+        .iter()
+        .map(|&b| b as u16)
+        .collect();
+    let shard = dir.join("corpus.bin");
+    std::fs::write(&shard, moonlight_ref::data::encode_bin(&tokens)).unwrap();
+    let mut opts = options(OptimizerChoice::Muon, 6);
+    opts.data = moonlight_ref::data::DataSource::File {
+        path: shard,
+        format: None,
+    };
+    let run = train::train(&backend(), &opts).unwrap();
+    assert_eq!(run.losses.len(), 6);
+
+    // MHA instead of the preset's MLA, and back.
+    let mha = train::with_attention(micro(), false);
+    assert_eq!(mha.attention, Attention::Mha);
+    let mla = train::with_attention(mha.clone(), true);
+    assert!(matches!(mla.attention, Attention::Mla { .. }));
+    mla.validate().unwrap();
+    let mut opts = options(OptimizerChoice::Muon, 6);
+    opts.settings.model = mha;
+    let run = train::train(&backend(), &opts).unwrap();
+    assert!(run.losses.iter().all(|p| p.1.is_finite()));
+}
