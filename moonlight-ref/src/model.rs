@@ -25,7 +25,11 @@
 //!
 //! Every activation buffer is allocated in [`Model::new`] for the (batch, seq) it is built for;
 //! MoE buffers hold the worst case (all `N*K` routed rows are always present, whatever the
-//! split between experts), so nothing is allocated in `forward` or `backward`.
+//! split between experts), so nothing is allocated in `forward` or `backward`. On the CPU
+//! backends the row-parallel kernels use rayon: call the model from inside rayon's pool (wrap
+//! the training loop in `rayon::scope`) and a step allocates nothing at all; from outside,
+//! rayon's injector queue allocates a block every 63 parallel loops (~3 per tiny step).
+//! `tests/model_alloc.rs` checks it.
 
 pub mod attention;
 pub mod ffn;
@@ -510,7 +514,7 @@ impl<B: ModelOps> Model<B> {
         Ok(())
     }
 
-    /// Forward over batch*seq tokens (row-major [batch][seq]), mean cross-entropy against
+    /// Forward over batch*seq tokens (row-major `[batch][seq]`), mean cross-entropy against
     /// `targets` (same layout). Caches what backward needs. Returns the loss.
     pub fn forward(&mut self, backend: &B, tokens: &[u32], targets: &[u32]) -> Result<f64, ModelError> {
         self.check_ids("tokens", tokens)?;

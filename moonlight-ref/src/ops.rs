@@ -106,8 +106,11 @@ pub trait ModelOps: Backend {
         accumulate: bool,
     ) -> Result<()>;
 
-    /// Token rows to heads: `dst[b*H+h][t][dst_col + j] = src[b*T+t][h*head_stride + src_col
-    /// + j]` for `j < width`.
+    /// Token rows to heads, for `j < width`:
+    ///
+    /// ```text
+    /// dst[b*H+h][t][dst_col + j] = src[b*T+t][h*head_stride + src_col + j]
+    /// ```
     ///
     /// dst: `[B*H, T, Dd]`, src: `[B*T, S]`; `head_stride == 0` broadcasts one block to
     /// every head (MLA's shared RoPE key). Other columns of `dst` are left alone.
