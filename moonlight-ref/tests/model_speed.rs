@@ -47,4 +47,11 @@ fn measure(preset: &str, batch: usize, seq: usize, steps: usize) {
 fn model_throughput() {
     measure("tiny", 16, 64, 10);
     measure("small", 8, 256, 3);
+    // Inside rayon's pool (as the allocation test runs): no hand-over per parallel loop.
+    rayon::scope(|_| {
+        print!("inside rayon::scope: ");
+        measure("tiny", 16, 64, 10);
+        print!("inside rayon::scope: ");
+        measure("small", 8, 256, 3);
+    });
 }
