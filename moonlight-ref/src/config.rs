@@ -421,6 +421,28 @@ mod tests {
     }
 
     #[test]
+    fn active_counts_only_the_chosen_experts() {
+        let tiny = ModelConfig::tiny();
+        let p = tiny.param_counts();
+        let all = ModelConfig {
+            top_k: tiny.n_routed_experts,
+            ..tiny.clone()
+        }
+        .param_counts();
+        assert_eq!(all.active, all.total);
+        // Each MoE layer leaves E - K experts of 3 * C * F parameters out.
+        let per_expert = 3 * (tiny.dim * tiny.expert_width) as u64;
+        let skipped = (tiny.moe_layers() * (tiny.n_routed_experts - tiny.top_k)) as u64 * per_expert;
+        assert_eq!(p.total - p.active, skipped);
+        let dense = ModelConfig {
+            dense_layers: tiny.n_layers,
+            ..tiny
+        }
+        .param_counts();
+        assert_eq!((dense.moe, dense.active), (0, dense.total));
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_field_named() {
         let base = ModelConfig::tiny();
         let cases: Vec<(ModelConfig, &str)> = vec![
