@@ -152,13 +152,13 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// Options for `settings` on the embedded corpus, evaluating every 100 steps, writing
+    /// Options for `settings` on the embedded corpus, evaluating every 50 steps, writing
     /// nothing.
     pub fn new(settings: RunSettings) -> TrainOptions {
         TrainOptions {
             settings,
             data: DataSource::Embedded,
-            eval_every: 100,
+            eval_every: 50,
             eval_batches: 8,
             out: None,
             resume: None,

@@ -245,3 +245,48 @@ fn trains_on_a_bin_shard_and_with_either_attention() {
     let run = train::train(&backend(), &opts).unwrap();
     assert!(run.losses.iter().all(|p| p.1.is_finite()));
 }
+
+#[test]
+fn the_log_records_every_step_eval_and_summary() {
+    use moonlight_ref::log::{read_log, Record};
+    for optimizer in [OptimizerChoice::Muon, OptimizerChoice::AdamW] {
+        let dir = scratch(&format!("log-{optimizer}"));
+        let mut opts = options(optimizer, 4);
+        opts.out = Some(dir.clone());
+        opts.eval_every = 2;
+        train::train(&backend(), &opts).unwrap();
+        let log = read_log(&dir.join(train::LOG_FILE)).unwrap();
+        let steps: Vec<_> = log
+            .iter()
+            .filter_map(|r| if let Record::Step(s) = r { Some(s) } else { None })
+            .collect();
+        let evals: Vec<_> = log
+            .iter()
+            .filter_map(|r| {
+                if let Record::Eval(e) = r {
+                    Some(e.step)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(steps.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(evals, [2, 4]);
+        let Some(Record::Summary(summary)) = log.last() else {
+            panic!("no summary last: {log:?}")
+        };
+        assert_eq!(summary.optimizer, optimizer.to_string());
+        for s in steps {
+            assert!(s.loss.is_finite() && s.grad_norm > 0.0 && s.lr > 0.0 && s.tokens_per_s > 0.0);
+            // One MoE block in `micro`; a load ratio is at least 1 (max >= mean).
+            assert_eq!(s.expert_load_max_over_mean.len(), 1);
+            assert!(s.expert_load_max_over_mean[0] >= 1.0);
+            assert!(s.update_rms_adamw.unwrap() > 0.0);
+            match optimizer {
+                // Moonlight's scale aims Muon's update RMS at 0.2 (the quintic lands a bit under).
+                OptimizerChoice::Muon => assert!((0.1..0.3).contains(&s.update_rms_muon.unwrap()), "{s:?}"),
+                OptimizerChoice::AdamW => assert_eq!(s.update_rms_muon, None),
+            }
+        }
+    }
+}
