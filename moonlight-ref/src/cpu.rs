@@ -437,11 +437,15 @@ pub mod kernels {
             .par_chunks_mut(seq)
             .with_min_len(MIN_ROWS)
             .zip(probs.as_slice().par_chunks(seq))
-            .for_each(|(g, p)| {
-                let dot: f64 = g.iter().zip(p).map(|(&g, &p)| f(g) * f(p)).sum();
-                g.iter_mut()
-                    .zip(p)
-                    .for_each(|(g, &p)| *g = t(f(p) * (f(*g) - dot)));
+            .enumerate()
+            .for_each(|(r, (g, p))| {
+                // Row i has probabilities only up to i; past it P = 0 and so is dS.
+                let i = r % seq;
+                let (live, masked) = g.split_at_mut(i + 1);
+                let dot: f64 = live.iter().zip(p).map(|(&g, &p)| f(g) * f(p)).sum();
+                let dot: T = t(dot);
+                live.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
+                masked.fill(T::ZERO);
             });
     }
 
