@@ -253,12 +253,17 @@ fn run_train(args: &TrainArgs) -> Result<(), String> {
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    // The model's own CPU ops run on rayon; the optimizer's on muon-faer's team.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
+    // The model's own CPU ops run on rayon, the optimizer's on muon-faer's team. The loop runs
+    // inside the rayon pool: its thread is one of the `threads` workers (no extra thread
+    // waiting on the others), and each parallel op starts from a worker.
     let backend = muon_faer::Faer::<f32>::with_threads(threads);
-    let result = train::train(&backend, &opts).map_err(|e| e.to_string())?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
+    let result = pool
+        .install(|| train::train(&backend, &opts))
+        .map_err(|e| e.to_string())?;
     let s = &result.summary;
     let out = opts
         .out
