@@ -16,10 +16,11 @@ use crate::ops::ModelOps;
 /// precision and a single-threaded faer product.
 ///
 /// `f32` uses its own inlined exponential ([`exp_f32`]) rather than libm's `expf`: the SwiGLU
-/// sigmoids and softmax exponentials dominate the non-GEMM time, an inlined polynomial
-/// vectorizes, and in a process that has created a `muon_faer::Faer` backend we measured
-/// libm's `expf`/`exp` calls running ~25x slower (4 ns -> 100+ ns per call on this machine;
-/// plain Rust arithmetic is unaffected), which made the softmax the bottleneck.
+/// sigmoids and softmax exponentials dominate the non-GEMM time, and an inlined polynomial
+/// neither pays a call per element nor depends on the thread's AVX state (after a faer
+/// product leaves the AVX upper halves dirty, libm's `expf` ran ~25x slower on this machine,
+/// 4 ns -> 100+ ns per call, which once made the softmax the bottleneck; every faer product
+/// here is now followed by `muon_faer::clear_avx_upper_state`).
 pub trait CpuReal: Real {
     /// `e^self`.
     fn exp(self) -> Self;
@@ -76,6 +77,9 @@ macro_rules! impl_cpu_real {
                     alpha,
                     faer::Par::Seq,
                 );
+                // faer's x86 kernels return with the AVX upper halves dirty, which makes
+                // legacy-SSE code on this thread (libm among it) pay a transition penalty.
+                muon_faer::clear_avx_upper_state();
             }
         }
     };
