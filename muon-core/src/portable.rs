@@ -18,11 +18,27 @@ pub struct HostMatrix<T> {
 
 impl<T: Real> HostMatrix<T> {
     /// A stack of zeros.
+    ///
+    /// # Panics
+    /// Aborts like any `Vec` when memory runs out; backends use [`try_zeros`](Self::try_zeros).
     pub fn zeros(shape: Shape) -> Self {
         HostMatrix {
             shape,
             data: vec![T::ZERO; shape.len()],
         }
+    }
+
+    /// A stack of zeros, or an error naming the size when the memory cannot be had.
+    pub fn try_zeros(shape: Shape) -> Result<Self> {
+        let mut data = Vec::new();
+        data.try_reserve_exact(shape.len()).map_err(|_| {
+            Error::Backend(alloc::format!(
+                "out of memory allocating a {shape} matrix ({} bytes)",
+                shape.len().saturating_mul(core::mem::size_of::<T>())
+            ))
+        })?;
+        data.resize(shape.len(), T::ZERO);
+        Ok(HostMatrix { shape, data })
     }
 
     /// Wraps row-major `data`; errors when its length is not `shape.len()`.
@@ -89,7 +105,7 @@ impl<T: Real> Backend for Portable<T> {
     }
 
     fn zeros(&self, shape: Shape) -> Result<HostMatrix<T>> {
-        Ok(HostMatrix::zeros(shape))
+        HostMatrix::try_zeros(shape)
     }
 
     fn upload(&self, dst: &mut HostMatrix<T>, src: &[T]) -> Result<()> {

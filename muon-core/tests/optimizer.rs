@@ -620,3 +620,16 @@ fn portable_and_nalgebra_backends_agree_on_every_primitive() {
     check(&m1, &m2, "adamw m");
     check(&v1, &v2, "adamw v");
 }
+
+#[test]
+fn an_allocation_too_large_is_an_error_not_an_abort() {
+    let huge = Shape::batched(1 << 20, 1 << 20, 1 << 20);
+    let err = Portable::<f32>::new().zeros(huge).unwrap_err();
+    assert!(err.to_string().contains("out of memory"), "{err}");
+    let specs = vec![ParamSpec::new(
+        "w",
+        Shape::matrix(1 << 30, 1 << 30),
+        ParamRole::Hidden,
+    )];
+    assert!(HybridOptimizer::new(&Portable::<f32>::new(), specs, HybridConfig::default()).is_err());
+}
