@@ -623,8 +623,8 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
     let mut targets = vec![0u32; b * t];
     let mut rms = vec![0.0f64; optimizer.specs().len()];
     let kinds: Vec<OptimizerKind> = optimizer.specs().iter().map(|s| s.optimizer()).collect();
-    let mut losses = Vec::new();
-    let mut val_losses = Vec::new();
+    let mut losses = Vec::with_capacity((end - start) as usize);
+    let mut val_losses = Vec::with_capacity(1 + (end - start) as usize / opts.eval_every.max(1) as usize);
     let (mut fwd_bwd_s, mut optimizer_s) = (0.0f64, 0.0f64);
     let (mut bar_loss, mut bar_rate) = (0.0f64, 0.0f64);
 
