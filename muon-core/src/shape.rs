@@ -54,9 +54,10 @@ impl Shape {
         Shape::matrix(1, n)
     }
 
-    /// Elements in the whole stack.
+    /// Elements in the whole stack (saturating: an absurd shape fails to allocate rather
+    /// than wrapping around to a small length).
     pub const fn len(&self) -> usize {
-        self.batch * self.rows * self.cols
+        self.batch.saturating_mul(self.rows).saturating_mul(self.cols)
     }
 
     /// `true` when the stack holds no element.
