@@ -65,8 +65,7 @@ mod matmul;
 mod team;
 
 use std::fmt;
-use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use faer::Accum;
 use muon_core::{AdamWCoefficients, Backend, Error, HostMatrix, Real, Result, Shape, Transpose};
@@ -93,14 +92,16 @@ impl Elem for f64 {}
 /// several threads on one handle are serialized.
 pub struct Faer<T> {
     team: Arc<Team>,
-    _elem: PhantomData<fn() -> T>,
+    /// A transposed copy of a tall input for its Gram product (see `matmul::symmetric`);
+    /// grown on first use, then reused.
+    scratch: Arc<Mutex<Vec<T>>>,
 }
 
 impl<T> Clone for Faer<T> {
     fn clone(&self) -> Self {
         Faer {
             team: Arc::clone(&self.team),
-            _elem: PhantomData,
+            scratch: Arc::clone(&self.scratch),
         }
     }
 }
@@ -130,7 +131,7 @@ impl<T: Elem> Faer<T> {
     pub fn with_threads(threads: usize) -> Self {
         Faer {
             team: new_team(threads),
-            _elem: PhantomData,
+            scratch: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -327,7 +328,7 @@ impl<T: Elem> Backend for Faer<T> {
             alpha: T::ONE,
             beta: T::ZERO,
         };
-        matmul::symmetric(&self.team, dst.as_mut_slice(), m, k, prod);
+        matmul::symmetric(&self.team, dst.as_mut_slice(), m, k, prod, &self.scratch);
         Ok(())
     }
 
@@ -352,7 +353,14 @@ impl<T: Elem> Backend for Faer<T> {
             alpha,
             beta,
         };
-        matmul::symmetric(&self.team, dst.as_mut_slice(), ss.rows, ss.rows, prod);
+        matmul::symmetric(
+            &self.team,
+            dst.as_mut_slice(),
+            ss.rows,
+            ss.rows,
+            prod,
+            &self.scratch,
+        );
         Ok(())
     }
 

@@ -45,7 +45,7 @@ fn allocations(f: impl FnOnce()) -> usize {
     ALLOCATIONS.load(Ordering::SeqCst) - before
 }
 
-const SHAPES: [Shape; 7] = [
+const SHAPES: [Shape; 8] = [
     Shape::matrix(8, 12),
     Shape::matrix(128, 128),
     Shape::matrix(96, 300),
@@ -53,6 +53,8 @@ const SHAPES: [Shape; 7] = [
     Shape::matrix(256, 512),
     Shape::batched(8, 64, 176),
     Shape::batched(3, 150, 100),
+    // Tall with a wide Gram side: X^T X through the backend's transpose scratch.
+    Shape::matrix(800, 768),
 ];
 
 fn input(shape: Shape) -> Vec<f32> {

@@ -31,8 +31,12 @@ fn libm_stays_fast_after_backend_products() {
     let shape = Shape::matrix(64, 64);
     let a = HostMatrix::from_vec(shape, vec![0.5f32; shape.len()]).unwrap();
     let mut c = HostMatrix::zeros(shape);
-    cpu.gemm(&mut c, 1.0, &a, Transpose::No, &a, Transpose::Yes, 0.0).unwrap();
+    cpu.gemm(&mut c, 1.0, &a, Transpose::No, &a, Transpose::Yes, 0.0)
+        .unwrap();
     cpu.gram(&mut c, &a, Transpose::No).unwrap();
     let after = exp_ns();
-    assert!(after < 8.0 * before, "expf: {before:.1} ns before, {after:.1} ns after a faer product");
+    assert!(
+        after < 8.0 * before,
+        "expf: {before:.1} ns before, {after:.1} ns after a faer product"
+    );
 }

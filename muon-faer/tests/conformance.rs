@@ -176,6 +176,9 @@ fn grams<B: Backend>(backend: &B) {
         (3, 64, 100),
         (5, 16, 15),
         (1, 260, 190),
+        // Gram side >= 768: a tall X^T X goes through a transposed copy.
+        (1, 20, 768),
+        (2, 9, 800),
     ];
     for (batch, r, c) in shapes {
         for op in [Transpose::No, Transpose::Yes] {
