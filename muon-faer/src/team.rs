@@ -3,20 +3,21 @@
 //! Why not rayon: a call into a rayon pool from outside it goes through the pool's injector
 //! queue, which allocates a block every 63 jobs, and faer's own parallel GEMM allocates its job
 //! tables on every call. The optimizer promises no allocation per step after warm-up, so the
-//! backend splits work itself, statically (the parts are known before the job starts), and hands
-//! the parts to this team.
+//! backend cuts the work into parts itself (descriptors in fixed arrays on the stack) and hands
+//! them to this team.
 //!
-//! The caller's thread runs part 0 and `threads - 1` parked workers run the others; a job is a
-//! borrowed closure, published under a mutex and waited for before [`Team::for_each_part`]
-//! returns. This module holds all the crate's `unsafe` code (and `vzeroupper`, see
+//! The caller's thread and `threads - 1` workers claim the parts of a job from a shared
+//! counter; a job is a borrowed closure, published under a mutex and waited for before
+//! [`Team::for_each_part`] returns. Between jobs the workers spin briefly, then sleep. This module holds all the crate's `unsafe` code (and `vzeroupper`, see
 //! [`clear_avx_upper_state`]).
 
 use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// The most threads a backend runs.
 pub const MAX_THREADS: usize = 64;
@@ -53,6 +54,33 @@ struct Shared {
     state: Mutex<State>,
     start: Condvar,
     done: Condvar,
+    /// Copies of `State::epoch` and `State::pending`, written under the lock, read without
+    /// it while spinning. The state under the lock stays the truth: a spinner that sees a
+    /// change still takes the lock before acting.
+    epoch_hint: AtomicU64,
+    pending_hint: AtomicUsize,
+}
+
+/// How long a thread spins on the hints before it sleeps on a condition variable. Newton-
+/// Schulz issues its jobs back to back, microseconds apart; a worker that went to sleep
+/// between them would have to be woken, which on a core shared with another (even niced)
+/// process can take a scheduler tick.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Spins until `done()` or `SPIN` elapses; `true` when `done()` became true.
+fn spin_until(done: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() > SPIN {
+            return done();
+        }
+    }
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -85,6 +113,8 @@ impl Team {
             }),
             start: Condvar::new(),
             done: Condvar::new(),
+            epoch_hint: AtomicU64::new(0),
+            pending_hint: AtomicUsize::new(0),
         });
         let mut workers = Vec::with_capacity(wanted - 1);
         for index in 1..wanted {
@@ -154,6 +184,8 @@ impl Team {
             let mut state = lock(&self.shared.state);
             state.epoch += 1;
             state.pending = self.workers.len();
+            self.shared.pending_hint.store(state.pending, Ordering::Release);
+            self.shared.epoch_hint.store(state.epoch, Ordering::Release);
             // SAFETY: only the lifetime is erased. The closure outlives this call, and this
             // function does not return (nor unwind: the caller's share runs under
             // catch_unwind) before `pending` is back to 0, i.e. before every worker has
@@ -163,6 +195,7 @@ impl Team {
         }
         self.shared.start.notify_all();
         let mine = catch_unwind(AssertUnwindSafe(run));
+        spin_until(|| self.shared.pending_hint.load(Ordering::Acquire) == 0);
         let theirs = {
             let mut state = lock(&self.shared.state);
             while state.pending > 0 {
@@ -197,6 +230,7 @@ unsafe impl<X: Send> Sync for PartsPtr<'_, X> {}
 fn worker(shared: &Shared) {
     let mut seen = 0u64;
     loop {
+        spin_until(|| shared.epoch_hint.load(Ordering::Acquire) != seen);
         let job = {
             let mut state = lock(&shared.state);
             while state.epoch == seen && !state.shutdown {
@@ -220,6 +254,7 @@ fn worker(shared: &Shared) {
             state.panic.get_or_insert(payload);
         }
         state.pending -= 1;
+        shared.pending_hint.store(state.pending, Ordering::Release);
         if state.pending == 0 {
             shared.done.notify_one();
         }
