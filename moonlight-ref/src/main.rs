@@ -346,3 +346,84 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_scale_forms() {
+        assert_eq!(
+            parse_update_scale("match-adamw"),
+            Ok(UpdateScale::MatchAdamW { rms: 0.2 })
+        );
+        assert_eq!(
+            parse_update_scale("match-adamw=0.4"),
+            Ok(UpdateScale::MatchAdamW { rms: 0.4 })
+        );
+        assert_eq!(parse_update_scale("aspect-ratio"), Ok(UpdateScale::AspectRatio));
+        assert_eq!(parse_update_scale("unit"), Ok(UpdateScale::Unit));
+        assert_eq!(parse_update_scale("custom=1.5"), Ok(UpdateScale::Custom(1.5)));
+        for bad in ["custom=-1", "match-adamw=nan", "custom", "sideways", "unit=2"] {
+            assert!(parse_update_scale(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn options_map_to_settings() {
+        let cli = Cli::try_parse_from([
+            "moonlight-ref",
+            "--optimizer",
+            "adamw",
+            "--steps",
+            "40",
+            "--warmup",
+            "4",
+            "--lr",
+            "0.02",
+            "--wd",
+            "0.05",
+            "--no-nesterov",
+            "--momentum",
+            "0.9",
+            "--ns-steps",
+            "3",
+            "--ns-schedule",
+            "polar-express",
+            "--attention",
+            "mha",
+            "--vocab",
+            "300",
+            "--data",
+            "x.bin",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        let o = cli.train.options().unwrap();
+        let s = &o.settings;
+        assert_eq!(s.optimizer, OptimizerChoice::AdamW);
+        assert_eq!((s.steps, s.lr), (40, 0.02));
+        assert_eq!(s.schedule, LrSchedule::moonlight(4, 40));
+        assert_eq!(
+            (s.hybrid.muon.weight_decay, s.hybrid.adamw.weight_decay),
+            (0.05, 0.05)
+        );
+        assert!(!s.hybrid.muon.nesterov);
+        assert_eq!(s.hybrid.muon.momentum, 0.9);
+        assert_eq!(s.hybrid.muon.newton_schulz.steps, 3);
+        assert_eq!(
+            s.hybrid.muon.newton_schulz.coefficients,
+            NewtonSchulz::polar_express().coefficients
+        );
+        assert_eq!(s.model.attention, moonlight_ref::config::Attention::Mha);
+        assert_eq!(s.model.vocab_size, 300);
+        assert_eq!(o.out, Some(PathBuf::from("runs/tiny-adamw")));
+        assert_eq!(
+            o.data,
+            DataSource::File {
+                path: "x.bin".into(),
+                format: None
+            }
+        );
+    }
+}
