@@ -290,3 +290,17 @@ fn the_log_records_every_step_eval_and_summary() {
         }
     }
 }
+
+#[test]
+fn evaluations_do_not_change_the_training_steps() {
+    let mut quiet = options(OptimizerChoice::Muon, 8);
+    quiet.eval_every = 0;
+    let mut busy = options(OptimizerChoice::Muon, 8);
+    busy.eval_every = 1;
+    let (a, b) = (
+        train::train(&backend(), &quiet).unwrap(),
+        train::train(&backend(), &busy).unwrap(),
+    );
+    assert_eq!(a.losses, b.losses);
+    assert_eq!((a.val_losses.len(), b.val_losses.len()), (1, 8));
+}
