@@ -71,7 +71,14 @@ fn params_of_moonlight_match_the_report() {
 #[test]
 fn readme_commands_train_resume_and_plot() {
     let dir = scratch("readme");
-    let out = quick_train(&dir).output().unwrap();
+    // Interrupted after step 2, then resumed to the end.
+    let out = quick_train(&dir).args(["--stop-at", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = quick_train(&dir)
+        .arg("--resume")
+        .arg(dir.join("checkpoint.safetensors"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let summary = String::from_utf8(out.stdout).unwrap();
     assert!(
