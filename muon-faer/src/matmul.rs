@@ -1,13 +1,14 @@
 //! Matrix products on stacks: plain GEMM, the symmetric Gram product and the square of a
 //! symmetric matrix, each on faer's sequential kernels, split across the team.
 //!
-//! How a product over a stack of `E` matrices is split across `p` threads:
-//! - the stack is split (each thread takes whole matrices, sequential GEMMs) when there are at
-//!   least `p` matrices and they divide evenly, are many, or are too small to split well;
-//! - otherwise each matrix large enough is split into `p` blocks of its output, one per thread
-//!   (each thread packs its own copy of the shared operand, which costs `O(mk)` next to the
-//!   `O(mnk)` product);
-//! - products too small to pay for waking the workers run on the caller's thread.
+//! How a product over a stack of `E` matrices is split across `p` threads (see [`plan`]):
+//! - over the stack (each matrix is a part; threads claim whole matrices and run sequential
+//!   GEMMs) when there are at least `p` matrices and they divide evenly, are many (`>= 4p`),
+//!   or are too small to split well;
+//! - otherwise each matrix large enough is cut into 2 (4 from a side of 1024) blocks of its
+//!   output per thread, claimed dynamically; each block packs its own copy of the shared
+//!   operand, which costs `O(mk)` next to the block's `O(mnk / blocks)` product;
+//! - calls under 4 MFLOP in all run on the caller's thread.
 //!
 //! Symmetric outputs compute their lower triangle only (faer's triangular `matmul` with
 //! `BlockStructure::TriangularLower`, about half the flops) and mirror it into the upper one.
