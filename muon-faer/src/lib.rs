@@ -14,6 +14,12 @@
 //! - After a warm-up call per shape nothing allocates: faer's packing buffers are thread-local,
 //!   and the team hands out work through fixed arrays on the stack (the reason it is not rayon,
 //!   whose injector queue allocates every 63 jobs). `tests/alloc.rs` checks it.
+//! - faer's x86 kernels leave the upper halves of the AVX registers dirty, which slows every
+//!   later SSE instruction on the thread (glibc's `expf` ran ~30x slower); the backend issues
+//!   `vzeroupper` after each product. Code that calls faer directly should call
+//!   [`clear_avx_upper_state`] after it too.
+//! - `X^T X` of a tall input with a Gram side of 768 or more goes through a transposed copy
+//!   in a scratch buffer the backend keeps (faer reads the strided original at half speed).
 //!
 //! ## Example
 //!
@@ -55,8 +61,8 @@
 //!
 //! [`Faer::new`] uses every core [`std::thread::available_parallelism`] reports;
 //! [`Faer::with_threads`] and [`Faer::set_threads`] pick a count (1 = the caller's thread
-//! alone). The team's workers park between calls; a backend handle is cheap to clone and
-//! clones share the team.
+//! alone). The team's workers spin for 200 us after a job, then sleep; a backend handle is
+//! cheap to clone and clones share the team.
 
 #![warn(missing_docs)]
 
