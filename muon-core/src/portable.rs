@@ -53,6 +53,32 @@ impl<T: Real> HostMatrix<T> {
         Ok(HostMatrix { shape, data })
     }
 
+    /// Copies row-major `src` into this stack; errors when the lengths differ.
+    pub fn copy_from_host(&mut self, src: &[T]) -> Result<()> {
+        if src.len() != self.data.len() {
+            return Err(Error::Backend(alloc::format!(
+                "upload of {} elements into a {} matrix",
+                src.len(),
+                self.shape
+            )));
+        }
+        self.data.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Copies this stack, row-major, into `dst`; errors when the lengths differ.
+    pub fn copy_to_host(&self, dst: &mut [T]) -> Result<()> {
+        if dst.len() != self.data.len() {
+            return Err(Error::Backend(alloc::format!(
+                "download of a {} matrix into {} elements",
+                self.shape,
+                dst.len()
+            )));
+        }
+        dst.copy_from_slice(&self.data);
+        Ok(())
+    }
+
     /// The shape.
     pub fn shape(&self) -> Shape {
         self.shape
@@ -109,27 +135,11 @@ impl<T: Real> Backend for Portable<T> {
     }
 
     fn upload(&self, dst: &mut HostMatrix<T>, src: &[T]) -> Result<()> {
-        if src.len() != dst.data.len() {
-            return Err(Error::Backend(alloc::format!(
-                "upload of {} elements into a {} matrix",
-                src.len(),
-                dst.shape
-            )));
-        }
-        dst.data.copy_from_slice(src);
-        Ok(())
+        dst.copy_from_host(src)
     }
 
     fn download(&self, src: &HostMatrix<T>, dst: &mut [T]) -> Result<()> {
-        if src.data.len() != dst.len() {
-            return Err(Error::Backend(alloc::format!(
-                "download of a {} matrix into {} elements",
-                src.shape,
-                dst.len()
-            )));
-        }
-        dst.copy_from_slice(&src.data);
-        Ok(())
+        src.copy_to_host(dst)
     }
 
     fn gemm(

@@ -213,31 +213,15 @@ impl<T: Elem> Backend for Faer<T> {
     }
 
     fn zeros(&self, shape: Shape) -> Result<HostMatrix<T>> {
-        Ok(HostMatrix::zeros(shape))
+        HostMatrix::try_zeros(shape)
     }
 
     fn upload(&self, dst: &mut HostMatrix<T>, src: &[T]) -> Result<()> {
-        if src.len() != dst.shape().len() {
-            return Err(Error::Backend(format!(
-                "upload of {} elements into a {} matrix",
-                src.len(),
-                dst.shape()
-            )));
-        }
-        dst.as_mut_slice().copy_from_slice(src);
-        Ok(())
+        dst.copy_from_host(src)
     }
 
     fn download(&self, src: &HostMatrix<T>, dst: &mut [T]) -> Result<()> {
-        if dst.len() != src.shape().len() {
-            return Err(Error::Backend(format!(
-                "download of a {} matrix into {} elements",
-                src.shape(),
-                dst.len()
-            )));
-        }
-        dst.copy_from_slice(src.as_slice());
-        Ok(())
+        src.copy_to_host(dst)
     }
 
     fn gemm(
