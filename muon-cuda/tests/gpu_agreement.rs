@@ -27,12 +27,16 @@
 
 mod common;
 
+use std::io::Write;
+
 use muon_cuda::{CudaBackend, Precision};
 
 /// The GPU backend, or `None` after printing why the test skips.
 fn gpu(test: &str) -> Option<CudaBackend> {
     if !muon_cuda::is_available() {
-        eprintln!("{test}: skipped: no CUDA GPU/driver");
+        // Written to the stderr handle, not with eprintln!, which libtest captures and hides
+        // for passing tests: the skip must show in the test output.
+        let _ = writeln!(std::io::stderr(), "{test}: skipped: no CUDA GPU/driver");
         return None;
     }
     // A GPU is there: failing to open it is a failure, not a reason to skip.
