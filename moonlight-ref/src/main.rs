@@ -271,7 +271,7 @@ fn run_train(args: &TrainArgs) -> Result<(), String> {
         .map(|d| d.display().to_string())
         .unwrap_or_default();
     println!(
-        "{} {} steps: train loss {:.4}, val loss {}, {:.0} tokens/s, optimizer {:.1}% of step time ({:.1} s fwd+bwd, {:.1} s optimizer), {:.0} s; log {out}/{}",
+        "{} {} steps: train loss {:.4}, val loss {}, {:.0} tokens/s, optimizer {:.1}% of step time ({:.1} s fwd+bwd, {:.1} s optimizer), SVD entropy {} hidden / {} router, {:.0} s; log {out}/{}",
         s.optimizer,
         s.steps,
         s.final_train_loss,
@@ -280,6 +280,8 @@ fn run_train(args: &TrainArgs) -> Result<(), String> {
         100.0 * s.optimizer_share,
         s.fwd_bwd_s,
         s.optimizer_s,
+        s.svd_entropy_hidden.map_or("-".into(), |v| format!("{v:.3}")),
+        s.svd_entropy_router.map_or("-".into(), |v| format!("{v:.3}")),
         s.wall_s,
         train::LOG_FILE,
     );

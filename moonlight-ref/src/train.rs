@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use muon_core::{HybridConfig, HybridOptimizer, LrSchedule, OptimizerKind, OptimizerState, ParamSpec, Shape};
+use muon_core::{
+    HybridConfig, HybridOptimizer, LrSchedule, OptimizerKind, OptimizerState, ParamRole, ParamSpec, Shape,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, Tensor};
@@ -531,6 +533,40 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+/// Mean normalized SVD entropy (SPEC section 5) of the trained hidden matrices, every matrix of
+/// an expert stack on its own, and of the routers alone. Runs once, after training.
+fn svd_entropies<B: ModelOps<Elem = f32>>(
+    backend: &B,
+    model: &Model<B>,
+) -> Result<(Option<f64>, Option<f64>), TrainError> {
+    let (mut hidden, mut router) = (Vec::new(), Vec::new());
+    for (spec, param) in model.param_specs().iter().zip(model.params()) {
+        if spec.role != ParamRole::Hidden || !spec.shape.is_matrix() {
+            continue;
+        }
+        let mut host = vec![0.0f32; spec.shape.len()];
+        backend.download(param, &mut host)?;
+        let (rows, cols) = (spec.shape.rows, spec.shape.cols);
+        for item in host.chunks_exact(rows * cols) {
+            let matrix = faer::Mat::<f64>::from_fn(rows, cols, |i, j| item[i * cols + j] as f64);
+            // An SVD that does not converge only leaves this matrix out of a diagnostic.
+            let Some(h) = matrix
+                .singular_values()
+                .ok()
+                .and_then(|s| muon_core::svd_entropy(&s))
+            else {
+                continue;
+            };
+            if spec.name.ends_with(".router") {
+                router.push(h);
+            } else {
+                hidden.push(h);
+            }
+        }
+    }
+    Ok((mean(hidden.into_iter()), mean(router.into_iter())))
+}
+
 /// Trains a model as `opts` says, on `backend`. Returns the summary and the losses.
 pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Result<RunResult, TrainError> {
     let wall = Instant::now();
@@ -723,6 +759,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
     }
     progress.finish_and_clear();
 
+    let (svd_entropy_hidden, svd_entropy_router) = svd_entropies(backend, &model)?;
     let tail = &losses[losses.len().saturating_sub(10)..];
     let steps_run = losses.len() as f64;
     let summary = Summary {
@@ -736,6 +773,8 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         optimizer_s,
         optimizer_share: optimizer_s / (fwd_bwd_s + optimizer_s).max(1e-12),
         wall_s: wall.elapsed().as_secs_f64(),
+        svd_entropy_hidden,
+        svd_entropy_router,
     };
     write_log(Record::Summary(summary.clone()))?;
     Ok(RunResult {

@@ -72,6 +72,12 @@ fn loss_falls_with_muon_and_with_adamw() {
         let val = run.summary.final_val_loss.unwrap();
         assert!(val < first - 1.0, "{optimizer}: val loss {val}");
         assert!(run.summary.optimizer_share > 0.0 && run.summary.optimizer_share < 1.0);
+        // Normalized SVD entropies lie in (0, 1]; every config here has hidden matrices and
+        // a router.
+        for h in [run.summary.svd_entropy_hidden, run.summary.svd_entropy_router] {
+            let h = h.unwrap();
+            assert!(h > 0.0 && h <= 1.0 + 1e-12, "{optimizer}: SVD entropy {h}");
+        }
     }
 }
 
