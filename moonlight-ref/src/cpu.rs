@@ -150,20 +150,9 @@ pub mod kernels {
         dst.as_mut_slice().fill(value);
     }
 
+    /// The embedding lookup is a row gather: row `tokens[i]` of the table into row `i`.
     pub fn embedding_forward<T: Real>(out: &mut HostMatrix<T>, table: &HostMatrix<T>, tokens: &[u32]) {
-        let (n, c) = dims(out, "embedding out");
-        let (v, c2) = dims(table, "embedding table");
-        assert!(c == c2 && tokens.len() == n, "embedding_forward: shapes");
-        let tab = table.as_slice();
-        out.as_mut_slice()
-            .par_chunks_mut(c)
-            .with_min_len(MIN_ROWS)
-            .zip(tokens)
-            .for_each(|(row, &tok)| {
-                let tok = tok as usize;
-                assert!(tok < v, "token {tok} out of the vocabulary ({v})");
-                row.copy_from_slice(&tab[tok * c..(tok + 1) * c]);
-            });
+        gather_rows(out, table, tokens);
     }
 
     pub fn embedding_backward<T: Real>(dtable: &mut HostMatrix<T>, dout: &HostMatrix<T>, tokens: &[u32]) {
