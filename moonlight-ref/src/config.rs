@@ -242,7 +242,7 @@ impl ModelConfig {
                 self.vocab_size
             ));
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return Err(format!(
                 "n_heads {} does not divide dim {} (dim must be a multiple of the head count)",
                 self.n_heads, self.dim
@@ -250,7 +250,7 @@ impl ModelConfig {
         }
         match &self.attention {
             Attention::Mha => {
-                if self.head_dim == 0 || self.head_dim % 2 != 0 {
+                if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
                     return Err(format!(
                         "head_dim {} must be positive and even (RoPE rotates pairs)",
                         self.head_dim

@@ -279,7 +279,7 @@ pub mod kernels {
         let seq = hs.rows;
         assert!(seq > 0 && n % seq == 0, "heads {hs} do not tile {n} token rows");
         let b = n / seq;
-        assert!(b > 0 && hs.batch % b == 0, "heads {hs} do not tile {b} sequences");
+        assert!(b > 0 && hs.batch.is_multiple_of(b), "heads {hs} do not tile {b} sequences");
         (b, seq, hs.batch / b)
     }
 
@@ -587,7 +587,7 @@ pub mod kernels {
         let r = experts.len();
         assert!(offsets.len() == e + 1 && slot_row.len() == r && row_token.len() == r && top_k > 0);
         assert!(
-            r % top_k == 0,
+            r.is_multiple_of(top_k),
             "moe_dispatch: {r} slots are not a multiple of top_k {top_k}"
         );
         counts.fill(0);

@@ -88,7 +88,7 @@ fn plan(threads: usize, batch: usize, item_flops: f64, len: usize) -> Plan {
         .min(len / 32)
         .min(MAX_PARTS);
     let split = item_flops >= SPLIT_MIN_FLOPS && blocks >= threads;
-    if batch >= threads && (batch % threads == 0 || batch >= 4 * threads || !split) {
+    if batch >= threads && (batch.is_multiple_of(threads) || batch >= 4 * threads || !split) {
         Plan::OverStack(batch.min(MAX_PARTS))
     } else if split {
         Plan::InsideItems(blocks)
