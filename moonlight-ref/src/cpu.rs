@@ -279,7 +279,10 @@ pub mod kernels {
         let seq = hs.rows;
         assert!(seq > 0 && n % seq == 0, "heads {hs} do not tile {n} token rows");
         let b = n / seq;
-        assert!(b > 0 && hs.batch.is_multiple_of(b), "heads {hs} do not tile {b} sequences");
+        assert!(
+            b > 0 && hs.batch.is_multiple_of(b),
+            "heads {hs} do not tile {b} sequences"
+        );
         (b, seq, hs.batch / b)
     }
 
