@@ -15,9 +15,11 @@
 //!
 //! Required: allocation, host transfers, [`gemm`](Backend::gemm), [`axpby`](Backend::axpby),
 //! two reductions and the AdamW elementwise update. Provided, with defaults a backend may
-//! override to go faster: the symmetric products of Newton-Schulz and the fused momentum step.
+//! override to go faster: the symmetric products of Newton-Schulz, the fused momentum step,
+//! and Newton-Schulz as a whole (to keep each matrix of a stack in cache for all its steps, or
+//! to fuse what the primitives cannot).
 
-use crate::{Real, Result, Shape, Transpose};
+use crate::{newton_schulz_generic, NewtonSchulz, NsWorkspace, Real, Result, Shape, Transpose};
 
 /// Per-step constants of the AdamW elementwise update (see [`Backend::adamw_direction`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -141,6 +143,20 @@ pub trait Backend {
         beta: Self::Elem,
     ) -> Result<()> {
         self.gemm(dst, alpha, s, Transpose::No, s, Transpose::No, beta)
+    }
+
+    /// Runs Newton-Schulz in place on `ws.x` (see [`newton_schulz`](crate::newton_schulz)).
+    ///
+    /// The default, [`newton_schulz_generic`], issues the primitives above one operation at
+    /// a time for the whole stack. A backend may override it, for example to run all steps of
+    /// one small matrix of a stack while it sits in cache, or to fold `a_k X` into the product
+    /// (`X = (a_k I + P) X`) instead of copying `X`. An override must agree with the default
+    /// to the backend's rounding, which is how backends test it.
+    fn newton_schulz(&self, config: &NewtonSchulz, ws: &mut NsWorkspace<Self>) -> Result<()>
+    where
+        Self: Sized,
+    {
+        newton_schulz_generic(self, config, ws)
     }
 
     /// The Muon momentum step, with its Nesterov look-ahead written to `out`:

@@ -149,7 +149,9 @@ pub use hybrid::{
     StepReport,
 };
 pub use muon::{muon_step, MuonConfig, UpdateScale};
-pub use newton_schulz::{newton_schulz, NewtonSchulz, NsWorkspace, DION, POLAR_EXPRESS, QUINTIC};
+pub use newton_schulz::{
+    newton_schulz, newton_schulz_generic, NewtonSchulz, NsBuffers, NsWorkspace, DION, POLAR_EXPRESS, QUINTIC,
+};
 pub use portable::{HostMatrix, Portable};
 pub use scalar::Real;
 pub use schedule::LrSchedule;

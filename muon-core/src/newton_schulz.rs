@@ -141,6 +141,18 @@ pub struct NsWorkspace<B: Backend> {
     poly: B::Matrix,
 }
 
+/// The buffers of an [`NsWorkspace`], for a backend's own [`Backend::newton_schulz`].
+pub struct NsBuffers<'a, M> {
+    /// Input, then output (the parameter's shape).
+    pub x: &'a mut M,
+    /// Scratch of the parameter's shape: the next iterate.
+    pub next: &'a mut M,
+    /// Scratch of shape `batch x m x m`: the Gram matrix `S`.
+    pub gram: &'a mut M,
+    /// Scratch of shape `batch x m x m`: the polynomial `P` of `S`.
+    pub poly: &'a mut M,
+}
+
 impl<B: Backend> NsWorkspace<B> {
     /// Allocates the buffers for stacks of shape `shape`.
     pub fn new(backend: &B, shape: Shape) -> Result<Self> {
@@ -163,11 +175,36 @@ impl<B: Backend> NsWorkspace<B> {
     pub fn shape(&self) -> Shape {
         B::shape(&self.x)
     }
+
+    /// All four buffers at once. A backend's Newton-Schulz must leave its result in `x`;
+    /// the other three are scratch whose contents need not survive.
+    pub fn buffers(&mut self) -> NsBuffers<'_, B::Matrix> {
+        NsBuffers {
+            x: &mut self.x,
+            next: &mut self.next,
+            gram: &mut self.gram,
+            poly: &mut self.poly,
+        }
+    }
 }
 
 /// Runs Newton-Schulz in place on `ws.x`, for each matrix of the stack: afterwards `ws.x`
 /// approximates the polar factor of its input. Allocates nothing.
+///
+/// This is [`Backend::newton_schulz`]: [`newton_schulz_generic`] unless the backend has its
+/// own.
 pub fn newton_schulz<B: Backend>(backend: &B, config: &NewtonSchulz, ws: &mut NsWorkspace<B>) -> Result<()> {
+    backend.newton_schulz(config, ws)
+}
+
+/// Newton-Schulz written on the trait's primitives, one operation at a time over the whole
+/// stack: the default of [`Backend::newton_schulz`], and the reference a backend's own
+/// version is tested against.
+pub fn newton_schulz_generic<B: Backend>(
+    backend: &B,
+    config: &NewtonSchulz,
+    ws: &mut NsWorkspace<B>,
+) -> Result<()> {
     let e = |v: f64| B::Elem::from_f64(v);
     let shape = ws.shape();
     backend.normalize_frobenius(&mut ws.x, e(config.norm_scale), e(config.eps))?;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Interleaved muon-faer vs numpy Newton-Schulz benchmark: for each shape and thread count,
-# numpy (default OpenBLAS kernel, then OPENBLAS_CORETYPE=Haswell) and muon-faer run back to back,
+# numpy (default OpenBLAS kernel, then OPENBLAS_CORETYPE=Haswell), muon-faer and muon-faer-generic
+# (muon-core's generic Newton-Schulz on the same backend) run back to back,
 # so a busy shared machine slows both alike. JSON lines on stdout (keys of ns_bench_numpy.py).
 #
 #   muon-faer/benches/compare.sh [target_s] [shapes] [threads] [rounds]
@@ -22,7 +23,7 @@ for round in $(seq "$ROUNDS"); do
     for t in ${THREADS//,/ }; do
       env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python3 "$NUMPY" --shapes "$shape" --threads "$t" --target-s "$TARGET_S" 2>/dev/null
       env -u OPENBLAS_L2_SIZE OPENBLAS_CORETYPE=Haswell python3 "$NUMPY" --shapes "$shape" --threads "$t" --target-s "$TARGET_S" 2>/dev/null
-      "$BENCH" --shapes "$shape" --threads "$t" --target-s "$TARGET_S" --no-gemm --no-step 2>/dev/null
+      "$BENCH" --shapes "$shape" --threads "$t" --target-s "$TARGET_S" --no-gemm --no-step --generic 2>/dev/null
     done
   done
 done

@@ -7,8 +7,11 @@
 //!
 //! ```text
 //! cargo bench -p muon-faer --bench ns -- [--threads 1,2] [--shapes 128x128,64x128x352,...]
-//!     [--target-s 2] [--no-ns] [--no-gemm] [--no-step]
+//!     [--target-s 2] [--no-ns] [--no-gemm] [--no-step] [--generic]
 //! ```
+//! `--generic` also times muon-core's `newton_schulz_generic` on the same backend (impl
+//! `muon-faer-generic`), right after the backend's own Newton-Schulz: the baseline for what
+//! the override (stacks in cache, `a X` folded into the product) gains.
 //! Timing as in the numpy script: one warm-up, an estimate, then `target_s / estimate` runs
 //! (5 to 200); the median and the minimum are reported.
 
@@ -17,8 +20,8 @@ use std::time::Instant;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use muon_core::{
-    newton_schulz, Backend, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz, NsWorkspace, ParamRole,
-    ParamSpec, Shape, Transpose,
+    newton_schulz, newton_schulz_generic, Backend, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz,
+    NsWorkspace, ParamRole, ParamSpec, Shape, Transpose,
 };
 use muon_faer::Faer;
 
@@ -31,6 +34,7 @@ struct Args {
     ns: bool,
     gemm: bool,
     step: bool,
+    generic: bool,
 }
 
 fn parse_shape(s: &str) -> Shape {
@@ -51,6 +55,7 @@ fn parse_args() -> Args {
         shapes: DEFAULT_SHAPES.split(',').map(parse_shape).collect(),
         target_s: 2.0,
         ns: true,
+        generic: false,
         gemm: true,
         step: true,
     };
@@ -70,6 +75,7 @@ fn parse_args() -> Args {
             }
             "--target-s" => args.target_s = it.next().and_then(|v| v.parse().ok()).expect("bad --target-s"),
             "--no-ns" => args.ns = false,
+            "--generic" => args.generic = true,
             "--no-gemm" => args.gemm = false,
             "--no-step" => args.step = false,
             // cargo bench passes --bench to every bench binary.
@@ -141,40 +147,53 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn bench_ns(cpu: &Faer<f32>, threads: usize, shape: Shape, target_s: f64) {
+/// A Newton-Schulz entry point: the backend's own or muon-core's generic one.
+type NsFn = fn(&Faer<f32>, &NewtonSchulz, &mut NsWorkspace<Faer<f32>>) -> muon_core::Result<()>;
+
+fn bench_ns(cpu: &Faer<f32>, threads: usize, shape: Shape, target_s: f64, generic: bool) {
     let config = NewtonSchulz::quintic();
     let mut ws = NsWorkspace::new(cpu, shape).expect("workspace");
     let input = data(shape.len(), 1);
-    let times = {
-        let ws = std::cell::RefCell::new(&mut ws);
-        time(
-            target_s,
-            || cpu.upload(&mut ws.borrow_mut().x, &input).expect("upload"),
-            || newton_schulz(cpu, &config, &mut ws.borrow_mut()).expect("newton_schulz"),
-        )
-    };
     let label = if shape.batch == 1 {
         format!("{}x{}", shape.rows, shape.cols)
     } else {
         format!("{}x{}x{}", shape.batch, shape.rows, shape.cols)
     };
-    let extra = if shape.batch > 1 {
-        format!(
-            ", \"ms_median_per_matrix\": {:.4}",
-            median(&times) * 1e3 / shape.batch as f64
-        )
+    let runs: &[(&str, NsFn)] = if generic {
+        &[
+            ("muon-faer", newton_schulz),
+            ("muon-faer-generic", newton_schulz_generic),
+        ]
     } else {
-        String::new()
+        &[("muon-faer", newton_schulz)]
     };
-    report(
-        "muon-faer",
-        "ns5",
-        &label,
-        threads,
-        config.flops(shape),
-        &times,
-        &extra,
-    );
+    for &(implementation, run) in runs {
+        let times = {
+            let ws = std::cell::RefCell::new(&mut ws);
+            time(
+                target_s,
+                || cpu.upload(&mut ws.borrow_mut().x, &input).expect("upload"),
+                || run(cpu, &config, &mut ws.borrow_mut()).expect("newton_schulz"),
+            )
+        };
+        let extra = if shape.batch > 1 {
+            format!(
+                ", \"ms_median_per_matrix\": {:.4}",
+                median(&times) * 1e3 / shape.batch as f64
+            )
+        } else {
+            String::new()
+        };
+        report(
+            implementation,
+            "ns5",
+            &label,
+            threads,
+            config.flops(shape),
+            &times,
+            &extra,
+        );
+    }
 }
 
 fn bench_gemm(cpu: &Faer<f32>, threads: usize, n: usize, target_s: f64) {
@@ -315,7 +334,7 @@ fn main() {
         }
         if args.ns {
             for &shape in &args.shapes {
-                bench_ns(&cpu, threads, shape, args.target_s);
+                bench_ns(&cpu, threads, shape, args.target_s, args.generic);
             }
         }
         if args.step {

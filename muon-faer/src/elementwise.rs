@@ -173,17 +173,15 @@ pub(crate) fn sum_squares<T: Real>(team: &Team, x: &[T]) -> f64 {
 /// `x_e /= norm_scale ||x_e||_F + eps` for every item of a stack (`stride` elements each):
 /// over the stack when it has several items, over each item's elements otherwise.
 pub(crate) fn normalize_frobenius<T: Real>(team: &Team, x: &mut [T], stride: usize, norm_scale: T, eps: T) {
-    let factor = |sum: f64| T::from_f64(1.0 / (norm_scale.to_f64() * sum.sqrt() + eps.to_f64()));
+    let factor = |sum: f64| normalizing_factor(sum, norm_scale, eps);
     let items = x.len() / stride.max(1);
     if items >= team.threads() && x.len() >= PARALLEL_MIN_ELEMS && team.threads() > 1 {
         let parts = items.min(MAX_PARTS);
         let mut runs = crate::matmul::split_items(x, stride, items, parts);
         team.for_each_part(&mut runs[..parts], &|run| {
             if let Some((_, data)) = run.take() {
-                for item in data.chunks_exact_mut(stride) {
-                    let f = factor(sum_squares_serial(item));
-                    item.iter_mut().for_each(|v| *v *= f);
-                }
+                data.chunks_exact_mut(stride)
+                    .for_each(|item| normalize_item(item, norm_scale, eps));
             }
         });
     } else {
@@ -192,4 +190,15 @@ pub(crate) fn normalize_frobenius<T: Real>(team: &Team, x: &mut [T], stride: usi
             scale(team, item, f);
         }
     }
+}
+
+/// `1 / (norm_scale sqrt(sum) + eps)`, in `f64`.
+fn normalizing_factor<T: Real>(sum: f64, norm_scale: T, eps: T) -> T {
+    T::from_f64(1.0 / (norm_scale.to_f64() * sum.sqrt() + eps.to_f64()))
+}
+
+/// `x /= norm_scale ||x||_F + eps` for one matrix, on the calling thread.
+pub(crate) fn normalize_item<T: Real>(x: &mut [T], norm_scale: T, eps: T) {
+    let f = normalizing_factor(sum_squares_serial(x), norm_scale, eps);
+    x.iter_mut().for_each(|v| *v *= f);
 }

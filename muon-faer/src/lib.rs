@@ -68,13 +68,16 @@
 
 mod elementwise;
 mod matmul;
+mod ns;
 mod team;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use faer::Accum;
-use muon_core::{AdamWCoefficients, Backend, Error, HostMatrix, Real, Result, Shape, Transpose};
+use muon_core::{
+    AdamWCoefficients, Backend, Error, HostMatrix, NewtonSchulz, NsWorkspace, Real, Result, Shape, Transpose,
+};
 
 use crate::matmul::Product;
 use crate::team::Team;
@@ -352,6 +355,10 @@ impl<T: Elem> Backend for Faer<T> {
             &self.scratch,
         );
         Ok(())
+    }
+
+    fn newton_schulz(&self, config: &NewtonSchulz, ws: &mut NsWorkspace<Self>) -> Result<()> {
+        ns::newton_schulz(self, config, ws)
     }
 
     fn momentum_nesterov(

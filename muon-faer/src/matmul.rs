@@ -70,14 +70,14 @@ pub(crate) fn split_items<T>(
 /// How a product over a stack is run: on the caller's thread, with the stack's matrices as
 /// the parts threads claim (`OverStack(parts)`, runs of whole matrices), or with each matrix
 /// cut into `InsideItems(parts)` blocks.
-enum Plan {
+pub(crate) enum Plan {
     Serial,
     OverStack(usize),
     InsideItems(usize),
 }
 
 /// `len`: the output side a split would cut.
-fn plan(threads: usize, batch: usize, item_flops: f64, len: usize) -> Plan {
+pub(crate) fn plan(threads: usize, batch: usize, item_flops: f64, len: usize) -> Plan {
     let total = item_flops * batch as f64;
     if threads <= 1 || total < PARALLEL_MIN_FLOPS {
         return Plan::Serial;
@@ -219,7 +219,7 @@ pub(crate) fn gemm<T: Elem>(team: &Team, dst: &mut [T], m: usize, n: usize, k: u
 
 /// The lower triangle (diagonal included) of `dst = alpha lhs rhs (+ dst)`, square `dst`,
 /// cut into `parts` row bands of equal area for the team (`None`: on this thread).
-fn lower_product<T: Elem>(
+pub(crate) fn lower_product<T: Elem>(
     team: Option<(&Team, usize)>,
     dst: MatMut<'_, T>,
     beta: T,
@@ -389,7 +389,7 @@ pub(crate) fn symmetric<T: Elem>(
 
 /// Gram sides from which a tall `X^T X` goes through a transposed copy of `X` (see
 /// [`symmetric`]); below it the strided reads stay in cache and cost nothing.
-const TRANSPOSED_GRAM_MIN: usize = 768;
+pub(crate) const TRANSPOSED_GRAM_MIN: usize = 768;
 
 /// Writes the transpose of the row-major `rows x cols` matrix `src` into `dst` (`cols x rows`),
 /// in 16 x 16 tiles through a stack buffer so reads and writes are both contiguous.

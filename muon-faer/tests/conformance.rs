@@ -17,8 +17,8 @@ mod common;
 use common::{host, max_abs_diff, unit_roundoff, upload, worst_excess, Rng};
 use muon_core::nalgebra_backend::{polar_factor, Nalgebra};
 use muon_core::{
-    newton_schulz, AdamWCoefficients, Backend, HybridConfig, HybridOptimizer, NewtonSchulz, NsWorkspace,
-    ParamRole, ParamSpec, Portable, Real, Shape, Transpose,
+    newton_schulz, newton_schulz_generic, AdamWCoefficients, Backend, HybridConfig, HybridOptimizer,
+    NewtonSchulz, NsWorkspace, ParamRole, ParamSpec, Portable, Real, Shape, Transpose,
 };
 use muon_faer::Faer;
 use nalgebra::DMatrix;
@@ -734,6 +734,66 @@ fn newton_schulz_against_nalgebra_and_the_polar_factor() {
             "{shape}: NS changed the singular vectors"
         );
     }
+}
+
+/// The backend's own Newton-Schulz (`Backend::newton_schulz`: each matrix of a stack through
+/// all steps in cache, `a X` folded into `(a I + P) X`) against muon-core's generic routine on
+/// the same backend, over shapes and thread counts that reach each of its paths: per matrix on
+/// the caller's thread, per matrix over the team, step by step with split products, and the
+/// strided-tall fallback; with an odd and an even number of steps (the result's buffer).
+///
+/// Tolerance: the two differ only in rounding order (`a x + (P x)` vs `(a I + P) x`), one or
+/// two roundings per entry per step, amplified by at most the quintic's slope (~3.5) over the
+/// remaining steps: in f64 that is far below the suite's `1e-11 / sqrt(n)`; in f32 we allow
+/// `2e-4 / sqrt(n)`, 10x under the suite's f32 bound against f64 (measured: 5e-7 on 3x24x40).
+#[test]
+fn own_newton_schulz_matches_the_generic_one() {
+    fn compare<B: Backend>(cpu: &B, shape: Shape, steps: usize, tol: f64) {
+        let x = rounded::<B>(&Rng::new(shape.len() as u64).vec(shape.len()));
+        let config = NewtonSchulz {
+            steps,
+            ..NewtonSchulz::quintic()
+        };
+        let own = ns_on(cpu, &config, shape, &x);
+        let mut ws = NsWorkspace::new(cpu, shape).unwrap();
+        ws.x = upload(cpu, shape, &x);
+        newton_schulz_generic(cpu, &config, &mut ws).unwrap();
+        let generic = host(cpu, &ws.x);
+        let diff = max_abs_diff(&own, &generic);
+        let allowed = tol / (shape.max_side() as f64).sqrt();
+        assert!(
+            diff <= allowed,
+            "{shape}, {steps} steps: max diff {diff} > {allowed}"
+        );
+    }
+    let shapes = [
+        Shape::batched(3, 24, 40),   // serial, per matrix
+        Shape::batched(8, 96, 200),  // per matrix, over the team
+        Shape::batched(8, 200, 96),  // the same, tall
+        Shape::batched(5, 96, 200),  // uneven stack
+        Shape::matrix(256, 512),     // one matrix, products split (2+ threads)
+        Shape::matrix(512, 256),     // the same, tall
+        Shape::batched(3, 256, 512), // a short stack of large matrices
+    ];
+    for threads in [1, 2, 3] {
+        let (f32s, f64s) = (
+            Faer::<f32>::with_threads(threads),
+            Faer::<f64>::with_threads(threads),
+        );
+        for shape in shapes {
+            for steps in [4, 5] {
+                compare(&f32s, shape, steps, 2e-4);
+                compare(&f64s, shape, steps, 1e-11);
+            }
+        }
+    }
+    // A stack of tall matrices whose Gram side is large goes step by step (transposed copy).
+    compare(
+        &Faer::<f32>::with_threads(1),
+        Shape::batched(2, 800, 768),
+        5,
+        2e-4,
+    );
 }
 
 #[test]
