@@ -612,8 +612,8 @@ impl<B: ModelOps> Model<B> {
     }
 
     /// Tokens routed to each expert in the last forward, per MoE layer: `[moe_layer][expert]`.
-    pub fn expert_load(&self) -> Vec<Vec<u32>> {
-        self.loads.clone()
+    pub fn expert_load(&self) -> &[Vec<u32>] {
+        &self.loads
     }
 
     fn bias_name(layer: usize) -> String {

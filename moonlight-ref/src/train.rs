@@ -512,20 +512,19 @@ fn restore<B: ModelOps<Elem = f32>>(
     Ok((step, sampler_state))
 }
 
-/// Per MoE layer, the busiest expert's token count over the mean count.
-fn load_imbalance(loads: &[Vec<u32>]) -> Vec<f64> {
-    loads
-        .iter()
-        .map(|layer| {
-            let total: u64 = layer.iter().map(|&c| c as u64).sum();
-            let max = layer.iter().copied().max().unwrap_or(0) as f64;
-            if total == 0 {
-                0.0
-            } else {
-                max / (total as f64 / layer.len() as f64)
-            }
-        })
-        .collect()
+/// Per MoE layer, the busiest expert's token count over the mean count, written into `out`
+/// (cleared first; its capacity is reused, so a step allocates nothing here).
+fn load_imbalance(loads: &[Vec<u32>], out: &mut Vec<f64>) {
+    out.clear();
+    out.extend(loads.iter().map(|layer| {
+        let total: u64 = layer.iter().map(|&c| c as u64).sum();
+        let max = layer.iter().copied().max().unwrap_or(0) as f64;
+        if total == 0 {
+            0.0
+        } else {
+            max / (total as f64 / layer.len() as f64)
+        }
+    }));
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
@@ -613,10 +612,10 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         );
         checkpoint_path = Some(dir.join(CHECKPOINT_FILE));
     }
-    let mut write_log = |record: Record| -> Result<(), TrainError> {
+    let mut write_log = |record: &Record| -> Result<(), TrainError> {
         match &mut log {
             Some(l) => l
-                .write(&record)
+                .write(record)
                 .map_err(|e| TrainError::Io(format!("cannot write the log: {e}"))),
             None => Ok(()),
         }
@@ -663,6 +662,21 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
     let mut val_losses = Vec::with_capacity(1 + (end - start) as usize / opts.eval_every.max(1) as usize);
     let (mut fwd_bwd_s, mut optimizer_s) = (0.0f64, 0.0f64);
     let (mut bar_loss, mut bar_rate) = (0.0f64, 0.0f64);
+    // The progress message is formatted (an allocation) at most 4 times a second, not per step.
+    let mut bar_shown = Instant::now();
+    // One step record, refilled every step: its load vector keeps its capacity.
+    let mut step_record = Record::Step(StepRecord {
+        step: 0,
+        loss: 0.0,
+        lr: 0.0,
+        grad_norm: 0.0,
+        update_rms_muon: None,
+        update_rms_adamw: None,
+        expert_load_max_over_mean: Vec::with_capacity(model.expert_load().len()),
+        tokens_per_s: 0.0,
+        fwd_bwd_ms: 0.0,
+        optimizer_ms: 0.0,
+    });
 
     for step in start..end {
         let number = step + 1; // the step being taken, from 1
@@ -705,19 +719,19 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         let group =
             |k: OptimizerKind| mean(rms.iter().zip(&kinds).filter(|(_, &kk)| kk == k).map(|(r, _)| *r));
         let tokens_per_s = (b * t) as f64 / (dt_fb + dt_opt).max(1e-12);
-        write_log(Record::Step(StepRecord {
-            step: number,
-            loss,
-            lr,
-            grad_norm: report.grad_norm,
-            update_rms_muon: group(OptimizerKind::Muon),
-            update_rms_adamw: group(OptimizerKind::AdamW),
-            expert_load_max_over_mean: load_imbalance(&model.expert_load()),
-            tokens_per_s,
-            fwd_bwd_ms: dt_fb * 1e3,
-            optimizer_ms: dt_opt * 1e3,
-        }))?;
-        progress.set_position(number);
+        if let Record::Step(r) = &mut step_record {
+            r.step = number;
+            r.loss = loss;
+            r.lr = lr;
+            r.grad_norm = report.grad_norm;
+            r.update_rms_muon = group(OptimizerKind::Muon);
+            r.update_rms_adamw = group(OptimizerKind::AdamW);
+            load_imbalance(model.expert_load(), &mut r.expert_load_max_over_mean);
+            r.tokens_per_s = tokens_per_s;
+            r.fwd_bwd_ms = dt_fb * 1e3;
+            r.optimizer_ms = dt_opt * 1e3;
+        }
+        write_log(&step_record)?;
         // The bar shows running means, steadier than one step's figures.
         let smooth = |old: f64, new: f64| {
             if number == start + 1 {
@@ -727,7 +741,13 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
             }
         };
         (bar_loss, bar_rate) = (smooth(bar_loss, loss), smooth(bar_rate, tokens_per_s));
-        progress.set_message(format!("loss {bar_loss:.3} | {bar_rate:.0} tok/s"));
+        if opts.progress {
+            progress.set_position(number);
+            if number == start + 1 || bar_shown.elapsed().as_secs_f64() >= 0.25 {
+                progress.set_message(format!("loss {bar_loss:.3} | {bar_rate:.0} tok/s"));
+                bar_shown = Instant::now();
+            }
+        }
 
         let last = number == end;
         if (opts.eval_every > 0 && number % opts.eval_every == 0) || last {
@@ -741,7 +761,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
                 &mut targets,
             )?;
             val_losses.push((number, val_loss));
-            write_log(Record::Eval(EvalRecord {
+            write_log(&Record::Eval(EvalRecord {
                 step: number,
                 val_loss,
             }))?;
@@ -776,7 +796,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         svd_entropy_hidden,
         svd_entropy_router,
     };
-    write_log(Record::Summary(summary.clone()))?;
+    write_log(&Record::Summary(summary.clone()))?;
     Ok(RunResult {
         summary,
         losses,

@@ -7,6 +7,12 @@
 //! loop wrapped in `rayon::scope`, as here), the loops split on the worker's own deque and a
 //! step allocates nothing at all, which this test asserts.
 //!
+//! The whole training loop (`train::train`: sampling, forward, backward, the optimizer step,
+//! the router update and the step's log line) is checked the same way from outside: two runs
+//! that differ only in their number of steps must allocate the same, up to a few one-off
+//! allocations (a rayon worker's first product creates faer's thread-local buffers, and which
+//! worker gets there first varies).
+//!
 //! It runs without libtest (`harness = false`): the harness's own threads may allocate while
 //! the count is taken (seen once in 40 steps under CI), which would make the test flaky.
 
@@ -15,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::model::Model;
+use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
 use muon_faer::Faer;
 
 struct Counting;
@@ -68,7 +75,45 @@ fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
     assert_eq!(allocs, 0, "{allocs} allocations in {steps} steps");
 }
 
+/// Allocations of a whole `tiny` run of `steps` steps (log written, one evaluation and one
+/// checkpoint at the end, no progress bar), inside a 2-thread rayon pool as the binary runs it.
+fn run_allocations(optimizer: OptimizerChoice, steps: u64, out: &std::path::Path) -> usize {
+    let mut settings = RunSettings::new("tiny", ModelConfig::tiny(), optimizer);
+    settings.steps = steps;
+    settings.batch = 4;
+    settings.seq = 32;
+    settings.schedule = muon_core::LrSchedule::moonlight(2, steps);
+    let mut opts = TrainOptions::new(settings);
+    opts.eval_every = 0;
+    opts.eval_batches = 1;
+    opts.out = Some(out.to_path_buf());
+    let backend = Faer::<f32>::with_threads(2);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let before = ALLOCS.load(Ordering::Relaxed);
+    pool.install(|| train::train(&backend, &opts)).unwrap();
+    ALLOCS.load(Ordering::Relaxed) - before
+}
+
+fn the_training_loop_allocates_nothing_per_step() {
+    let dir = std::env::temp_dir().join(format!("moonlight-alloc-{}", std::process::id()));
+    for optimizer in [OptimizerChoice::Muon, OptimizerChoice::AdamW] {
+        let (short, long) = (5, 45);
+        let a = run_allocations(optimizer, short, &dir);
+        let b = run_allocations(optimizer, long, &dir);
+        let extra = b.saturating_sub(a);
+        println!("{optimizer}: {a} allocations in a {short}-step run, {b} in a {long}-step run");
+        // A per-step allocation would add at least 40; thread-local warm-ups add a handful.
+        assert!(
+            extra < 10,
+            "{optimizer}: {extra} more allocations for {} more steps",
+            long - short
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     forward_and_backward_allocate_nothing_per_step_after_the_first();
-    println!("model_alloc: 1 passed, 0 failed");
+    the_training_loop_allocates_nothing_per_step();
+    println!("model_alloc: 2 passed, 0 failed");
 }
