@@ -150,7 +150,8 @@ pub use hybrid::{
 };
 pub use muon::{muon_step, MuonConfig, UpdateScale};
 pub use newton_schulz::{
-    newton_schulz, newton_schulz_generic, NewtonSchulz, NsBuffers, NsWorkspace, DION, POLAR_EXPRESS, QUINTIC,
+    newton_schulz, newton_schulz_folded, newton_schulz_generic, NewtonSchulz, NsBuffers, NsWorkspace, DION,
+    POLAR_EXPRESS, QUINTIC,
 };
 pub use portable::{HostMatrix, Portable};
 pub use scalar::Real;

@@ -227,3 +227,38 @@ pub fn newton_schulz_generic<B: Backend>(
     }
     Ok(())
 }
+
+/// Newton-Schulz on the primitives with `a_k X` folded into the product, `X = (a_k I + P) X`,
+/// for a backend that can add a scalar to the diagonal of each matrix of a stack
+/// (`add_diagonal(p, a)` sets `p_e = p_e + a I` for every `e`). Against
+/// [`newton_schulz_generic`] it saves a copy of `X` per step and lets the last product
+/// overwrite its destination (`beta = 0`); results agree to rounding. Backends call it from
+/// their [`Backend::newton_schulz`].
+pub fn newton_schulz_folded<B: Backend>(
+    backend: &B,
+    config: &NewtonSchulz,
+    ws: &mut NsWorkspace<B>,
+    add_diagonal: impl Fn(&mut B::Matrix, B::Elem) -> Result<()>,
+) -> Result<()> {
+    let e = |v: f64| B::Elem::from_f64(v);
+    let shape = ws.shape();
+    let wide = shape.rows <= shape.cols;
+    let gram_op = if wide { Transpose::No } else { Transpose::Yes };
+    let b = ws.buffers();
+    backend.normalize_frobenius(b.x, e(config.norm_scale), e(config.eps))?;
+    for k in 0..config.steps {
+        let [a, bk, c] = config.coefficients_at(k);
+        backend.gram(b.gram, b.x, gram_op)?;
+        backend.copy(b.poly, b.gram)?;
+        backend.symmetric_square(b.poly, e(c), b.gram, e(bk))?;
+        add_diagonal(b.poly, e(a))?;
+        let (one, zero, no) = (B::Elem::ONE, B::Elem::ZERO, Transpose::No);
+        if wide {
+            backend.gemm(b.next, one, b.poly, no, b.x, no, zero)?;
+        } else {
+            backend.gemm(b.next, one, b.x, no, b.poly, no, zero)?;
+        }
+        core::mem::swap(b.x, b.next);
+    }
+    Ok(())
+}

@@ -11,7 +11,10 @@ mod common;
 
 use common::{from_row_major, max_abs_diff, row_major, Rng};
 use muon_core::nalgebra_backend::{polar_factor, singular_values, Nalgebra};
-use muon_core::{newton_schulz, Backend, NewtonSchulz, NsWorkspace, Portable, Real, Shape};
+use muon_core::{
+    newton_schulz, newton_schulz_folded, newton_schulz_generic, Backend, NewtonSchulz, NsWorkspace, Portable,
+    Real, Shape,
+};
 use nalgebra::DMatrix;
 
 /// Runs NS on `backend` for each matrix of `inputs` (same shape, stacked as one batch).
@@ -298,4 +301,44 @@ fn flop_count_matches_the_spec() {
         c.flops(Shape::batched(64, 352, 128)),
         64.0 * c.flops(Shape::matrix(128, 352))
     );
+}
+
+#[test]
+fn the_folded_iteration_equals_the_generic_one() {
+    // `(a I + P) X` and `a X + P X` are the same product up to rounding: in f64 the two
+    // routines agree to ~1e-15 per entry after 5 steps (slopes of the quintic below 3.5).
+    let cpu = Portable::<f64>::new();
+    let mut rng = Rng::new(11);
+    for (rows, cols, batch) in [(9, 14, 3), (14, 9, 2), (1, 40, 1), (40, 1, 1), (16, 16, 2)] {
+        for config in [NewtonSchulz::quintic(), NewtonSchulz::polar_express()] {
+            let shape = Shape::batched(batch, rows, cols);
+            let input: Vec<f64> = (0..batch)
+                .flat_map(|_| row_major(&rng.gaussian(rows, cols)))
+                .collect();
+            let run = |folded: bool| {
+                let mut ws = NsWorkspace::new(&cpu, shape).unwrap();
+                cpu.upload(&mut ws.x, &input).unwrap();
+                if folded {
+                    let m = rows.min(cols);
+                    newton_schulz_folded(&cpu, &config, &mut ws, |p, a| {
+                        for item in p.as_mut_slice().chunks_exact_mut(m * m) {
+                            (0..m).for_each(|i| item[i * m + i] += a);
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                } else {
+                    newton_schulz_generic(&cpu, &config, &mut ws).unwrap();
+                }
+                ws.x.as_slice().to_vec()
+            };
+            let (folded, generic) = (run(true), run(false));
+            let diff = folded
+                .iter()
+                .zip(&generic)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(diff < 1e-12, "{shape}: folded and generic differ by {diff}");
+        }
+    }
 }

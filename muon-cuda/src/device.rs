@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
-use muon_core::{AdamWCoefficients, Backend, Error, Result, Shape, Transpose};
+use muon_core::{
+    newton_schulz_folded, AdamWCoefficients, Backend, Error, NewtonSchulz, NsWorkspace, Result, Shape,
+    Transpose,
+};
 
 use crate::ffi::{self, GemmInput};
 use crate::kernels::{self, REDUCE_THREADS};
@@ -66,6 +69,7 @@ struct Kernels {
     norm_finish: CudaFunction,
     scale_items: CudaFunction,
     cast_bf16: CudaFunction,
+    add_diagonal: CudaFunction,
 }
 
 /// Device scratch reused by every call: it grows to the largest size seen (warm-up), then a
@@ -196,6 +200,7 @@ impl CudaBackend {
             norm_finish: load("muon_norm_finish")?,
             scale_items: load("muon_scale_items")?,
             cast_bf16: load("muon_cast_bf16")?,
+            add_diagonal: load("muon_add_diagonal")?,
         };
         let stream = ctx
             .new_stream()
@@ -589,6 +594,17 @@ impl Backend for CudaBackend {
     // same matrix twice, which goes to cuBLAS and, in bf16, casts that matrix once. cuBLAS's
     // `syrk` would halve the flops of the Gram product but has no strided-batched form and no
     // TF32/bf16-input variant, and would need a kernel to mirror the triangle.
+
+    /// muon-core's routine with `a_k X` folded into the product, `X = (a_k I + P) X`: a kernel
+    /// on the diagonal of the small `P` replaces a device copy of `X` per step, and the last
+    /// GEMM of each step overwrites its destination (`beta = 0`).
+    fn newton_schulz(&self, config: &NewtonSchulz, ws: &mut NsWorkspace<Self>) -> Result<()> {
+        let m = ws.shape().min_side();
+        newton_schulz_folded(self, config, ws, |p, a| {
+            ffi::add_diagonal(&self.stream, &self.kernels.add_diagonal, &mut p.data, m, a)
+                .map_err(|e| backend_error("add-diagonal kernel", e))
+        })
+    }
 
     fn momentum_nesterov(
         &self,

@@ -218,6 +218,39 @@ pub(crate) fn momentum_nesterov(
     Ok(())
 }
 
+/// `p_e += a I` for each `m x m` matrix of the stack `p` (kernel `muon_add_diagonal`).
+pub(crate) fn add_diagonal(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    p: &mut CudaSlice<f32>,
+    m: usize,
+    a: f32,
+) -> Result<(), DriverError> {
+    if m == 0 {
+        return Ok(());
+    }
+    assert_eq!(
+        p.len() % (m * m),
+        0,
+        "add_diagonal: not a stack of {m} x {m} matrices"
+    );
+    let batch = p.len() / (m * m);
+    let (m, batch) = (count(m), count(batch));
+    // SAFETY: `muon_add_diagonal(float* p, long long m, long long batch, float a)`: four
+    // arguments in order and type. `p` holds `batch * m * m` f32 (checked above) and the kernel
+    // writes index `e m^2 + j (m + 1) <= batch m^2 - 1` only, for `e < batch` and `j < m`.
+    unsafe {
+        stream
+            .launch_builder(f)
+            .arg(p)
+            .arg(&m)
+            .arg(&batch)
+            .arg(&a)
+            .launch(elementwise_config((m * batch) as usize))
+    }?;
+    Ok(())
+}
+
 /// `param = keep * param - step * update` (kernel `muon_apply_update`).
 pub(crate) fn apply_update(
     stream: &CudaStream,

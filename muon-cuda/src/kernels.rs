@@ -183,9 +183,23 @@ extern "C" __global__ void muon_cast_bf16(const float* x, unsigned short* y, i64
 }
 "#;
 
+/// `p_e += a I` for each `m x m` matrix `e` of a stack of `batch`: Newton-Schulz folds its
+/// `a_k X` term into the product `(a_k I + P) X` with it, instead of copying `X` every step.
+pub const ADD_DIAGONAL: &str = r#"
+extern "C" __global__ void muon_add_diagonal(float* p, i64 m, i64 batch, float a) {
+    const i64 n = m * batch;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const i64 item = i / m;
+        const i64 j = i - item * m;
+        p[item * m * m + j * (m + 1)] += a;
+    }
+}
+"#;
+
 /// Every kernel: its entry-point name and its source (each compiles on its own after
 /// [`COMMON`]).
-pub const KERNELS: [(&str, &str); 9] = [
+pub const KERNELS: [(&str, &str); 10] = [
     ("muon_axpby", AXPBY),
     ("muon_momentum_nesterov", MOMENTUM_NESTEROV),
     ("muon_apply_update", APPLY_UPDATE),
@@ -195,6 +209,7 @@ pub const KERNELS: [(&str, &str); 9] = [
     ("muon_norm_finish", NORM_FINISH),
     ("muon_scale_items", SCALE_ITEMS),
     ("muon_cast_bf16", CAST_BF16),
+    ("muon_add_diagonal", ADD_DIAGONAL),
 ];
 
 /// Threads per block of the reduction kernels (`MUON_REDUCE_THREADS` in [`COMMON`]).

@@ -13,7 +13,7 @@
 //!   order, each product split across the team.
 
 use faer::{Accum, Par};
-use muon_core::{Backend, NewtonSchulz, NsWorkspace, Real, Result, Shape, Transpose};
+use muon_core::{newton_schulz_folded, NewtonSchulz, NsWorkspace, Real, Result, Shape, Transpose};
 
 use crate::elementwise::normalize_item;
 use crate::matmul::{
@@ -133,33 +133,16 @@ fn one_matrix<'a, T: Elem>(
     }
 }
 
-/// One step at a time over the whole stack, every product split across the team: the
-/// generic routine with `a X` folded into the product.
+/// One step at a time over the whole stack, every product split across the team: muon-core's
+/// routine with `a X` folded into the product.
 fn step_by_step<T: Elem>(cpu: &Faer<T>, config: &NewtonSchulz, ws: &mut NsWorkspace<Faer<T>>) -> Result<()> {
-    let e = T::from_f64;
-    let shape = ws.shape();
-    let m = shape.min_side();
-    let wide = shape.rows <= shape.cols;
-    let gram_op = if wide { Transpose::No } else { Transpose::Yes };
-    let b = ws.buffers();
-    cpu.normalize_frobenius(b.x, e(config.norm_scale), e(config.eps))?;
-    for k in 0..config.steps {
-        let [a, bk, c] = config.coefficients_at(k);
-        cpu.gram(b.gram, b.x, gram_op)?;
-        cpu.copy(b.poly, b.gram)?;
-        cpu.symmetric_square(b.poly, e(c), b.gram, e(bk))?;
-        for p in b.poly.as_mut_slice().chunks_exact_mut(m * m) {
-            add_to_diagonal(p, m, e(a));
+    let m = ws.shape().min_side();
+    newton_schulz_folded(cpu, config, ws, |p, a| {
+        for p in p.as_mut_slice().chunks_exact_mut(m * m) {
+            add_to_diagonal(p, m, a);
         }
-        let no = Transpose::No;
-        if wide {
-            cpu.gemm(b.next, T::ONE, b.poly, no, b.x, no, T::ZERO)?;
-        } else {
-            cpu.gemm(b.next, T::ONE, b.x, no, b.poly, no, T::ZERO)?;
-        }
-        std::mem::swap(b.x, b.next);
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `p += a I` for a square row-major `m x m` matrix.
