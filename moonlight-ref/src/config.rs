@@ -58,6 +58,10 @@ pub struct ModelConfig {
     pub routed_scaling: f64,
     /// Step of the auxiliary-loss-free bias update, gamma (~1e-3).
     pub bias_update_rate: f64,
+    /// Weight of DeepSeek-V3's sequence-wise balance loss (`seq_aux`; Moonlight: 0.001), added
+    /// to the training objective; 0 turns it off.
+    #[serde(default)]
+    pub aux_loss_alpha: f64,
     /// RoPE base (Moonlight: 50,000).
     pub rope_theta: f64,
     /// RMSNorm epsilon (1e-5).
@@ -154,6 +158,7 @@ impl ModelConfig {
             top_k: 2,
             routed_scaling: 2.446,
             bias_update_rate: 1e-3,
+            aux_loss_alpha: 0.0,
             rope_theta: 50_000.0,
             norm_eps: 1e-5,
             max_seq_len: 128,
@@ -183,6 +188,7 @@ impl ModelConfig {
             top_k: 2,
             routed_scaling: 2.446,
             bias_update_rate: 1e-3,
+            aux_loss_alpha: 0.0,
             rope_theta: 50_000.0,
             norm_eps: 1e-5,
             max_seq_len: 256,
@@ -211,6 +217,7 @@ impl ModelConfig {
             top_k: 6,
             routed_scaling: 2.446,
             bias_update_rate: 1e-3,
+            aux_loss_alpha: 0.001,
             rope_theta: 50_000.0,
             norm_eps: 1e-5,
             max_seq_len: 8192,
@@ -309,6 +316,12 @@ impl ModelConfig {
                 return Err(format!(
                     "bias_update_rate {} must be non-negative",
                     self.bias_update_rate
+                ));
+            }
+            if !(self.aux_loss_alpha.is_finite() && self.aux_loss_alpha >= 0.0) {
+                return Err(format!(
+                    "aux_loss_alpha {} must be non-negative",
+                    self.aux_loss_alpha
                 ));
             }
         }

@@ -277,7 +277,10 @@ pub mod kernels {
         let hs = heads.shape();
         let (n, _) = dims(tokens, "token rows");
         let seq = hs.rows;
-        assert!(seq > 0 && n % seq == 0, "heads {hs} do not tile {n} token rows");
+        assert!(
+            seq > 0 && n.is_multiple_of(seq),
+            "heads {hs} do not tile {n} token rows"
+        );
         let b = n / seq;
         assert!(
             b > 0 && hs.batch.is_multiple_of(b),
@@ -576,6 +579,64 @@ pub mod kernels {
                     dl[j] = t(ds * sj * (1.0 - sj));
                 }
             });
+    }
+
+    pub fn router_seq_aux<T: Real>(
+        loss: &mut HostMatrix<T>,
+        frac: &mut HostMatrix<T>,
+        dlogits: &mut HostMatrix<T>,
+        scores: &HostMatrix<T>,
+        experts: &[u32],
+        seq: usize,
+        alpha: f64,
+    ) {
+        same(dlogits, scores, "router_seq_aux");
+        let (n, e) = dims(scores, "router scores");
+        assert!(
+            seq > 0 && n % seq == 0,
+            "router_seq_aux: {n} tokens are not sequences of {seq}"
+        );
+        let batch = n / seq;
+        assert!(dims(frac, "aux load fractions") == (batch, e) && dims(loss, "aux loss") == (1, 1));
+        assert!(
+            experts.len().is_multiple_of(n.max(1)),
+            "router_seq_aux: experts per token"
+        );
+        let k = experts.len() / n.max(1);
+        let s = scores.as_slice();
+        let mut total = 0.0;
+        for ((fb, dl), (sb, ex)) in frac
+            .as_mut_slice()
+            .chunks_exact_mut(e)
+            .zip(dlogits.as_mut_slice().chunks_exact_mut(seq * e))
+            .zip(s.chunks_exact(seq * e).zip(experts.chunks_exact(seq * k)))
+        {
+            // f_i: the share of this sequence's selections that went to expert i, times E / K.
+            fb.fill(T::ZERO);
+            for &j in ex {
+                fb[j as usize] += T::ONE;
+            }
+            let norm = e as f64 / (k * seq) as f64;
+            fb.iter_mut().for_each(|v| *v = t(f(*v) * norm));
+            // loss_b = sum_t sum_i f_i s'_ti / seq, s'_ti = s_ti / S_t; with g_i = alpha f_i /
+            // (B seq), dL/ds_tj = (g_j - sum_i g_i s'_ti) / S_t, then ds/dl = s (1 - s).
+            let g = alpha / (batch * seq) as f64;
+            for (st, dt) in sb.chunks_exact(e).zip(dl.chunks_exact_mut(e)) {
+                let sum: f64 = st.iter().map(|&v| f(v)).sum();
+                let weighted: f64 = st
+                    .iter()
+                    .zip(fb.iter())
+                    .map(|(&v, &fi)| f(fi) * f(v))
+                    .sum::<f64>()
+                    / sum;
+                total += weighted;
+                for ((d, &v), &fi) in dt.iter_mut().zip(st).zip(fb.iter()) {
+                    let sv = f(v);
+                    *d = t(g * (f(fi) - weighted) / sum * sv * (1.0 - sv));
+                }
+            }
+        }
+        loss.as_mut_slice()[0] = t(alpha * total / (batch * seq) as f64);
     }
 
     pub fn moe_dispatch(
@@ -1051,6 +1112,13 @@ macro_rules! impl_host_model_ops {
                 experts: &Vec<u32>, scaling: f64,
             ) -> Result<()> {
                 kernels::router_backward(dlogits, dgates, scores, experts, scaling);
+                Ok(())
+            }
+            fn router_seq_aux(
+                &self, loss: &mut HostMatrix<$t>, frac: &mut HostMatrix<$t>, dlogits: &mut HostMatrix<$t>,
+                scores: &HostMatrix<$t>, experts: &Vec<u32>, seq: usize, alpha: f64,
+            ) -> Result<()> {
+                kernels::router_seq_aux(loss, frac, dlogits, scores, experts, seq, alpha);
                 Ok(())
             }
             fn moe_dispatch(

@@ -41,6 +41,10 @@ pub struct StepRecord {
     pub update_rms_muon: Option<f64>,
     /// Mean update RMS (before lr) over the parameters AdamW steps.
     pub update_rms_adamw: Option<f64>,
+    /// The sequence-wise balance loss, summed over the MoE layers, when it is on (the `loss`
+    /// above is the cross-entropy alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
     /// Per MoE layer, the busiest expert's load over the mean load (1 = balanced).
     pub expert_load_max_over_mean: Vec<f64>,
     /// Tokens processed per second of this step.

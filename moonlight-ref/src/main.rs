@@ -129,6 +129,10 @@ struct TrainArgs {
     /// Attention type (default: the preset's).
     #[arg(long, value_enum)]
     attention: Option<AttentionArg>,
+    /// Weight of DeepSeek-V3's sequence-wise balance loss (default: the preset's: 0 for tiny
+    /// and small, 0.001 for moonlight-16b-a3b).
+    #[arg(long)]
+    aux_loss_alpha: Option<f64>,
     /// Vocabulary size (default: the preset's; raise it for .bin shards of a larger tokenizer).
     #[arg(long)]
     vocab: Option<usize>,
@@ -193,6 +197,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.vocab {
             model.vocab_size = v;
+        }
+        if let Some(alpha) = self.aux_loss_alpha {
+            model.aux_loss_alpha = alpha;
         }
         let optimizer = match self.optimizer {
             OptimizerArg::Muon => OptimizerChoice::Muon,
@@ -396,6 +403,8 @@ mod tests {
             "mha",
             "--vocab",
             "300",
+            "--aux-loss-alpha",
+            "0.01",
             "--data",
             "x.bin",
         ])
@@ -419,6 +428,7 @@ mod tests {
         );
         assert_eq!(s.model.attention, moonlight_ref::config::Attention::Mha);
         assert_eq!(s.model.vocab_size, 300);
+        assert_eq!(s.model.aux_loss_alpha, 0.01);
         assert_eq!(o.out, Some(PathBuf::from("runs/tiny-adamw")));
         assert_eq!(
             o.data,

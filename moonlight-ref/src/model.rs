@@ -320,6 +320,8 @@ pub struct Model<B: ModelOps> {
     dres: Mat<B>,        // [N, C] gradient of the residual stream
     dxn: Mat<B>,         // [N, C] gradient of a norm's output
     loss_host: Vec<B::Elem>,
+    /// The sequence-wise balance loss of the last forward, summed over the MoE layers.
+    aux_loss: f64,
     loads: Vec<Vec<u32>>, // [moe layer][E] from the last forward
     forwarded: bool,
 }
@@ -393,7 +395,14 @@ impl<B: ModelOps> Model<B> {
                     n,
                 )?)
             } else {
-                Ffn::Moe(Moe::new(b, &mut specs, &format!("{pre}.moe"), &config, n)?)
+                Ffn::Moe(Moe::new(
+                    b,
+                    &mut specs,
+                    &format!("{pre}.moe"),
+                    &config,
+                    batch,
+                    seq,
+                )?)
             };
             let nc = Shape::matrix(n, c);
             blocks.push(Block {
@@ -447,6 +456,7 @@ impl<B: ModelOps> Model<B> {
             dres: b.zeros(Shape::matrix(n, c))?,
             dxn: b.zeros(Shape::matrix(n, c))?,
             loss_host: vec![B::Elem::ZERO; 1],
+            aux_loss: 0.0,
             loads,
             forwarded: false,
             config,
@@ -515,7 +525,8 @@ impl<B: ModelOps> Model<B> {
     }
 
     /// Forward over batch*seq tokens (row-major `[batch][seq]`), mean cross-entropy against
-    /// `targets` (same layout). Caches what backward needs. Returns the loss.
+    /// `targets` (same layout). Caches what backward needs. Returns the cross-entropy; the
+    /// balance loss, when on, is [`aux_loss`](Self::aux_loss).
     pub fn forward(&mut self, backend: &B, tokens: &[u32], targets: &[u32]) -> Result<f64, ModelError> {
         self.check_ids("tokens", tokens)?;
         self.check_ids("targets", targets)?;
@@ -541,17 +552,31 @@ impl<B: ModelOps> Model<B> {
         )?;
         linear_forward(b, &mut self.logits, &self.xf, &p[self.lm_head])?;
         b.cross_entropy_forward(&mut self.probs, &mut self.loss, &self.logits, &self.targets)?;
-        // The one read-back of a step: the loss and the expert loads (a few numbers).
+        // The one read-back of a step: the loss, the expert loads and the balance losses (a few
+        // numbers).
         b.download(&self.loss, &mut self.loss_host)?;
+        let loss = self.loss_host[0].to_f64();
         let mut moe = 0;
+        self.aux_loss = 0.0;
         for blk in &self.blocks {
             if let Ffn::Moe(m) = &blk.ffn {
                 b.indices_download(&m.counts, &mut self.loads[moe])?;
+                if self.config.aux_loss_alpha > 0.0 {
+                    b.download(&m.aux_loss, &mut self.loss_host)?;
+                    self.aux_loss += self.loss_host[0].to_f64();
+                }
                 moe += 1;
             }
         }
         self.forwarded = true;
-        Ok(self.loss_host[0].to_f64())
+        Ok(loss)
+    }
+
+    /// DeepSeek-V3's sequence-wise balance loss of the last forward, summed over the MoE
+    /// layers (0 when `aux_loss_alpha` is 0). The training objective is `forward`'s
+    /// cross-entropy plus this; [`backward`](Self::backward) differentiates both.
+    pub fn aux_loss(&self) -> f64 {
+        self.aux_loss
     }
 
     /// Overwrites grads with d(loss)/d(params) for the last forward.

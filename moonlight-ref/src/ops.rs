@@ -204,6 +204,29 @@ pub trait ModelOps: Backend {
         scaling: f64,
     ) -> Result<()>;
 
+    /// DeepSeek-V3's sequence-wise balance loss for `N = B * seq` tokens in `B` sequences of
+    /// `seq`, with the selection `experts` held fixed:
+    ///
+    /// ```text
+    /// f[b, i] = E / (K seq) * (tokens of sequence b that chose expert i)      -> frac [B, E]
+    /// P[b, i] = mean over the tokens t of b of s[t, i] / sum_j s[t, j]
+    /// loss[0] = alpha * mean_b sum_i f[b, i] P[b, i]
+    /// ```
+    ///
+    /// Overwrites `loss` `[1, 1]`, `frac` and `dlogits` `[N, E]` with d(loss)/d(logits), where
+    /// `scores = sigmoid(logits)` `[N, E]`.
+    #[allow(clippy::too_many_arguments)]
+    fn router_seq_aux(
+        &self,
+        loss: &mut Self::Matrix,
+        frac: &mut Self::Matrix,
+        dlogits: &mut Self::Matrix,
+        scores: &Self::Matrix,
+        experts: &Self::Indices,
+        seq: usize,
+        alpha: f64,
+    ) -> Result<()>;
+
     /// Groups the `R = N*K` (token, choice) slots by expert, stably in slot order:
     /// `counts[e]` tokens per expert, `offsets` `[E+1]` the exclusive prefix sum,
     /// `slot_row[n*K+k]` the grouped row of slot `(n, k)`, `row_token[r]` the token of

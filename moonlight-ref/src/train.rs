@@ -672,6 +672,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         grad_norm: 0.0,
         update_rms_muon: None,
         update_rms_adamw: None,
+        aux_loss: None,
         expert_load_max_over_mean: Vec::with_capacity(model.expert_load().len()),
         tokens_per_s: 0.0,
         fwd_bwd_ms: 0.0,
@@ -726,6 +727,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
             r.grad_norm = report.grad_norm;
             r.update_rms_muon = group(OptimizerKind::Muon);
             r.update_rms_adamw = group(OptimizerKind::AdamW);
+            r.aux_loss = (settings.model.aux_loss_alpha > 0.0).then(|| model.aux_loss());
             load_imbalance(model.expert_load(), &mut r.expert_load_max_over_mean);
             r.tokens_per_s = tokens_per_s;
             r.fwd_bwd_ms = dt_fb * 1e3;

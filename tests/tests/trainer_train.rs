@@ -298,6 +298,46 @@ fn the_log_records_every_step_eval_and_summary() {
 }
 
 #[test]
+fn the_sequence_balance_loss_trains_and_is_logged_apart() {
+    // seq_aux on (alpha 0.01 so it is visible): the loss still falls, and every step logs the
+    // balance loss. Bound: sum_i f_i P_i <= max_i f_i <= E / K (f_i is a share of the K
+    // selections per token, times E / K; P is a distribution), so 0 < aux <= alpha E / K for
+    // `micro`'s one MoE block; an off run logs none.
+    use moonlight_ref::log::{read_log, Record};
+    let dir = scratch("seq_aux");
+    let (alpha, steps) = (0.01, 30);
+    let mut opts = options(OptimizerChoice::Muon, steps);
+    opts.settings.model.aux_loss_alpha = alpha;
+    opts.out = Some(dir.clone());
+    let run = train::train(&backend(), &opts).unwrap();
+    let first = run.losses[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
+    let last = run.losses[run.losses.len() - 5..]
+        .iter()
+        .map(|l| l.1)
+        .sum::<f64>()
+        / 5.0;
+    assert!(last < first - 0.3, "loss {first:.3} -> {last:.3}");
+    let bound = alpha * micro().n_routed_experts as f64 / micro().top_k as f64;
+    let log = read_log(&dir.join(train::LOG_FILE)).unwrap();
+    let mut seen = 0;
+    for r in &log {
+        if let Record::Step(s) = r {
+            let aux = s.aux_loss.expect("aux_loss logged");
+            assert!(aux > 0.0 && aux <= bound, "aux {aux} outside (0, {bound}]");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, steps);
+    let mut off = options(OptimizerChoice::Muon, 4);
+    off.out = Some(dir.join("off"));
+    train::train(&backend(), &off).unwrap();
+    let log = read_log(&dir.join("off").join(train::LOG_FILE)).unwrap();
+    assert!(log
+        .iter()
+        .all(|r| !matches!(r, Record::Step(s) if s.aux_loss.is_some())));
+}
+
+#[test]
 fn evaluations_do_not_change_the_training_steps() {
     let mut quiet = options(OptimizerChoice::Muon, 8);
     quiet.eval_every = 0;

@@ -8,7 +8,13 @@
 //!          experts(n) = top-K of s[n] + bias                      (not differentiated)
 //!          gates[n, k] = routed_scaling * s_sel / sum(s_sel)      [N, K]
 //!          out[n] = shared(x)[n] + sum_k gates[n, k] * expert_k(x[n])
+//!          aux = alpha * mean_b sum_i f[b, i] P[b, i]                 (seq_aux, if alpha > 0)
 //! ```
+//!
+//! The sequence-wise balance loss `aux` (DeepSeek-V3) is computed per sequence `b` from the
+//! share `f` of its selections each expert got (times E / K, not differentiated) and its mean
+//! normalized score `P`; it adds to the training objective, its gradient flows into the router
+//! logits, and it is reported apart from the cross-entropy.
 //!
 //! The routed experts run on grouped rows: the `R = N*K` (token, choice) slots sorted by
 //! expert (`moe_dispatch`), the token rows gathered into that order, one product per expert on
@@ -110,6 +116,9 @@ pub fn swiglu_backward<B: ModelOps>(
 pub struct Moe<B: ModelOps> {
     top_k: usize,
     scaling: f64,
+    /// Weight of the sequence-wise balance loss (0: off) and the sequence length it uses.
+    aux_alpha: f64,
+    seq: usize,
     router: usize, // [E, C]
     w_gate: usize, // [E, F, C]
     w_up: usize,   // [E, F, C]
@@ -138,19 +147,26 @@ pub struct Moe<B: ModelOps> {
     dxg: Mat<B>,                    // [R, C]
     dgates: Mat<B>,                 // [N, K]
     dlogits: Mat<B>,                // [N, E]
+    /// The balance loss of the last forward `[1, 1]`, its load fractions `f` `[B, E]` and its
+    /// gradient with respect to the logits `[N, E]` (computed in the forward).
+    pub(crate) aux_loss: Mat<B>,
+    aux_frac: Mat<B>,
+    aux_dlogits: Mat<B>,
 }
 
 impl<B: ModelOps> Moe<B> {
     /// Declares `{prefix}.router`, `.experts.{w_gate,w_up,w_down}` and `.shared.*`, and
-    /// allocates buffers for `n` token rows.
+    /// allocates buffers for `batch` sequences of `seq` token rows.
     pub fn new(
         b: &B,
         specs: &mut Vec<ParamSpec>,
         prefix: &str,
         cfg: &ModelConfig,
-        n: usize,
+        batch: usize,
+        seq: usize,
     ) -> Result<Self, ModelError> {
         let (c, e, k, f) = (cfg.dim, cfg.n_routed_experts, cfg.top_k, cfg.expert_width);
+        let n = batch * seq;
         let r = n * k;
         let mut hidden =
             |name: &str, shape: Shape| declare(specs, format!("{prefix}.{name}"), shape, ParamRole::Hidden);
@@ -165,9 +181,19 @@ impl<B: ModelOps> Moe<B> {
             None
         };
         let z = |rows: usize, cols: usize| b.zeros(Shape::matrix(rows, cols));
+        // The balance loss's buffers only when it is on.
+        let aux = |rows: usize, cols: usize| {
+            if cfg.aux_loss_alpha > 0.0 {
+                z(rows, cols)
+            } else {
+                z(0, 0)
+            }
+        };
         Ok(Moe {
             top_k: k,
             scaling: cfg.routed_scaling,
+            aux_alpha: cfg.aux_loss_alpha,
+            seq,
             router,
             w_gate,
             w_up,
@@ -194,6 +220,9 @@ impl<B: ModelOps> Moe<B> {
             dxg: z(r, c)?,
             dgates: z(n, k)?,
             dlogits: z(n, e)?,
+            aux_loss: z(1, 1)?,
+            aux_frac: aux(batch, e)?,
+            aux_dlogits: aux(n, e)?,
         })
     }
 }
@@ -217,6 +246,18 @@ pub fn moe_forward<B: ModelOps>(
         &m.bias,
         m.scaling,
     )?;
+    if m.aux_alpha > 0.0 {
+        // aux = alpha mean_b sum_i f[b,i] P[b,i], and d(aux)/d(logits) for the backward.
+        b.router_seq_aux(
+            &mut m.aux_loss,
+            &mut m.aux_frac,
+            &mut m.aux_dlogits,
+            &m.scores,
+            &m.experts,
+            m.seq,
+            m.aux_alpha,
+        )?;
+    }
     b.moe_dispatch(
         &mut m.counts,
         &mut m.offsets,
@@ -273,6 +314,10 @@ pub fn moe_backward<B: ModelOps>(
     b.scatter_add_slots(dx, &m.dxg, &m.slot_row)?;
     // gates = scaling * s_sel / sum s_sel, s = sigmoid(logits)
     b.router_backward(&mut m.dlogits, &m.dgates, &m.scores, &m.experts, m.scaling)?;
+    if m.aux_alpha > 0.0 {
+        // + the balance loss's own gradient (its weight in the objective is 1).
+        b.axpby(&mut m.dlogits, one, &m.aux_dlogits, one)?;
+    }
     // logits = x W_router^T
     linear_backward(b, dx, &mut g[m.router], &m.dlogits, x, &p[m.router], true)?;
     Ok(())

@@ -400,6 +400,89 @@ fn router_gates_backward_matches_finite_differences() {
 }
 
 #[test]
+fn sequence_balance_loss_matches_a_direct_evaluation_and_finite_differences() {
+    // DeepSeek-V3's seq_aux loss as a function of the router logits, the selection held fixed:
+    // its value against a direct evaluation of the formula, its gradient against central
+    // differences.
+    let b = B64::new();
+    let mut rng = SplitMix64::new(6);
+    let (batch, seq, e, k, alpha) = (3, 4, 5, 2, 0.3);
+    let n = batch * seq;
+    let mut ts = vec![random_matrix(Shape::matrix(n, e), &mut rng, 1.5)];
+    let experts: Vec<u32> = (0..n)
+        .flat_map(|t| {
+            let first = (rng.next_u64() % e as u64) as u32;
+            [first, (first + 1 + (t as u32 % (e as u32 - 1))) % e as u32]
+        })
+        .collect();
+    let sigmoid = |m: &HostMatrix<f64>| {
+        let mut s = m.clone();
+        s.as_mut_slice()
+            .iter_mut()
+            .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
+        s
+    };
+    let (mut loss, mut frac) = (
+        HostMatrix::zeros(Shape::matrix(1, 1)),
+        HostMatrix::zeros(Shape::matrix(batch, e)),
+    );
+    let mut dlogits = HostMatrix::zeros(Shape::matrix(n, e));
+    b.router_seq_aux(
+        &mut loss,
+        &mut frac,
+        &mut dlogits,
+        &sigmoid(&ts[0]),
+        &experts,
+        seq,
+        alpha,
+    )
+    .unwrap();
+    // Direct: f[b,i] = E/(K T) count, P[b,i] = mean_t s[t,i] / sum_j s[t,j].
+    let s = sigmoid(&ts[0]);
+    let mut want = 0.0;
+    for bi in 0..batch {
+        for i in 0..e {
+            let count = (bi * seq * k..(bi + 1) * seq * k)
+                .filter(|&x| experts[x] as usize == i)
+                .count();
+            let f = e as f64 / (k * seq) as f64 * count as f64;
+            assert!((frac.as_slice()[bi * e + i] - f).abs() < 1e-15);
+            let p: f64 = (bi * seq..(bi + 1) * seq)
+                .map(|t| {
+                    let row = &s.as_slice()[t * e..(t + 1) * e];
+                    row[i] / row.iter().sum::<f64>()
+                })
+                .sum::<f64>()
+                / seq as f64;
+            want += f * p;
+        }
+    }
+    want *= alpha / batch as f64;
+    assert!(
+        (loss.as_slice()[0] - want).abs() < 1e-14,
+        "{} vs {want}",
+        loss.as_slice()[0]
+    );
+    let mut objective = |_: &mut (), ts: &[HostMatrix<f64>]| {
+        let mut l = HostMatrix::zeros(Shape::matrix(1, 1));
+        let mut d = HostMatrix::zeros(Shape::matrix(n, e));
+        b.router_seq_aux(&mut l, &mut frac, &mut d, &sigmoid(&ts[0]), &experts, seq, alpha)
+            .unwrap();
+        (l.as_slice()[0], Vec::new())
+    };
+    grad_check(
+        &mut (),
+        &mut ts,
+        &["logits".to_string()],
+        &[dlogits],
+        1000,
+        &mut rng,
+        &mut objective,
+    )
+    .assert_ok("sequence balance loss");
+}
+
+#[test]
 fn grouped_gemm_matches_per_expert_dense_products() {
     let b = B64::new();
     let mut rng = SplitMix64::new(6);
@@ -458,6 +541,7 @@ fn layer_config(attention: AttentionKind) -> ModelConfig {
         top_k: 2,
         routed_scaling: 2.446,
         bias_update_rate: 1e-3,
+        aux_loss_alpha: 0.0,
         rope_theta: 10_000.0,
         norm_eps: 1e-5,
         max_seq_len: 16,
@@ -552,15 +636,17 @@ fn swiglu_layer_backward_matches_finite_differences() {
     grad_check(&mut layer, &mut ts, &names, &g, 1000, &mut rng, &mut loss).assert_ok("swiglu layer");
 }
 
-fn moe_case(n_shared: usize, label: &str) {
+fn moe_case(n_shared: usize, aux_loss_alpha: f64, label: &str) {
     let b = B64::new();
     let cfg = ModelConfig {
         n_shared_experts: n_shared,
+        aux_loss_alpha,
         ..layer_config(mla())
     };
-    let n = 9;
+    let (batch, seq) = (3, 3);
+    let n = batch * seq;
     let mut specs = Vec::new();
-    let mut moe = Moe::new(&b, &mut specs, "moe", &cfg, n).unwrap();
+    let mut moe = Moe::new(&b, &mut specs, "moe", &cfg, batch, seq).unwrap();
     let mut rng = SplitMix64::new(10);
     moe.bias = random_matrix(Shape::vector(cfg.n_routed_experts), &mut rng, 0.1);
     let mut ts = random_params(&specs, &mut rng);
@@ -574,9 +660,15 @@ fn moe_case(n_shared: usize, label: &str) {
     let mut g = zeros_like(&ts);
     let (gp, gx) = g.split_at_mut(np);
     ffn::moe_backward(&b, &ts[..np], gp, &mut moe, &ts[np], &r, &mut gx[0]).unwrap();
+    // The objective: <out, r> plus the balance loss (0 when it is off).
     let mut loss = |m: &mut Moe<B64>, ts: &[HostMatrix<f64>]| {
         ffn::moe_forward(&b, &ts[..np], m, &ts[np], &mut out).unwrap();
-        (dot(&out, &r), m.experts.clone())
+        let aux = if aux_loss_alpha > 0.0 {
+            m.aux_loss.as_slice()[0]
+        } else {
+            0.0
+        };
+        (dot(&out, &r) + aux, m.experts.clone())
     };
     let names = names(&specs, &["x"]);
     grad_check(&mut moe, &mut ts, &names, &g, 60, &mut rng, &mut loss).assert_ok(label);
@@ -589,12 +681,18 @@ fn moe_case(n_shared: usize, label: &str) {
 
 #[test]
 fn moe_layer_backward_matches_finite_differences() {
-    moe_case(1, "MoE layer");
+    moe_case(1, 0.0, "MoE layer");
+}
+
+#[test]
+fn moe_layer_with_the_balance_loss_backward_matches_finite_differences() {
+    // alpha = 0.5, far above Moonlight's 0.001, so its gradient is not lost in the rest.
+    moe_case(1, 0.5, "MoE layer with seq_aux");
 }
 
 #[test]
 fn moe_layer_without_shared_experts_backward_matches_finite_differences() {
-    moe_case(0, "MoE layer, no shared expert");
+    moe_case(0, 0.0, "MoE layer, no shared expert");
 }
 
 #[test]
@@ -604,7 +702,7 @@ fn moe_forward_equals_a_direct_per_token_evaluation() {
     let cfg = layer_config(mla());
     let (n, c, f) = (5, cfg.dim, cfg.expert_width);
     let mut specs = Vec::new();
-    let mut moe = Moe::new(&b, &mut specs, "moe", &cfg, n).unwrap();
+    let mut moe = Moe::new(&b, &mut specs, "moe", &cfg, 1, n).unwrap();
     let mut rng = SplitMix64::new(11);
     let p = random_params(&specs, &mut rng);
     let x = random_matrix(Shape::matrix(n, c), &mut rng, 1.0);
@@ -683,9 +781,12 @@ fn routing(model: &Model<B64>) -> Vec<u32> {
     out
 }
 
-fn model_case(kind: AttentionKind, samples: usize, label: &str) {
+fn model_case(kind: AttentionKind, aux_loss_alpha: f64, samples: usize, label: &str) {
     let b = B64::new();
-    let cfg = layer_config(kind);
+    let cfg = ModelConfig {
+        aux_loss_alpha,
+        ..layer_config(kind)
+    };
     let (batch, seq) = (2, 5);
     let mut model = Model::new(&b, cfg.clone(), batch, seq, 1).unwrap();
     let mut rng = SplitMix64::new(12);
@@ -707,7 +808,7 @@ fn model_case(kind: AttentionKind, samples: usize, label: &str) {
             p.as_mut_slice().copy_from_slice(t.as_slice());
         }
         let l = m.forward(&b, &tokens, &targets).unwrap();
-        (l, routing(m))
+        (l + m.aux_loss(), routing(m))
     };
     let rep = grad_check(
         &mut model, &mut ts, &names, &analytic, samples, &mut rng, &mut loss,
@@ -723,12 +824,17 @@ fn model_case(kind: AttentionKind, samples: usize, label: &str) {
 #[test]
 fn model_gradient_matches_finite_differences_mla() {
     // Every coordinate of all 30 tensors (2,780; about a second).
-    model_case(mla(), usize::MAX, "model (MLA)");
+    model_case(mla(), 0.0, usize::MAX, "model (MLA)");
 }
 
 #[test]
 fn model_gradient_matches_finite_differences_mha() {
-    model_case(AttentionKind::Mha, usize::MAX, "model (MHA)");
+    model_case(AttentionKind::Mha, 0.0, usize::MAX, "model (MHA)");
+}
+
+#[test]
+fn model_gradient_with_the_balance_loss_matches_finite_differences() {
+    model_case(mla(), 0.3, usize::MAX, "model (MLA) with seq_aux");
 }
 
 // ----- API behaviour -----
