@@ -1,7 +1,9 @@
 //! Newton-Schulz on the GPU: time per run and TFLOP/s (nominal `NewtonSchulz::flops`, 5
 //! quintic steps) for the shapes of the Moonlight model and common square sizes, in f32, TF32
 //! and bf16, against the cuBLAS GEMM peak measured in the same run (an 8192^3 GEMM in the same
-//! precision). One JSON object per line, the keys `bench/ns_torch.py` prints too.
+//! precision). One JSON object per line, the keys `bench/ns_torch.py` prints too. Each shape
+//! is timed twice: the backend's own Newton-Schulz (`impl: muon-cuda`, `X = (a I + P) X`) and
+//! muon-core's `newton_schulz_generic` (`impl: muon-cuda-generic`, which copies `X` each step).
 //!
 //! ```text
 //! cargo bench -p muon-cuda --features cuda --bench ns_gpu
@@ -11,7 +13,7 @@
 
 use std::time::Instant;
 
-use muon_core::{newton_schulz, Backend, NewtonSchulz, NsWorkspace, Result, Shape};
+use muon_core::{newton_schulz, newton_schulz_generic, Backend, NewtonSchulz, NsWorkspace, Result, Shape};
 use muon_cuda::{CudaBackend, Precision};
 
 /// `(batch, rows, cols)`: square sizes; rectangles up to 4096 x 11264 (the aspect of Moonlight's
@@ -46,7 +48,10 @@ fn shape_name(s: Shape) -> String {
 /// Seconds per Newton-Schulz run on `shape`, after warm-up (which also grows the backend's
 /// scratch, so the timed runs allocate nothing). Each run continues from the previous output,
 /// which is as good an input as any: it is renormalized first.
-fn time_ns(gpu: &CudaBackend, config: &NewtonSchulz, shape: Shape) -> Result<f64> {
+/// A Newton-Schulz entry point: the backend's own or muon-core's generic one.
+type NsFn = fn(&CudaBackend, &NewtonSchulz, &mut NsWorkspace<CudaBackend>) -> Result<()>;
+
+fn time_ns(gpu: &CudaBackend, newton_schulz: NsFn, config: &NewtonSchulz, shape: Shape) -> Result<f64> {
     let mut ws = NsWorkspace::new(gpu, shape)?;
     let input: Vec<f32> = (0..shape.len())
         .map(|i| ((i.wrapping_mul(2_654_435_761) >> 9) % 2001) as f32 / 1000.0 - 1.0)
@@ -82,10 +87,14 @@ fn run() -> Result<()> {
         let peak_tflops = 2.0 * (PEAK_N as f64).powi(3) / peak_seconds / 1e12;
         for (batch, rows, cols) in SHAPES {
             let shape = Shape::batched(batch, rows, cols);
-            let seconds = time_ns(&gpu, &config, shape)?;
-            let tflops = config.flops(shape) / seconds / 1e12;
-            println!(
-                "{{\"impl\": \"muon-cuda\", \"device\": \"{device}\", \"precision\": \"{}\", \"shape\": \"{}\", \
+            for (implementation, entry) in [
+                ("muon-cuda", newton_schulz as NsFn),
+                ("muon-cuda-generic", newton_schulz_generic as NsFn),
+            ] {
+                let seconds = time_ns(&gpu, entry, &config, shape)?;
+                let tflops = config.flops(shape) / seconds / 1e12;
+                println!(
+                "{{\"impl\": \"{implementation}\", \"device\": \"{device}\", \"precision\": \"{}\", \"shape\": \"{}\", \
                  \"batch\": {batch}, \"rows\": {rows}, \"cols\": {cols}, \"steps\": {}, \"ms\": {:.4}, \
                  \"tflops\": {tflops:.2}, \"gemm_peak_tflops\": {peak_tflops:.2}, \"fraction_of_peak\": {:.3}}}",
                 precision.name(),
@@ -94,6 +103,7 @@ fn run() -> Result<()> {
                 seconds * 1e3,
                 tflops / peak_tflops,
             );
+            }
         }
     }
     Ok(())
