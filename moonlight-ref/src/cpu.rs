@@ -87,6 +87,30 @@ macro_rules! impl_cpu_real {
 impl_cpu_real!(f32, exp_f32);
 impl_cpu_real!(f64, f64::exp);
 
+/// Runs one faer product per element type on every thread of the current rayon pool (the
+/// global one outside any pool). faer's x86 kernels create a thread-local workspace on a
+/// thread's first product; without this, that allocation falls inside whichever later
+/// training step first lands a product on the thread, which under load can be any step.
+pub fn warm_up_threads() {
+    fn product<T: CpuReal>() {
+        const N: usize = 32; // above faer's small-matrix path, so the x86 kernels run
+        let (a, mut c) = ([T::ONE; N * N], [T::ZERO; N * N]);
+        T::matmul(
+            &mut c,
+            N,
+            N,
+            (&a, N, N, Transpose::No),
+            (&a, N, N, Transpose::No),
+            T::ONE,
+            false,
+        );
+    }
+    rayon::broadcast(|_| {
+        product::<f32>();
+        product::<f64>();
+    });
+}
+
 /// `e^x` in `f32` (Cephes `expf`: range reduction by `ln 2` in two parts, a degree-6
 /// polynomial; within 2 ulp of the exact value on `[-87, 88]`). Below -87.3 it returns
 /// ~1e-38 instead of a subnormal (the callers add it to 1 or normalize by a sum that includes

@@ -379,6 +379,12 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("settings serialize to JSON")
 }
 
+/// `json` read as a `T` and written again, so fields it lacks get their serde defaults (the
+/// text unchanged if it is not a `T`).
+fn with_defaults<T: Serialize + serde::de::DeserializeOwned>(json: &str) -> String {
+    serde_json::from_str::<T>(json).map_or_else(|_| json.to_string(), |v| to_json(&v))
+}
+
 /// The fields of two JSON objects that differ, as `name (checkpoint X, now Y)`.
 fn json_differences(saved: &str, now: &str) -> Vec<String> {
     let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or(serde_json::Value::Null);
@@ -427,10 +433,13 @@ fn restore<B: ModelOps<Elem = f32>>(
     };
 
     // The run must be the same run: model, optimizer, schedule, batch, seed.
+    // Settings added since the checkpoint was written take their defaults (a round trip
+    // through `RunSettings` fills them in), so older checkpoints of the same run still match.
     let now = to_json(settings);
-    let saved = meta("run")?;
+    let saved = &with_defaults::<RunSettings>(meta("run")?);
     if *saved != now {
-        let model_diff = json_differences(meta("config")?, &to_json(&settings.model));
+        let saved_model = with_defaults::<ModelConfig>(meta("config")?);
+        let model_diff = json_differences(&saved_model, &to_json(&settings.model));
         let diff = if model_diff.is_empty() {
             json_differences(saved, &now)
         } else {
@@ -575,6 +584,8 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
     let data = Dataset::load(&opts.data, t, settings.model.vocab_size)?;
 
     let mut model = Model::new(backend, settings.model.clone(), b, t, settings.seed)?;
+    // Thread-local kernel workspaces now, so that no training step allocates them.
+    crate::cpu::warm_up_threads();
     let specs = optimizer_specs(model.param_specs(), settings.optimizer);
     let mut optimizer = HybridOptimizer::new(backend, specs, settings.hybrid.clone())?;
     let mut sampler = BatchSampler::new(settings.seed, b, t);

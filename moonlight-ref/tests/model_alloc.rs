@@ -60,6 +60,8 @@ fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
         model.backward(&b).unwrap();
         model.update_router_bias(&b).unwrap();
     };
+    // faer's per-thread workspaces on every rayon worker, whichever gets work first.
+    moonlight_ref::cpu::warm_up_threads();
     for _ in 0..3 {
         step(&mut model);
     }

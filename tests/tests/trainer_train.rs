@@ -113,6 +113,33 @@ fn resumed_run_equals_uninterrupted_step_for_step() {
 }
 
 #[test]
+fn a_checkpoint_from_before_a_new_setting_still_resumes() {
+    // A checkpoint written before `aux_loss_alpha` existed has no such key in its settings; the
+    // setting takes its default (0, off) and the run resumes, step for step.
+    let dir = scratch("older");
+    let steps = 8;
+    let whole = train::train(&backend(), &options(OptimizerChoice::Muon, steps)).unwrap();
+    let mut first = options(OptimizerChoice::Muon, steps);
+    first.out = Some(dir.clone());
+    first.stop_at = Some(3);
+    let part1 = train::train(&backend(), &first).unwrap();
+    let path = dir.join(CHECKPOINT_FILE);
+    let mut ckpt = checkpoint::load(&path).unwrap();
+    for (key, pointer) in [("run", "/model"), ("config", "")] {
+        let mut v: serde_json::Value = serde_json::from_str(&ckpt.metadata[key]).unwrap();
+        let obj = v.pointer_mut(pointer).unwrap().as_object_mut().unwrap();
+        assert!(obj.remove("aux_loss_alpha").is_some(), "{key} has aux_loss_alpha");
+        ckpt.metadata.insert(key.into(), v.to_string());
+    }
+    checkpoint::save(&path, &ckpt).unwrap();
+    let mut second = options(OptimizerChoice::Muon, steps);
+    second.resume = Some(path);
+    let part2 = train::train(&backend(), &second).unwrap();
+    let resumed: Vec<(u64, f64)> = part1.losses.iter().chain(&part2.losses).copied().collect();
+    assert_eq!(resumed, whole.losses);
+}
+
+#[test]
 fn resume_refuses_a_checkpoint_of_another_run() {
     let dir = scratch("mismatch");
     let mut opts = options(OptimizerChoice::AdamW, 6);
