@@ -39,13 +39,14 @@ pub(crate) fn newton_schulz<T: Elem>(
         Plan::Serial => {
             let b = ws.buffers();
             let (x, next) = (b.x.as_mut_slice(), b.next.as_mut_slice());
-            let (gram, poly) = (b.gram.as_mut_slice(), b.poly.as_mut_slice());
-            let (xs, ss) = (shape.batch_stride(), m * m);
-            for e in 0..shape.batch {
-                let (x, next) = (&mut x[e * xs..][..xs], &mut next[e * xs..][..xs]);
-                let (gram, poly) = (&mut gram[e * ss..][..ss], &mut poly[e * ss..][..ss]);
-                one_matrix(config, shape, x, next, gram, poly);
-            }
+            run_of_matrices(
+                config,
+                shape,
+                x,
+                next,
+                b.gram.as_mut_slice(),
+                b.poly.as_mut_slice(),
+            );
             finish(config, ws);
             Ok(())
         }
@@ -63,18 +64,32 @@ pub(crate) fn newton_schulz<T: Elem>(
             }
             cpu.team.for_each_part(&mut runs[..parts], &|run| {
                 if let Some((Some((_, x)), Some((_, next)), Some((_, gram)), Some((_, poly)))) = run.take() {
-                    let items = x
-                        .chunks_exact_mut(xs)
-                        .zip(next.chunks_exact_mut(xs))
-                        .zip(gram.chunks_exact_mut(ss).zip(poly.chunks_exact_mut(ss)));
-                    for ((x, next), (gram, poly)) in items {
-                        one_matrix(config, shape, x, next, gram, poly);
-                    }
+                    run_of_matrices(config, shape, x, next, gram, poly);
                 }
             });
             finish(config, ws);
             Ok(())
         }
+    }
+}
+
+/// [`one_matrix`] on each matrix of a run of consecutive matrices of the stack (the slices
+/// hold whole matrices: `x`, `next` of the parameter's shape, `gram`, `poly` of `m x m`).
+fn run_of_matrices<T: Elem>(
+    config: &NewtonSchulz,
+    shape: Shape,
+    x: &mut [T],
+    next: &mut [T],
+    gram: &mut [T],
+    poly: &mut [T],
+) {
+    let (xs, ss) = (shape.batch_stride(), shape.min_side().pow(2));
+    let items = x
+        .chunks_exact_mut(xs)
+        .zip(next.chunks_exact_mut(xs))
+        .zip(gram.chunks_exact_mut(ss).zip(poly.chunks_exact_mut(ss)));
+    for ((x, next), (gram, poly)) in items {
+        one_matrix(config, shape, x, next, gram, poly);
     }
 }
 
