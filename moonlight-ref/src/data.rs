@@ -99,9 +99,17 @@ pub const EMBEDDED_BYTES: usize = 400_000;
 /// - counting runs (`count: 14 15 16 17 18`) and spelled-out numbers (`three plus four is
 ///   seven.`).
 pub fn embedded_corpus() -> Vec<u8> {
+    generated_corpus(EMBEDDED_BYTES)
+}
+
+/// `bytes` bytes of the embedded corpus's text: the same generator and seed, run for longer.
+/// The embedded corpus is its first [`EMBEDDED_BYTES`]; a larger one continues it with fresh
+/// sentences and arithmetic (the fact table repeats by design), for runs that must not see
+/// the same text twice (`moonlight-ref corpus --bytes N`).
+pub fn generated_corpus(bytes: usize) -> Vec<u8> {
     let mut rng = Rng::new(0x6d6f_6f6e_6c69_6768); // "moonligh"
-    let mut out = String::with_capacity(EMBEDDED_BYTES + 512);
-    while out.len() < EMBEDDED_BYTES {
+    let mut out = String::with_capacity(bytes + 512);
+    while out.len() < bytes {
         match rng.below(20) {
             0..=11 => grammar::paragraph(&mut rng, &mut out),
             12..=15 => grammar::arithmetic(&mut rng, &mut out),
@@ -110,7 +118,7 @@ pub fn embedded_corpus() -> Vec<u8> {
             _ => grammar::spelled_sum(&mut rng, &mut out),
         }
     }
-    out.truncate(EMBEDDED_BYTES);
+    out.truncate(bytes);
     out.into_bytes()
 }
 
@@ -645,6 +653,17 @@ mod tests {
         assert!(text.contains(" = "));
         assert!(text.contains("The capital of "));
         assert!(text.lines().count() > 1000);
+    }
+
+    #[test]
+    fn a_larger_generated_corpus_continues_the_embedded_one() {
+        let big = generated_corpus(3 * EMBEDDED_BYTES);
+        assert_eq!(big.len(), 3 * EMBEDDED_BYTES);
+        assert_eq!(&big[..EMBEDDED_BYTES], &embedded_corpus()[..]);
+        // Fresh text after the prefix: its sentences are not the prefix's over again.
+        let (head, tail) = big.split_at(EMBEDDED_BYTES);
+        assert!(std::str::from_utf8(tail).is_ok());
+        assert_ne!(&tail[..EMBEDDED_BYTES], head);
     }
 
     #[test]

@@ -42,6 +42,16 @@ enum Command {
         #[arg(long, default_value = "tiny")]
         preset: String,
     },
+    /// Write N bytes of the embedded corpus's generator to a file (for --data): the embedded
+    /// corpus continued with fresh text, for runs that must not repeat their data.
+    Corpus {
+        /// How many bytes (at least 2 contexts' worth).
+        #[arg(long)]
+        bytes: usize,
+        /// The file to write.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Plot the losses of one or more runs' log.jsonl into an SVG file.
     Plot {
         /// Logs to compare (each labelled by its directory name).
@@ -339,6 +349,16 @@ fn run_plot(logs: &[PathBuf], out: &Path, smooth: usize) -> Result<(), String> {
     Ok(())
 }
 
+fn run_corpus(bytes: usize, out: &Path) -> Result<(), String> {
+    if bytes == 0 {
+        return Err("--bytes must be at least 1".into());
+    }
+    let text = moonlight_ref::data::generated_corpus(bytes);
+    std::fs::write(out, &text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    println!("wrote {} ({bytes} bytes)", out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -346,6 +366,7 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => run_train(args),
         Some(Command::Params { preset }) => run_params(preset),
         Some(Command::Plot { logs, out, smooth }) => run_plot(logs, out, *smooth),
+        Some(Command::Corpus { bytes, out }) => run_corpus(*bytes, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

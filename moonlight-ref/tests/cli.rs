@@ -114,6 +114,30 @@ fn readme_commands_train_resume_and_plot() {
 }
 
 #[test]
+fn corpus_writes_the_generator_text_and_trains_from_it() {
+    let dir = scratch("corpus");
+    let file = dir.join("corpus.txt");
+    let out = bin()
+        .args(["corpus", "--bytes", "600000", "--out"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = std::fs::read(&file).unwrap();
+    assert_eq!(written, moonlight_ref::data::generated_corpus(600_000));
+    let out = quick_train(&dir.join("run"))
+        .arg("--data")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    fails_with(
+        bin().args(["corpus", "--bytes", "0", "--out"]).arg(&file),
+        "--bytes",
+    );
+}
+
+#[test]
 fn bad_input_is_a_message_and_a_failure() {
     let dir = scratch("bad");
     fails_with(
