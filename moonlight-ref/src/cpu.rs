@@ -22,6 +22,13 @@ use crate::ops::ModelOps;
 /// 4 ns -> 100+ ns per call, which once made the softmax the bottleneck; every faer product
 /// here is now followed by `muon_faer::clear_avx_upper_state`).
 pub trait CpuReal: Real {
+    /// Softmax outputs below this are stored as exact zeros (1e-30 in f32, 1e-300 in f64):
+    /// near-subnormal probabilities make later products with them (the LM head's and
+    /// attention's GEMMs, forward and backward) subnormal, and each subnormal result takes a
+    /// microcode assist on x86; a long run without weight decay slowed 4x as its predictions
+    /// sharpened. A probability that small changes no sum it enters.
+    const PROB_FLOOR: Self;
+
     /// `e^self`.
     fn exp(self) -> Self;
 
@@ -48,8 +55,10 @@ fn faer_view<T>(data: &[T], rows: usize, cols: usize, op: Transpose) -> faer::Ma
 }
 
 macro_rules! impl_cpu_real {
-    ($t:ty, $exp:path) => {
+    ($t:ty, $exp:path, $floor:expr) => {
         impl CpuReal for $t {
+            const PROB_FLOOR: Self = $floor;
+
             #[inline]
             fn exp(self) -> Self {
                 $exp(self)
@@ -84,8 +93,8 @@ macro_rules! impl_cpu_real {
         }
     };
 }
-impl_cpu_real!(f32, exp_f32);
-impl_cpu_real!(f64, f64::exp);
+impl_cpu_real!(f32, exp_f32, 1e-30);
+impl_cpu_real!(f64, f64::exp, 1e-300);
 
 /// Runs one faer product per element type on every thread of the current rayon pool (the
 /// global one outside any pool). faer's x86 kernels create a thread-local workspace on a
@@ -425,6 +434,16 @@ pub mod kernels {
             });
     }
 
+    /// A probability, or zero below [`CpuReal::PROB_FLOOR`]; NaN stays NaN.
+    #[inline]
+    fn floored<T: Real>(p: T) -> T {
+        if p < T::PROB_FLOOR {
+            T::ZERO
+        } else {
+            p
+        }
+    }
+
     pub fn causal_softmax_forward<T: Real>(scores: &mut HostMatrix<T>) {
         let s = scores.shape();
         assert!(s.rows == s.cols, "causal softmax on {s}: matrices must be square");
@@ -448,7 +467,7 @@ pub mod kernels {
                     *v = e;
                 }
                 let inv: T = t(1.0 / sum);
-                live.iter_mut().for_each(|v| *v *= inv);
+                live.iter_mut().for_each(|v| *v = floored(*v * inv));
                 masked.fill(T::ZERO);
             });
     }
@@ -959,7 +978,7 @@ pub mod kernels {
                     *p = e;
                 }
                 let inv: T = t(1.0 / sum);
-                p.iter_mut().for_each(|p| *p *= inv);
+                p.iter_mut().for_each(|p| *p = floored(*p * inv));
             });
         // -log p[target], serially in f64: a probability rounded to the element type has a
         // relative error ~eps, which the log turns into an absolute error ~eps. Where it is so
@@ -1216,7 +1235,34 @@ impl_host_model_ops!([T: muon_faer::Elem + CpuReal] muon_faer::Faer<T>, T);
 
 #[cfg(test)]
 mod tests {
-    use super::exp_f32;
+    use super::{exp_f32, kernels};
+    use muon_core::{HostMatrix, Shape};
+
+    #[test]
+    fn softmaxes_store_no_subnormal_probabilities() {
+        // Logits 100 apart: e^-100 ~ 4e-44 is subnormal in f32 (and exp_f32 floors it at
+        // ~1e-38); it must come out as 0, the other probabilities as usual.
+        let logits =
+            HostMatrix::from_vec(Shape::matrix(2, 3), vec![0.0f32, -100.0, -1.0, 5.0, 5.0, -95.0]).unwrap();
+        let mut probs = HostMatrix::zeros(Shape::matrix(2, 3));
+        let mut loss = HostMatrix::zeros(Shape::matrix(1, 1));
+        kernels::cross_entropy_forward(&mut probs, &mut loss, &logits, &[1, 0]);
+        let p = probs.as_slice();
+        assert!(p.iter().all(|&v| v == 0.0 || v > 1e-30), "{p:?}");
+        assert_eq!((p[1], p[5]), (0.0, 0.0));
+        assert!((p[0] - 1.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-6 && (p[3] - 0.5).abs() < 1e-6);
+        // The loss of the flushed target still comes from the logits: -log softmax = 100 + ...
+        let exact = 0.5 * (100.0 + (1.0 + (-1.0f64).exp()).ln() + 2.0f64.ln());
+        assert!(
+            (loss.as_slice()[0] as f64 - exact).abs() < 1e-4,
+            "{:?}",
+            loss.as_slice()
+        );
+        let mut scores =
+            HostMatrix::from_vec(Shape::batched(1, 2, 2), vec![0.0f32, 7.0, 0.0, -100.0]).unwrap();
+        kernels::causal_softmax_forward(&mut scores);
+        assert_eq!(scores.as_slice(), &[1.0, 0.0, 1.0, 0.0]);
+    }
 
     #[test]
     fn exp_f32_is_within_a_few_ulp_of_the_exact_exponential() {
