@@ -46,6 +46,9 @@ pub enum Error {
     InvalidState(String),
     /// A failure inside a backend (device allocation, kernel launch, driver missing...).
     Backend(String),
+    /// A failure of communication between ranks (a rank left the group, ranks that disagree
+    /// on a tensor's length, an error of the communication library).
+    Collective(String),
 }
 
 impl fmt::Display for Error {
@@ -69,6 +72,7 @@ impl fmt::Display for Error {
             Error::InvalidConfig(msg) => write!(f, "invalid configuration: {msg}"),
             Error::InvalidState(msg) => write!(f, "invalid optimizer state: {msg}"),
             Error::Backend(msg) => write!(f, "backend error: {msg}"),
+            Error::Collective(msg) => write!(f, "collective error: {msg}"),
         }
     }
 }

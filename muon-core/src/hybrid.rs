@@ -145,26 +145,22 @@ impl<B: Backend> HybridOptimizer<B> {
             }
             slots.push(match spec.optimizer() {
                 OptimizerKind::Muon => {
-                    let workspace = match workspaces.iter().position(|w| w.shape() == spec.shape) {
-                        Some(i) => i,
-                        None => {
-                            workspaces.push(NsWorkspace::new(backend, spec.shape)?);
-                            workspaces.len() - 1
-                        }
-                    };
+                    let workspace = find_or_push(
+                        &mut workspaces,
+                        |w| w.shape() == spec.shape,
+                        || NsWorkspace::new(backend, spec.shape),
+                    )?;
                     Slot::Muon {
                         momentum: backend.zeros(spec.shape)?,
                         workspace,
                     }
                 }
                 OptimizerKind::AdamW => {
-                    let index = match scratch.iter().position(|s| B::shape(s) == spec.shape) {
-                        Some(i) => i,
-                        None => {
-                            scratch.push(backend.zeros(spec.shape)?);
-                            scratch.len() - 1
-                        }
-                    };
+                    let index = find_or_push(
+                        &mut scratch,
+                        |s| B::shape(s) == spec.shape,
+                        || backend.zeros(spec.shape),
+                    )?;
                     Slot::AdamW {
                         m: backend.zeros(spec.shape)?,
                         v: backend.zeros(spec.shape)?,
@@ -214,7 +210,7 @@ impl<B: Backend> HybridOptimizer<B> {
         grads: &[B::Matrix],
         lr: f64,
     ) -> Result<StepReport> {
-        self.check_inputs(params, grads, lr)?;
+        check_step_inputs::<B>(&self.specs, params, grads, lr)?;
         // The step's one device-to-host read: every gradient's squared norm.
         for (i, grad) in grads.iter().enumerate() {
             backend.sum_squares(grad, &mut self.grad_sq, i)?;
@@ -252,36 +248,6 @@ impl<B: Backend> HybridOptimizer<B> {
         })
     }
 
-    fn check_inputs(&self, params: &[B::Matrix], grads: &[B::Matrix], lr: f64) -> Result<()> {
-        let n = self.specs.len();
-        for (what, found) in [("parameters", params.len()), ("gradients", grads.len())] {
-            if found != n {
-                return Err(Error::CountMismatch {
-                    what,
-                    expected: n,
-                    found,
-                });
-            }
-        }
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(Error::InvalidConfig(alloc::format!(
-                "learning rate {lr} must be finite and >= 0"
-            )));
-        }
-        for (spec, (p, g)) in self.specs.iter().zip(params.iter().zip(grads)) {
-            for (kind, shape) in [("parameter", B::shape(p)), ("gradient of", B::shape(g))] {
-                if shape != spec.shape {
-                    return Err(Error::ShapeMismatch {
-                        what: alloc::format!("{kind} `{}`", spec.name),
-                        expected: spec.shape,
-                        found: shape,
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// The per-parameter gradient L2 norms of the last step (host values, no device work).
     pub fn grad_norms(&self) -> impl Iterator<Item = f64> + '_ {
         self.grad_sq_host.iter().map(|s| libm::sqrt(s.to_f64()))
@@ -301,15 +267,7 @@ impl<B: Backend> HybridOptimizer<B> {
         }
         backend.download(&self.update_sq, &mut self.update_sq_host)?;
         for ((o, sq), spec) in out.iter_mut().zip(&self.update_sq_host).zip(&self.specs) {
-            let scale = match spec.optimizer() {
-                OptimizerKind::Muon => self
-                    .config
-                    .muon
-                    .update_scale
-                    .factor(spec.shape.rows, spec.shape.cols),
-                OptimizerKind::AdamW => 1.0,
-            };
-            *o = scale * libm::sqrt(sq.to_f64() / spec.shape.len() as f64);
+            *o = update_rms(&self.config, spec, sq.to_f64());
         }
         Ok(())
     }
@@ -343,47 +301,7 @@ impl<B: Backend> HybridOptimizer<B> {
     /// Restores state saved by [`export_state`](Self::export_state) for the same parameter
     /// list. Checks everything before changing anything.
     pub fn import_state(&mut self, backend: &B, state: &OptimizerState<B::Elem>) -> Result<()> {
-        let n = self.specs.len();
-        if state.params.len() != n {
-            return Err(Error::InvalidState(alloc::format!(
-                "it holds {} parameters, the optimizer has {n}",
-                state.params.len()
-            )));
-        }
-        for (spec, saved) in self.specs.iter().zip(&state.params) {
-            let expected_buffers = match spec.optimizer() {
-                OptimizerKind::Muon => 1,
-                OptimizerKind::AdamW => 2,
-            };
-            let problem = if saved.name != spec.name {
-                Some(alloc::format!(
-                    "found `{}` where `{}` belongs",
-                    saved.name,
-                    spec.name
-                ))
-            } else if saved.shape != spec.shape {
-                Some(alloc::format!(
-                    "`{}` has shape {}, expected {}",
-                    spec.name,
-                    saved.shape,
-                    spec.shape
-                ))
-            } else if saved.kind != spec.optimizer() || saved.buffers.len() != expected_buffers {
-                Some(alloc::format!(
-                    "`{}` was saved for {:?}, is stepped by {:?}",
-                    spec.name,
-                    saved.kind,
-                    spec.optimizer()
-                ))
-            } else if saved.buffers.iter().any(|b| b.len() != spec.shape.len()) {
-                Some(alloc::format!("`{}` has a buffer of the wrong length", spec.name))
-            } else {
-                None
-            };
-            if let Some(msg) = problem {
-                return Err(Error::InvalidState(msg));
-            }
-        }
+        check_state(&self.specs, state)?;
         for (slot, saved) in self.slots.iter_mut().zip(&state.params) {
             match slot {
                 Slot::Muon { momentum, .. } => backend.upload(momentum, &saved.buffers[0])?,
@@ -396,6 +314,112 @@ impl<B: Backend> HybridOptimizer<B> {
         self.step = state.step;
         Ok(())
     }
+}
+
+/// The index of the first item of `items` that `fits`, pushing `make()` when none does: how
+/// same-shape parameters come to share workspaces.
+pub(crate) fn find_or_push<T>(
+    items: &mut Vec<T>,
+    fits: impl Fn(&T) -> bool,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<usize> {
+    if let Some(i) = items.iter().position(fits) {
+        return Ok(i);
+    }
+    items.push(make()?);
+    Ok(items.len() - 1)
+}
+
+/// Checks the arguments of a step (shared by the single-rank and distributed optimizers).
+pub(crate) fn check_step_inputs<B: Backend>(
+    specs: &[ParamSpec],
+    params: &[B::Matrix],
+    grads: &[B::Matrix],
+    lr: f64,
+) -> Result<()> {
+    let n = specs.len();
+    for (what, found) in [("parameters", params.len()), ("gradients", grads.len())] {
+        if found != n {
+            return Err(Error::CountMismatch {
+                what,
+                expected: n,
+                found,
+            });
+        }
+    }
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(Error::InvalidConfig(alloc::format!(
+            "learning rate {lr} must be finite and >= 0"
+        )));
+    }
+    for (spec, (p, g)) in specs.iter().zip(params.iter().zip(grads)) {
+        for (kind, shape) in [("parameter", B::shape(p)), ("gradient of", B::shape(g))] {
+            if shape != spec.shape {
+                return Err(Error::ShapeMismatch {
+                    what: alloc::format!("{kind} `{}`", spec.name),
+                    expected: spec.shape,
+                    found: shape,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The RMS of a parameter's update before the learning rate, from the squared norm of its
+/// direction (`O` for Muon, AdamW's direction).
+pub(crate) fn update_rms(config: &HybridConfig, spec: &ParamSpec, direction_sq: f64) -> f64 {
+    let scale = match spec.optimizer() {
+        OptimizerKind::Muon => config.muon.update_scale.factor(spec.shape.rows, spec.shape.cols),
+        OptimizerKind::AdamW => 1.0,
+    };
+    scale * libm::sqrt(direction_sq / spec.shape.len() as f64)
+}
+
+/// Checks that saved state fits `specs` (names, shapes, optimizer kinds, buffer lengths).
+pub(crate) fn check_state<T>(specs: &[ParamSpec], state: &OptimizerState<T>) -> Result<()> {
+    let n = specs.len();
+    if state.params.len() != n {
+        return Err(Error::InvalidState(alloc::format!(
+            "it holds {} parameters, the optimizer has {n}",
+            state.params.len()
+        )));
+    }
+    for (spec, saved) in specs.iter().zip(&state.params) {
+        let expected_buffers = match spec.optimizer() {
+            OptimizerKind::Muon => 1,
+            OptimizerKind::AdamW => 2,
+        };
+        let problem = if saved.name != spec.name {
+            Some(alloc::format!(
+                "found `{}` where `{}` belongs",
+                saved.name,
+                spec.name
+            ))
+        } else if saved.shape != spec.shape {
+            Some(alloc::format!(
+                "`{}` has shape {}, expected {}",
+                spec.name,
+                saved.shape,
+                spec.shape
+            ))
+        } else if saved.kind != spec.optimizer() || saved.buffers.len() != expected_buffers {
+            Some(alloc::format!(
+                "`{}` was saved for {:?}, is stepped by {:?}",
+                spec.name,
+                saved.kind,
+                spec.optimizer()
+            ))
+        } else if saved.buffers.iter().any(|b| b.len() != spec.shape.len()) {
+            Some(alloc::format!("`{}` has a buffer of the wrong length", spec.name))
+        } else {
+            None
+        };
+        if let Some(msg) = problem {
+            return Err(Error::InvalidState(msg));
+        }
+    }
+    Ok(())
 }
 
 /// A host copy of a [`HybridOptimizer`]'s state; serializes with the `serde` feature.

@@ -12,6 +12,8 @@
 //! - [`newton_schulz`], [`muon_step`], [`adamw_step`]: pure functions of the math.
 //! - [`HybridOptimizer`]: routes each parameter by its [`ParamRole`] to Muon or AdamW and
 //!   steps them all in one call, allocating nothing after construction.
+//! - [`DistributedOptimizer`]: the same over a data-parallel group, with the state sharded
+//!   across ranks (the report's ZeRO-1 Distributed Muon) through a small [`Collective`] trait.
 //! - [`Portable`]: a plain-slice backend in this crate, correct but not fast. Fast backends:
 //!   `muon-faer` (CPU) and `muon-cuda` (GPU).
 //!
@@ -128,6 +130,7 @@ extern crate alloc;
 mod adamw;
 mod backend;
 mod diagnostics;
+mod distributed;
 mod error;
 mod hybrid;
 mod muon;
@@ -143,6 +146,7 @@ pub mod nalgebra_backend;
 pub use adamw::{adamw_step, AdamWConfig};
 pub use backend::{AdamWCoefficients, Backend};
 pub use diagnostics::svd_entropy;
+pub use distributed::{shard_capacity, shard_range, Collective, DistributedOptimizer};
 pub use error::{Error, Result};
 pub use hybrid::{
     HybridConfig, HybridOptimizer, OptimizerKind, OptimizerState, ParamRole, ParamSpec, ParamState,

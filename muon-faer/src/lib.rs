@@ -57,6 +57,12 @@
 //! # }
 //! ```
 //!
+//! ## Data-parallel ranks
+//!
+//! [`ThreadGroup`] runs the ranks of muon-core's `DistributedOptimizer` (the report's ZeRO-1
+//! Distributed Muon) as threads of one process: the reference the GPU's NCCL group is tested
+//! against, and a way to check a data-parallel engine on one machine.
+//!
 //! ## Threads
 //!
 //! [`Faer::new`] uses every core [`std::thread::available_parallelism`] reports;
@@ -66,6 +72,7 @@
 
 #![warn(missing_docs)]
 
+mod collective;
 mod elementwise;
 mod matmul;
 mod ns;
@@ -82,6 +89,7 @@ use muon_core::{
 use crate::matmul::Product;
 use crate::team::Team;
 
+pub use crate::collective::{ThreadGroup, Traffic};
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
 
 mod sealed {

@@ -3,16 +3,19 @@
 //!
 //! Warm-up allocates once per thread: faer's packing buffers are thread-local and created on a
 //! thread's first product. The shapes cover every scheduling path: serial, split inside one
-//! matrix, split over a stack of experts, tall and wide, tiny (faer's nano-gemm path).
+//! matrix, split over a stack of experts, tall and wide, tiny (faer's nano-gemm path). A
+//! distributed step over a `ThreadGroup` of three ranks allocates nothing either.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
 
 use muon_core::{
-    newton_schulz, Backend, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz, NsWorkspace, ParamRole,
-    ParamSpec, Shape,
+    newton_schulz, Backend, DistributedOptimizer, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz,
+    NsWorkspace, ParamRole, ParamSpec, Shape,
 };
-use muon_faer::Faer;
+use muon_faer::{Faer, ThreadGroup};
 
 struct Counting;
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
@@ -108,8 +111,69 @@ fn main() {
         });
         assert_eq!(n, 0, "a hybrid step with {threads} threads allocated {n} times");
     }
+    distributed_steps_allocate_nothing();
     println!(
-        "alloc: no allocation after warm-up (Newton-Schulz on {} shapes, hybrid steps; 1-3 threads)",
+        "alloc: no allocation after warm-up (Newton-Schulz on {} shapes, hybrid steps; 1-3 threads; \
+         distributed steps on 3 ranks)",
         SHAPES.len()
+    );
+}
+
+/// Three ranks (threads) step a `DistributedOptimizer` over a `ThreadGroup`; after a warm-up
+/// step, the counter (process-wide) does not move while all three take two more steps.
+fn distributed_steps_allocate_nothing() {
+    let world = 3;
+    let sync = Arc::new(Barrier::new(world));
+    let counts = Arc::new(Mutex::new((0usize, 0usize)));
+    let ranks: Vec<_> = ThreadGroup::<f32>::new(world)
+        .into_iter()
+        .map(|group| {
+            let (sync, counts) = (Arc::clone(&sync), Arc::clone(&counts));
+            thread::spawn(move || {
+                let cpu = Faer::<f32>::with_threads(1);
+                let specs = vec![
+                    ParamSpec::new("embed", Shape::matrix(100, 30), ParamRole::Embedding),
+                    ParamSpec::new("wq", Shape::matrix(30, 30), ParamRole::Hidden),
+                    ParamSpec::new("experts", Shape::batched(4, 30, 50), ParamRole::Hidden),
+                    ParamSpec::new("norm", Shape::vector(31), ParamRole::Norm),
+                ];
+                let rank = group.rank();
+                let mut opt =
+                    DistributedOptimizer::new(&cpu, group, specs.clone(), HybridConfig::default()).unwrap();
+                let mut params: Vec<HostMatrix<f32>> =
+                    specs.iter().map(|s| HostMatrix::zeros(s.shape)).collect();
+                let grads: Vec<HostMatrix<f32>> = specs
+                    .iter()
+                    .map(|s| HostMatrix::from_vec(s.shape, input(s.shape)).unwrap())
+                    .collect();
+                let mut rms = vec![0.0; specs.len()];
+                opt.step(&cpu, &mut params, &grads, 1e-3).unwrap();
+                opt.update_rms(&cpu, &mut rms).unwrap();
+                sync.wait();
+                if rank == 0 {
+                    counts.lock().unwrap().0 = ALLOCATIONS.load(Ordering::SeqCst);
+                }
+                sync.wait();
+                for _ in 0..2 {
+                    opt.step(&cpu, &mut params, &grads, 1e-3).unwrap();
+                    opt.update_rms(&cpu, &mut rms).unwrap();
+                }
+                sync.wait();
+                if rank == 0 {
+                    counts.lock().unwrap().1 = ALLOCATIONS.load(Ordering::SeqCst);
+                }
+                sync.wait();
+            })
+        })
+        .collect();
+    for rank in ranks {
+        rank.join().unwrap();
+    }
+    let (before, after) = *counts.lock().unwrap();
+    assert_eq!(
+        after - before,
+        0,
+        "two distributed steps on 3 ranks allocated {} times",
+        after - before
     );
 }

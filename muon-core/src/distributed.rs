@@ -1,0 +1,430 @@
+//! Distributed Muon: the Moonlight report's ZeRO-1 scheme (SPEC section 3).
+//!
+//! `world` data-parallel ranks each hold the whole model and compute whole gradients on their
+//! own batch, but each keeps only a `1/world` shard of the optimizer state. For every
+//! parameter, a step:
+//!
+//! 1. reduce-scatters the gradients: each rank gets the mean over ranks for its shard;
+//! 2. updates the local shard of the state (Muon's momentum and `N_t`, AdamW's moments);
+//! 3. Muon only: all-gathers the shards of `N_t` into the whole matrix;
+//! 4. Muon only: runs Newton-Schulz on the whole matrix, on every rank;
+//! 5. applies the local slice of the update to the local slice of the parameter;
+//! 6. all-gathers the parameter.
+//!
+//! The result is a single-rank [`HybridOptimizer`](crate::HybridOptimizer) step on the mean
+//! gradient, up to the rounding of the mean. Muon keeps one state buffer (the momentum) where
+//! AdamW keeps two, so its state per rank is half of AdamW's; it communicates `N_t` on top of
+//! AdamW's gradient and parameter traffic.
+//!
+//! A shard is a contiguous range of the flattened (row-major) stack, see [`shard_range`]. All
+//! ranks hold shard buffers of the same length, [`shard_capacity`]: collectives like NCCL's
+//! want equal counts, and the last ranks' buffers end in zeros.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use crate::hybrid::{check_state, check_step_inputs, find_or_push, update_rms};
+use crate::{
+    newton_schulz, Backend, Error, HybridConfig, NsWorkspace, OptimizerKind, OptimizerState, ParamSpec,
+    ParamState, Real, Result, Shape, StepReport,
+};
+
+/// The length of every rank's shard buffer for a tensor of `len` elements: `ceil(len / world)`.
+pub fn shard_capacity(len: usize, world: usize) -> usize {
+    len.div_ceil(world.max(1))
+}
+
+/// The elements of a `len`-element tensor that rank `rank` of `world` owns: a contiguous
+/// range of `shard_capacity(len, world)` elements, cut short (possibly to nothing) at the end.
+pub fn shard_range(len: usize, world: usize, rank: usize) -> Range<usize> {
+    let cap = shard_capacity(len, world);
+    let start = (rank * cap).min(len);
+    start..(start + cap).min(len)
+}
+
+/// The communication Distributed Muon needs among the ranks of a data-parallel group.
+///
+/// `full` tensors have the same shape on every rank; `shard` buffers are vectors of
+/// [`shard_capacity`]`(full.len(), world)` elements, of which this rank's
+/// [`shard_range`] fills the front and zeros the rest. Every rank must call the same
+/// operations in the same order (they are collectives); work is ordered like the backend's.
+pub trait Collective<B: Backend> {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of ranks.
+    fn world_size(&self) -> usize;
+
+    /// `shard = mean over ranks of full[shard_range(rank)]`.
+    fn reduce_scatter_mean(&self, backend: &B, full: &B::Matrix, shard: &mut B::Matrix) -> Result<()>;
+
+    /// `full[shard_range(r)] = shard of rank r`, for every rank `r`.
+    fn all_gather(&self, backend: &B, shard: &B::Matrix, full: &mut B::Matrix) -> Result<()>;
+
+    /// `shard = full[shard_range(rank)]`, on this rank alone (no communication).
+    fn copy_shard(&self, backend: &B, full: &B::Matrix, shard: &mut B::Matrix) -> Result<()>;
+}
+
+/// A parameter's shard of optimizer state, and the indices of the buffers it shares.
+enum ShardSlot<B: Backend> {
+    Muon {
+        momentum: B::Matrix,
+        workspace: usize,
+        scratch: usize,
+    },
+    AdamW {
+        m: B::Matrix,
+        v: B::Matrix,
+        scratch: usize,
+    },
+}
+
+/// Scratch for one shard length, shared by every parameter whose shards have that length.
+struct ShardScratch<B: Backend> {
+    /// `N_t`'s shard, then the update's (`O_t`'s, or AdamW's direction).
+    update: B::Matrix,
+    /// The parameter's slice while it is updated.
+    param: B::Matrix,
+}
+
+/// Per-parameter squared norms: this rank's shard sums, every rank's, and their host copy.
+struct RankSums<B: Backend> {
+    local: B::Matrix,
+    gathered: B::Matrix,
+    host: Vec<B::Elem>,
+}
+
+impl<B: Backend> RankSums<B> {
+    fn new(backend: &B, params: usize, world: usize) -> Result<Self> {
+        Ok(RankSums {
+            local: backend.zeros(Shape::vector(params))?,
+            gathered: backend.zeros(Shape::vector(params * world))?,
+            host: vec![B::Elem::ZERO; params * world],
+        })
+    }
+
+    /// Gathers every rank's sums into the host copy.
+    fn gather<C: Collective<B>>(&mut self, backend: &B, collective: &C) -> Result<()> {
+        collective.all_gather(backend, &self.local, &mut self.gathered)?;
+        backend.download(&self.gathered, &mut self.host)
+    }
+
+    /// Parameter `i`'s total over ranks, summed in rank order so every rank gets the same bits.
+    fn total(&self, i: usize, params: usize) -> f64 {
+        self.host.iter().skip(i).step_by(params).map(|s| s.to_f64()).sum()
+    }
+}
+
+/// [`HybridOptimizer`](crate::HybridOptimizer) over a data-parallel group: Muon for hidden
+/// matrices, AdamW for the rest, with the state sharded across ranks (ZeRO-1).
+///
+/// Each rank builds one with the same parameter list and configuration and its own
+/// [`Collective`], then calls [`step`](Self::step) with its parameters (the same on every
+/// rank) and its own gradients. `step`, [`update_rms`](Self::update_rms),
+/// [`export_state`](Self::export_state) and [`import_state`](Self::import_state) are
+/// collectives: every rank calls them together. All buffers are allocated in `new`; a step
+/// allocates nothing and reads one small vector back from the backend.
+///
+/// Checks of the arguments (counts, shapes, the learning rate) run before any communication,
+/// so ranks given the same arguments fail together. A non-finite gradient on any rank makes
+/// every rank refuse the step, with nothing changed.
+pub struct DistributedOptimizer<B: Backend, C: Collective<B>> {
+    collective: C,
+    config: HybridConfig,
+    specs: Vec<ParamSpec>,
+    slots: Vec<ShardSlot<B>>,
+    /// The mean gradient's shard, one per parameter: all are reduced before any state changes.
+    grad_shards: Vec<B::Matrix>,
+    workspaces: Vec<NsWorkspace<B>>,
+    scratch: Vec<ShardScratch<B>>,
+    step: u64,
+    grad_sq: RankSums<B>,
+    update_sq: RankSums<B>,
+}
+
+impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
+    /// Validates the configuration, the parameter list and the group, and allocates this
+    /// rank's state shards (zeros) and workspaces.
+    pub fn new(backend: &B, collective: C, specs: Vec<ParamSpec>, config: HybridConfig) -> Result<Self> {
+        config.muon.validate()?;
+        config.adamw.validate()?;
+        let world = collective.world_size();
+        if world == 0 || collective.rank() >= world {
+            return Err(Error::InvalidConfig(alloc::format!(
+                "rank {} of a group of {world}",
+                collective.rank()
+            )));
+        }
+        if specs.is_empty() {
+            return Err(Error::InvalidConfig("the parameter list is empty".into()));
+        }
+        let mut workspaces: Vec<NsWorkspace<B>> = Vec::new();
+        let mut scratch: Vec<ShardScratch<B>> = Vec::new();
+        let mut slots = Vec::with_capacity(specs.len());
+        let mut grad_shards = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            if spec.shape.is_empty() {
+                return Err(Error::EmptyMatrix {
+                    what: alloc::format!("parameter `{}` ({})", spec.name, spec.shape),
+                });
+            }
+            let shard = Shape::vector(shard_capacity(spec.shape.len(), world));
+            let scratch_index = find_or_push(
+                &mut scratch,
+                |s| B::shape(&s.update) == shard,
+                || {
+                    Ok(ShardScratch {
+                        update: backend.zeros(shard)?,
+                        param: backend.zeros(shard)?,
+                    })
+                },
+            )?;
+            grad_shards.push(backend.zeros(shard)?);
+            slots.push(match spec.optimizer() {
+                OptimizerKind::Muon => ShardSlot::Muon {
+                    momentum: backend.zeros(shard)?,
+                    workspace: find_or_push(
+                        &mut workspaces,
+                        |w| w.shape() == spec.shape,
+                        || NsWorkspace::new(backend, spec.shape),
+                    )?,
+                    scratch: scratch_index,
+                },
+                OptimizerKind::AdamW => ShardSlot::AdamW {
+                    m: backend.zeros(shard)?,
+                    v: backend.zeros(shard)?,
+                    scratch: scratch_index,
+                },
+            });
+        }
+        let n = specs.len();
+        Ok(DistributedOptimizer {
+            grad_sq: RankSums::new(backend, n, world)?,
+            update_sq: RankSums::new(backend, n, world)?,
+            collective,
+            config,
+            specs,
+            slots,
+            grad_shards,
+            workspaces,
+            scratch,
+            step: 0,
+        })
+    }
+
+    /// The parameters, in the order `step` expects them.
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HybridConfig {
+        &self.config
+    }
+
+    /// This rank's communicator.
+    pub fn collective(&self) -> &C {
+        &self.collective
+    }
+
+    /// Steps taken so far.
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Elements of optimizer state this rank holds (momenta, moments): about `1/world` of a
+    /// single-rank optimizer's.
+    pub fn state_len(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|slot| match slot {
+                ShardSlot::Muon { momentum, .. } => B::shape(momentum).len(),
+                ShardSlot::AdamW { m, v, .. } => B::shape(m).len() + B::shape(v).len(),
+            })
+            .sum()
+    }
+
+    /// One step of every parameter, from this rank's gradients, with learning rate `lr`; on
+    /// return `params` hold the new values on every rank. A collective.
+    ///
+    /// The step uses the mean of the ranks' gradients: give each rank the gradient of its own
+    /// batch's mean loss and the step equals a single-rank step on all the batches together.
+    /// Errors, with nothing changed: a count or shape that does not match, a non-finite `lr`,
+    /// or a mean gradient with NaN or Inf.
+    pub fn step(
+        &mut self,
+        backend: &B,
+        params: &mut [B::Matrix],
+        grads: &[B::Matrix],
+        lr: f64,
+    ) -> Result<StepReport> {
+        check_step_inputs::<B>(&self.specs, params, grads, lr)?;
+        let c = &self.collective;
+        // 1. The mean gradients' shards, and the one read to the host: their squared norms.
+        for (i, (grad, shard)) in grads.iter().zip(&mut self.grad_shards).enumerate() {
+            c.reduce_scatter_mean(backend, grad, shard)?;
+            backend.sum_squares(shard, &mut self.grad_sq.local, i)?;
+        }
+        self.grad_sq.gather(backend, c)?;
+        let n = self.specs.len();
+        let mut total = 0.0;
+        for i in 0..n {
+            let sq = self.grad_sq.total(i, n);
+            if !sq.is_finite() {
+                return Err(Error::NonFiniteGradient {
+                    index: i,
+                    name: self.specs[i].name.clone(),
+                });
+            }
+            total += sq;
+        }
+
+        self.step += 1;
+        let e = |v: f64| B::Elem::from_f64(v);
+        let (muon, adamw) = (&self.config.muon, &self.config.adamw);
+        let adamw_coefficients = adamw.coefficients(self.step);
+        for (i, (param, spec)) in params.iter_mut().zip(&self.specs).enumerate() {
+            let grad = &self.grad_shards[i];
+            // 2-4: the update's shard in `s.update`, and its step size and decay.
+            let (s, step, decay) = match &mut self.slots[i] {
+                ShardSlot::Muon {
+                    momentum,
+                    workspace,
+                    scratch,
+                } => {
+                    let s = &mut self.scratch[*scratch];
+                    let ws = &mut self.workspaces[*workspace];
+                    backend.momentum_nesterov(
+                        momentum,
+                        grad,
+                        e(muon.momentum),
+                        muon.nesterov,
+                        &mut s.update,
+                    )?;
+                    c.all_gather(backend, &s.update, &mut ws.x)?;
+                    newton_schulz(backend, &muon.newton_schulz, ws)?;
+                    c.copy_shard(backend, &ws.x, &mut s.update)?;
+                    let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
+                    (s, lr * scale, lr * muon.weight_decay)
+                }
+                ShardSlot::AdamW { m, v, scratch } => {
+                    let s = &mut self.scratch[*scratch];
+                    backend.adamw_direction(&mut s.update, grad, m, v, &adamw_coefficients)?;
+                    (s, lr, lr * adamw.weight_decay)
+                }
+            };
+            backend.sum_squares(&s.update, &mut self.update_sq.local, i)?;
+            // 5-6: update this rank's slice of the parameter, then share it.
+            c.copy_shard(backend, param, &mut s.param)?;
+            backend.apply_update(&mut s.param, &s.update, e(step), e(decay))?;
+            c.all_gather(backend, &s.param, param)?;
+        }
+        Ok(StepReport {
+            step: self.step,
+            grad_norm: libm::sqrt(total),
+        })
+    }
+
+    /// The per-parameter L2 norms of the last step's mean gradients (host values).
+    pub fn grad_norms(&self) -> impl Iterator<Item = f64> + '_ {
+        let n = self.specs.len();
+        (0..n).map(move |i| libm::sqrt(self.grad_sq.total(i, n)))
+    }
+
+    /// The RMS of each parameter's last update before the learning rate, as
+    /// [`HybridOptimizer::update_rms`](crate::HybridOptimizer::update_rms) gives it. A
+    /// collective (it gathers every rank's shard sums).
+    pub fn update_rms(&mut self, backend: &B, out: &mut [f64]) -> Result<()> {
+        let n = self.specs.len();
+        if out.len() != n {
+            return Err(Error::CountMismatch {
+                what: "update RMS outputs",
+                expected: n,
+                found: out.len(),
+            });
+        }
+        self.update_sq.gather(backend, &self.collective)?;
+        for (i, (o, spec)) in out.iter_mut().zip(&self.specs).enumerate() {
+            *o = update_rms(&self.config, spec, self.update_sq.total(i, n));
+        }
+        Ok(())
+    }
+
+    /// The whole optimizer state, gathered from every rank: the same host copy a single-rank
+    /// [`HybridOptimizer`](crate::HybridOptimizer) exports, so a run can resume on any number
+    /// of ranks. A collective; allocates.
+    pub fn export_state(&self, backend: &B) -> Result<OptimizerState<B::Elem>> {
+        let mut params = Vec::with_capacity(self.specs.len());
+        for (spec, slot) in self.specs.iter().zip(&self.slots) {
+            let mut full = backend.zeros(spec.shape)?;
+            let mut gather = |shard: &B::Matrix| -> Result<Vec<B::Elem>> {
+                self.collective.all_gather(backend, shard, &mut full)?;
+                let mut host = vec![B::Elem::ZERO; spec.shape.len()];
+                backend.download(&full, &mut host)?;
+                Ok(host)
+            };
+            let (kind, buffers) = match slot {
+                ShardSlot::Muon { momentum, .. } => (OptimizerKind::Muon, vec![gather(momentum)?]),
+                ShardSlot::AdamW { m, v, .. } => (OptimizerKind::AdamW, vec![gather(m)?, gather(v)?]),
+            };
+            params.push(ParamState {
+                name: spec.name.clone(),
+                shape: spec.shape,
+                kind,
+                buffers,
+            });
+        }
+        Ok(OptimizerState {
+            step: self.step,
+            params,
+        })
+    }
+
+    /// Restores whole state (from [`export_state`](Self::export_state) or a single-rank
+    /// optimizer's) for the same parameter list; each rank keeps its shards. Checks
+    /// everything before changing anything. A collective in name only: it communicates
+    /// nothing, but every rank must load the same state.
+    pub fn import_state(&mut self, backend: &B, state: &OptimizerState<B::Elem>) -> Result<()> {
+        check_state(&self.specs, state)?;
+        for ((spec, slot), saved) in self.specs.iter().zip(&mut self.slots).zip(&state.params) {
+            let mut full = backend.zeros(spec.shape)?;
+            let mut scatter = |host: &[B::Elem], shard: &mut B::Matrix| -> Result<()> {
+                backend.upload(&mut full, host)?;
+                self.collective.copy_shard(backend, &full, shard)
+            };
+            match slot {
+                ShardSlot::Muon { momentum, .. } => scatter(&saved.buffers[0], momentum)?,
+                ShardSlot::AdamW { m, v, .. } => {
+                    scatter(&saved.buffers[0], m)?;
+                    scatter(&saved.buffers[1], v)?;
+                }
+            }
+        }
+        self.step = state.step;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_tile_the_tensor_in_rank_order() {
+        for len in 0..40 {
+            for world in 1..7 {
+                let cap = shard_capacity(len, world);
+                let mut next = 0;
+                for rank in 0..world {
+                    let range = shard_range(len, world, rank);
+                    assert_eq!(range.start, next, "len {len}, world {world}, rank {rank}");
+                    assert!(range.len() <= cap);
+                    next = range.end;
+                }
+                assert_eq!(next, len, "len {len}, world {world}: shards do not cover the tensor");
+                assert!(cap * world >= len && cap * world < len + world);
+            }
+        }
+    }
+}
