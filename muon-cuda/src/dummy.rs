@@ -5,7 +5,7 @@
 //! statically unreachable (`match self.never {}`), not stubs. Code that names the backend
 //! compiles the same with and without the feature (candle's dummy CUDA backend pattern).
 
-use muon_core::{AdamWCoefficients, Backend, Error, Result, Shape, Transpose};
+use muon_core::{AdamWCoefficients, Backend, Collective, Error, Result, Shape, Transpose};
 
 use crate::Precision;
 
@@ -140,6 +140,68 @@ impl Backend for CudaBackend {
     }
 }
 
+/// The identity of an NCCL group (128 bytes); see the `cuda` build.
+#[derive(Clone, Copy, Debug)]
+pub struct NcclId([u8; 128]);
+
+impl NcclId {
+    /// The id's bytes, to send to the other ranks.
+    pub fn as_bytes(&self) -> [u8; 128] {
+        self.0
+    }
+
+    /// An id received from rank 0.
+    pub fn from_bytes(bytes: [u8; 128]) -> Self {
+        NcclId(bytes)
+    }
+}
+
+/// One rank of an NCCL group; this build has no `cuda` feature, so none can be made.
+#[derive(Debug)]
+pub struct NcclGroup {
+    never: Never,
+}
+
+impl NcclGroup {
+    /// Always an error in this build: muon-cuda was built without the `cuda` feature.
+    pub fn unique_id() -> Result<NcclId> {
+        Err(Error::Backend(crate::NOT_COMPILED.into()))
+    }
+
+    /// Always an error in this build: muon-cuda was built without the `cuda` feature.
+    pub fn new(backend: &CudaBackend, rank: usize, world: usize, id: NcclId) -> Result<Self> {
+        let _ = (rank, world, id);
+        match backend.never {}
+    }
+}
+
+impl Collective<CudaBackend> for NcclGroup {
+    fn rank(&self) -> usize {
+        match self.never {}
+    }
+
+    fn world_size(&self) -> usize {
+        match self.never {}
+    }
+
+    fn reduce_scatter_mean(
+        &self,
+        _: &CudaBackend,
+        _full: &CudaMatrix,
+        _shard: &mut CudaMatrix,
+    ) -> Result<()> {
+        match self.never {}
+    }
+
+    fn all_gather(&self, _: &CudaBackend, _shard: &CudaMatrix, _full: &mut CudaMatrix) -> Result<()> {
+        match self.never {}
+    }
+
+    fn copy_shard(&self, _: &CudaBackend, _full: &CudaMatrix, _shard: &mut CudaMatrix) -> Result<()> {
+        match self.never {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +212,12 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("built without the `cuda` feature"), "{msg}");
         assert!(!is_available());
+        let err = NcclGroup::unique_id().unwrap_err();
+        assert!(
+            err.to_string().contains("built without the `cuda` feature"),
+            "{err}"
+        );
+        let id = NcclId::from_bytes([7; 128]);
+        assert_eq!(id.as_bytes(), [7; 128]);
     }
 }

@@ -1,4 +1,5 @@
 //! Every `unsafe` block of the crate: library probes, kernel launches, raw cuBLAS calls.
+//! (NCCL goes through cudarc's safe API, in `nccl.rs`.)
 //!
 //! Each function here is safe to call: it checks what its `unsafe` block relies on (buffer
 //! lengths, index ranges, integer ranges) with assertions, so a caller's mistake panics
@@ -44,6 +45,12 @@ pub(crate) fn cublas_library_present() -> bool {
 pub(crate) fn nvrtc_library_present() -> bool {
     // SAFETY: as in `driver_library_present`: a dlopen probe by name, no symbol called.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether the NCCL library can be loaded.
+pub(crate) fn nccl_library_present() -> bool {
+    // SAFETY: as in `driver_library_present`: a dlopen probe by name, no symbol called.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
 }
 
 /// Compiles `source` with NVRTC for the real architecture `arch` (`"sm_90"`) and returns the

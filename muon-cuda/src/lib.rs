@@ -34,10 +34,33 @@
 //! # }
 //! ```
 //!
+//! ## Several GPUs
+//!
+//! [`NcclGroup`] is muon-core's `Collective` on NCCL: each rank (a process or thread per GPU)
+//! hands one to a `muon_core::DistributedOptimizer`, which shards the optimizer state across
+//! the ranks (the report's ZeRO-1 Distributed Muon). NCCL is loaded when a group is made, so
+//! single-GPU use needs no NCCL library.
+//!
+//! ```no_run
+//! use muon_core::{DistributedOptimizer, HybridConfig, ParamRole, ParamSpec, Shape};
+//! use muon_cuda::{CudaBackend, NcclGroup, NcclId};
+//!
+//! # fn main() -> muon_core::Result<()> {
+//! # let (rank, world) = (0, 1);
+//! # let id_from_rank_0 = NcclGroup::unique_id()?.as_bytes();
+//! let gpu = CudaBackend::new(rank)?;
+//! // Rank 0 made the id with `NcclGroup::unique_id()` and sent its bytes to every rank.
+//! let group = NcclGroup::new(&gpu, rank, world, NcclId::from_bytes(id_from_rank_0))?;
+//! let specs = vec![ParamSpec::new("w", Shape::matrix(1024, 4096), ParamRole::Hidden)];
+//! let mut opt = DistributedOptimizer::new(&gpu, group, specs, HybridConfig::default())?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Crate features
 //!
 //! - `cuda` (off by default): compile the backend. cudarc loads the CUDA libraries (driver,
-//!   cuBLAS, NVRTC) when the program runs, so the build needs neither a GPU nor a CUDA
+//!   cuBLAS, NVRTC, NCCL) when the program runs, so the build needs neither a GPU nor a CUDA
 //!   toolkit. Without the feature the same public types exist, [`is_available`] is `false` and
 //!   [`CudaBackend::new`] returns an error saying that muon-cuda was built without the `cuda`
 //!   feature, so code that names the backend compiles either way.
@@ -58,6 +81,8 @@ mod layout;
 mod device;
 #[cfg(feature = "cuda")]
 mod ffi;
+#[cfg(feature = "cuda")]
+mod nccl;
 
 // The stand-in types of a build without `cuda`. Compiled, linted and unit-tested in every
 // build, so CI (which builds with all features) still checks them.
@@ -67,7 +92,9 @@ mod dummy;
 #[cfg(feature = "cuda")]
 pub use device::{is_available, CudaBackend, CudaMatrix};
 #[cfg(not(feature = "cuda"))]
-pub use dummy::{is_available, CudaBackend, CudaMatrix};
+pub use dummy::{is_available, CudaBackend, CudaMatrix, NcclGroup, NcclId};
+#[cfg(feature = "cuda")]
+pub use nccl::{NcclGroup, NcclId};
 
 /// The error message of every constructor in a build without the `cuda` feature.
 pub const NOT_COMPILED: &str = "muon-cuda was built without the `cuda` feature: rebuild with \
@@ -77,6 +104,12 @@ pub const NOT_COMPILED: &str = "muon-cuda was built without the `cuda` feature: 
 pub const NO_NVRTC: &str = "the NVRTC library (libnvrtc.so.12) was not found on the dynamic \
      loader's path: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc-cu12` and add \
      its `nvidia/cuda_nvrtc/lib` directory to LD_LIBRARY_PATH (see muon-cuda's README)";
+
+/// The error message when the NCCL library cannot be loaded (by [`NcclGroup`]).
+pub const NO_NCCL: &str = "the NCCL library (libnccl.so) was not found on the dynamic loader's \
+     path: `pip install nvidia-nccl-cu12`, link `libnccl.so` to the `libnccl.so.2` in its \
+     `nvidia/nccl/lib` directory (cudarc looks for the unversioned name) and add that directory \
+     to LD_LIBRARY_PATH, or install NCCL's development package";
 
 /// The arithmetic of the GEMMs (the Newton-Schulz products); elementwise work and reductions
 /// are always `f32` with `f64` accumulation.

@@ -43,3 +43,19 @@ fn without_a_gpu_the_error_says_what_is_missing() {
     );
     eprintln!("without_a_gpu_the_error_says_what_is_missing: no GPU here, error was: {msg}");
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn an_nccl_id_without_the_nccl_library_names_the_library() {
+    // Making a group's id needs libnccl but no GPU: where NCCL is missing the error must say
+    // which library and how to get it; where it is present the id is made.
+    match muon_cuda::NcclGroup::unique_id() {
+        Ok(id) => {
+            let bytes = id.as_bytes();
+            assert_eq!(muon_cuda::NcclId::from_bytes(bytes).as_bytes(), bytes);
+            eprintln!("an_nccl_id_without_the_nccl_library_names_the_library: NCCL present, id made");
+        }
+        Err(Error::Collective(msg)) => assert_eq!(msg, muon_cuda::NO_NCCL),
+        Err(other) => panic!("expected Error::Collective naming NCCL, got {other:?}"),
+    }
+}
