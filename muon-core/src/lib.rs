@@ -146,7 +146,7 @@ pub mod nalgebra_backend;
 pub use adamw::{adamw_step, AdamWConfig};
 pub use backend::{AdamWCoefficients, Backend};
 pub use diagnostics::svd_entropy;
-pub use distributed::{shard_capacity, shard_range, Collective, DistributedOptimizer};
+pub use distributed::{round_to_bf16, shard_capacity, shard_range, Collective, DistributedOptimizer};
 pub use error::{Error, Result};
 pub use hybrid::{
     HybridConfig, HybridOptimizer, OptimizerKind, OptimizerState, ParamRole, ParamSpec, ParamState,

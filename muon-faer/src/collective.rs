@@ -11,7 +11,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use muon_core::{shard_capacity, shard_range, Backend, Collective, Error, HostMatrix, Real, Result};
+use muon_core::{
+    round_to_bf16, shard_capacity, shard_range, Backend, Collective, Error, HostMatrix, Real, Result,
+};
 
 /// One rank's handle on a group of threads; [`ThreadGroup::new`] makes one per rank.
 ///
@@ -55,7 +57,7 @@ struct Shared<T> {
     arrived_all: Condvar,
     /// What each rank posted for the collective in progress.
     slots: Vec<RwLock<Vec<T>>>,
-    /// Elements each rank passed to the group, per kind of collective.
+    /// Bytes each rank passed to the group, per kind of collective.
     traffic: [AtomicU64; 2],
 }
 
@@ -66,14 +68,14 @@ struct BarrierState {
     departed: usize,
 }
 
-/// Elements of full tensors that went through the group's collectives, per rank: what
-/// [`ThreadGroup::traffic`] returns. In a ring, each costs `(world - 1) / world` of that in
-/// elements sent per rank.
+/// Bytes of full tensors that went through the group's collectives, per rank: what
+/// [`ThreadGroup::traffic`] returns. In a ring, a rank sends `(world - 1) / world` of each.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
     /// Reduce-scatters (the gradients).
     pub reduce_scatter: u64,
-    /// All-gathers (Muon's `N_t`, the parameters, the small vectors of norms).
+    /// All-gathers (Muon's `N_t`, 2 bytes an element in bf16; the parameters; the small
+    /// vectors of norms).
     pub all_gather: u64,
 }
 
@@ -143,17 +145,17 @@ impl<T: Real> ThreadGroup<T> {
         Ok(())
     }
 
-    /// Posts `data` into this rank's slot (reusing its memory), then waits for every rank.
-    /// `kind` and `full_len` count the traffic: which collective, and its full tensor's size.
-    fn post(&self, data: &[T], kind: usize, full_len: usize) -> Result<()> {
+    /// Fills this rank's slot with `fill` (reusing its memory), counts `bytes` of traffic of
+    /// `kind`, then waits for every rank.
+    fn post(&self, kind: usize, bytes: usize, fill: impl FnOnce(&mut Vec<T>)) -> Result<()> {
         {
             let mut slot = self.shared.slots[self.rank]
                 .write()
                 .map_err(|_| self.poisoned())?;
             slot.clear();
-            slot.extend_from_slice(data);
+            fill(&mut slot);
         }
-        self.shared.traffic[kind].fetch_add(full_len as u64, Ordering::Relaxed);
+        self.shared.traffic[kind].fetch_add(bytes as u64, Ordering::Relaxed);
         self.barrier()
     }
 
@@ -173,6 +175,33 @@ impl<T: Real> ThreadGroup<T> {
         }
         // Wait even after an error, so the other ranks are not left at the barrier.
         self.barrier().and(result)
+    }
+
+    /// All-gather, with the values rounded to bf16 on the wire when `bf16`.
+    fn gather(&self, shard: &HostMatrix<T>, full: &mut HostMatrix<T>, bf16: bool) -> Result<()> {
+        let (n, world) = (full.as_slice().len(), self.shared.world);
+        self.check_shard("all-gather", n, shard.as_slice().len())?;
+        let own = &shard.as_slice()[..shard_range(n, world, self.rank).len()];
+        let bytes = n * if bf16 { 2 } else { size_of::<T>() };
+        self.post(1, bytes, |slot| {
+            if bf16 {
+                slot.extend(
+                    own.iter()
+                        .map(|v| T::from_f64(round_to_bf16(v.to_f64() as f32) as f64)),
+                );
+            } else {
+                slot.extend_from_slice(own);
+            }
+        })?;
+        let out = full.as_mut_slice();
+        self.read_all(|r, theirs| {
+            let range = shard_range(n, world, r);
+            if theirs.len() != range.len() {
+                return Err(disagree(self.rank, "all-gather", r, theirs.len(), range.len()));
+            }
+            out[range].copy_from_slice(theirs);
+            Ok(())
+        })
     }
 
     fn check_shard(&self, what: &str, full: usize, shard: usize) -> Result<()> {
@@ -226,7 +255,9 @@ where
     ) -> Result<()> {
         let (n, world) = (full.as_slice().len(), self.shared.world);
         self.check_shard("reduce-scatter", n, shard.as_slice().len())?;
-        self.post(full.as_slice(), 0, n)?;
+        self.post(0, n * size_of::<B::Elem>(), |slot| {
+            slot.extend_from_slice(full.as_slice())
+        })?;
         let range = shard_range(n, world, self.rank);
         let out = shard.as_mut_slice();
         out.fill(B::Elem::ZERO);
@@ -246,19 +277,17 @@ where
     }
 
     fn all_gather(&self, _: &B, shard: &HostMatrix<B::Elem>, full: &mut HostMatrix<B::Elem>) -> Result<()> {
-        let (n, world) = (full.as_slice().len(), self.shared.world);
-        self.check_shard("all-gather", n, shard.as_slice().len())?;
-        let own = shard_range(n, world, self.rank);
-        self.post(&shard.as_slice()[..own.len()], 1, n)?;
-        let out = full.as_mut_slice();
-        self.read_all(|r, theirs| {
-            let range = shard_range(n, world, r);
-            if theirs.len() != range.len() {
-                return Err(disagree(self.rank, "all-gather", r, theirs.len(), range.len()));
-            }
-            out[range].copy_from_slice(theirs);
-            Ok(())
-        })
+        self.gather(shard, full, false)
+    }
+
+    /// Posts each value rounded to bf16, and counts 2 bytes per element.
+    fn all_gather_bf16(
+        &self,
+        _: &B,
+        shard: &HostMatrix<B::Elem>,
+        full: &mut HostMatrix<B::Elem>,
+    ) -> Result<()> {
+        self.gather(shard, full, true)
     }
 
     fn copy_shard(&self, _: &B, full: &HostMatrix<B::Elem>, shard: &mut HostMatrix<B::Elem>) -> Result<()> {

@@ -374,9 +374,10 @@ fn muon_moves_its_n_t_on_top_of_adamws_traffic() {
             OptimizerKind::AdamW => 2 * s.shape.len() as u64,
         })
         .sum();
+    let bytes = 8; // f64
     let expected = Traffic {
-        reduce_scatter: steps * all,
-        all_gather: steps * (all + muon + norms) + state,
+        reduce_scatter: bytes * steps * all,
+        all_gather: bytes * (steps * (all + muon + norms) + state),
     };
     assert_eq!(ranks[0].traffic, expected);
 }
@@ -469,4 +470,86 @@ fn collectives_name_a_shard_of_the_wrong_length() {
     assert!(err.to_string().contains("expected 20"), "{err}");
     let err = Collective::<Faer<f64>>::reduce_scatter_mean(&group, &cpu, &full, &mut shard).unwrap_err();
     assert!(err.to_string().contains("reduce-scatter"), "{err}");
+}
+
+/// One step of a matrices-only model (the report's accounting: every parameter a matrix) on
+/// 2 f32 ranks; returns the step's traffic and the parameters after it.
+fn one_step_traffic(kind: OptimizerKind, bf16_gather: bool) -> (Traffic, Vec<Vec<f64>>) {
+    let specs: Vec<ParamSpec> = [(32, 48), (48, 32), (40, 40)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(r, c))| {
+            ParamSpec::new(format!("w{i}"), Shape::matrix(r, c), ParamRole::Hidden).with_optimizer(kind)
+        })
+        .collect();
+    let handles: Vec<_> = ThreadGroup::<f32>::new(2)
+        .into_iter()
+        .map(|group| {
+            let specs = specs.clone();
+            thread::spawn(move || {
+                let cpu = Faer::<f32>::with_threads(1);
+                let rank = group.rank();
+                let mut opt = DistributedOptimizer::new(&cpu, group, specs.clone(), HybridConfig::default())
+                    .unwrap()
+                    .with_bf16_gather(bf16_gather);
+                let mut params: Vec<HostMatrix<f32>> = specs
+                    .iter()
+                    .zip(initial_params(&specs))
+                    .map(|(s, p)| upload(&cpu, s.shape, &p))
+                    .collect();
+                let grads: Vec<HostMatrix<f32>> = specs
+                    .iter()
+                    .enumerate()
+                    .map(|(p, s)| upload(&cpu, s.shape, &grad(s, p, 0, rank)))
+                    .collect();
+                opt.step(&cpu, &mut params, &grads, 0.02).unwrap();
+                // A last collective, so every rank's step is counted when this rank reads.
+                let mut rms = vec![0.0; specs.len()];
+                opt.update_rms(&cpu, &mut rms).unwrap();
+                (
+                    opt.collective().traffic(),
+                    params.iter().map(|m| host(&cpu, m)).collect::<Vec<_>>(),
+                )
+            })
+        })
+        .collect();
+    let mut results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    results.pop().unwrap()
+}
+
+#[test]
+fn muon_communicates_1_25x_adamws_bytes_with_n_t_in_bf16() {
+    // The report: Distributed Muon's communication is 1 to 1.25x AdamW's (ZeRO-1). Per step
+    // and parameter element, AdamW reduce-scatters the f32 gradient (4 bytes) and all-gathers
+    // the f32 parameter (4); Muon also all-gathers N_t: 2 bytes in bf16, 1.25x in all, or 4
+    // bytes in f32, 1.5x. The small vectors of norms (two per step, 8 floats each) add 0.2%.
+    let (adamw, _) = one_step_traffic(OptimizerKind::AdamW, false);
+    let (muon_f32, exact) = one_step_traffic(OptimizerKind::Muon, false);
+    let (muon_bf16, rounded) = one_step_traffic(OptimizerKind::Muon, true);
+    let total = |t: Traffic| (t.reduce_scatter + t.all_gather) as f64;
+    let bf16_ratio = total(muon_bf16) / total(adamw);
+    let f32_ratio = total(muon_f32) / total(adamw);
+    eprintln!("traffic per step vs AdamW: Muon, N_t in bf16 {bf16_ratio:.4}x; in f32 {f32_ratio:.4}x");
+    assert!(
+        (bf16_ratio - 1.25).abs() < 3e-3,
+        "bf16 gather: {bf16_ratio}x AdamW's traffic"
+    );
+    assert!(
+        (f32_ratio - 1.5).abs() < 3e-3,
+        "f32 gather: {f32_ratio}x AdamW's traffic"
+    );
+
+    // The rounding reaches the parameters, but only at bf16's scale: each N_t element moves
+    // by at most 2^-9 relative, Newton-Schulz (normalized, about norm-preserving) turns that
+    // into an update error of the same order, and the update is lr * 0.2 * sqrt(max side)
+    // times O (about 0.02 * 0.2 * 7 = 0.03 per element at most here), so the parameters move
+    // by well under 0.03 * 2^-9 * 10 = 6e-4 (a factor 10 for the iteration's amplification).
+    let worst = exact
+        .iter()
+        .zip(&rounded)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f64::max);
+    eprintln!("bf16 gather: parameters within {worst:e} of the f32 gather's");
+    assert!(worst > 0.0, "a bf16 gather changed nothing: N_t was not rounded");
+    assert!(worst < 6e-4, "bf16 gather moved a parameter by {worst:e}");
 }
