@@ -70,6 +70,7 @@ struct Kernels {
     scale_items: CudaFunction,
     cast_bf16: CudaFunction,
     add_diagonal: CudaFunction,
+    widen_bf16: CudaFunction,
 }
 
 /// Device scratch reused by every call: it grows to the largest size seen (warm-up), then a
@@ -201,6 +202,7 @@ impl CudaBackend {
             scale_items: load("muon_scale_items")?,
             cast_bf16: load("muon_cast_bf16")?,
             add_diagonal: load("muon_add_diagonal")?,
+            widen_bf16: load("muon_widen_bf16")?,
         };
         let stream = ctx
             .new_stream()
@@ -245,6 +247,17 @@ impl CudaBackend {
     /// The device's name and compute capability, e.g. `"NVIDIA H100 80GB HBM3 (sm_90)"`.
     pub fn device_name(&self) -> String {
         format!("{} (sm_{}{})", self.name, self.capability.0, self.capability.1)
+    }
+
+    /// `y[..x.len()] = bf16 bits of x` (round to nearest even), on the stream.
+    pub(crate) fn cast_to_bf16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> Result<()> {
+        ffi::cast_bf16(&self.stream, &self.kernels.cast_bf16, x, y).map_err(|e| backend_error("bf16 cast", e))
+    }
+
+    /// `y = x[..y.len()]` widened from bf16 bits to `f32`, on the stream.
+    pub(crate) fn widen_from_bf16(&self, x: &CudaSlice<u16>, y: &mut CudaSlice<f32>) -> Result<()> {
+        ffi::widen_bf16(&self.stream, &self.kernels.widen_bf16, x, y)
+            .map_err(|e| backend_error("bf16 widening", e))
     }
 
     /// The stream all of the backend's work is queued on.

@@ -18,8 +18,8 @@ use cudarc::cublas::result::CublasError;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use muon_core::Transpose;
 
@@ -490,6 +490,56 @@ pub(crate) fn cast_bf16(
             .launch(elementwise_config(n as usize))
     }?;
     Ok(())
+}
+
+/// Widens bf16 bits `x[..y.len()]` to `f32` in `y` (kernel `muon_widen_bf16`).
+pub(crate) fn widen_bf16(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    x: &CudaSlice<u16>,
+    y: &mut CudaSlice<f32>,
+) -> Result<(), DriverError> {
+    assert!(x.len() >= y.len(), "widen_bf16: source too short");
+    let n = count(y.len());
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: `muon_widen_bf16(const unsigned short* x, float* y, long long n)`: three
+    // arguments in order; it reads x[0..n] and writes y[0..n], both inside (checked above).
+    unsafe {
+        stream
+            .launch_builder(f)
+            .arg(x)
+            .arg(y)
+            .arg(&n)
+            .launch(elementwise_config(n as usize))
+    }?;
+    Ok(())
+}
+
+/// The bytes of the first `len` bf16 values of `x`, for NCCL, which moves them without
+/// arithmetic.
+pub(crate) fn bf16_bytes(x: &CudaSlice<u16>, len: usize) -> CudaView<'_, u8> {
+    assert!(
+        len <= x.len(),
+        "bf16_bytes: {len} values of a buffer of {}",
+        x.len()
+    );
+    // SAFETY: every bit pattern is a valid `u8`; `u8`'s alignment (1) divides `u16`'s; the
+    // view covers `2 * len` bytes, inside the allocation (checked above), and borrows `x`.
+    unsafe { x.transmute::<u8>(2 * len) }.expect("checked to fit above")
+}
+
+/// The bytes of the first `len` bf16 values of `x`, writable; see [`bf16_bytes`].
+pub(crate) fn bf16_bytes_mut(x: &mut CudaSlice<u16>, len: usize) -> CudaViewMut<'_, u8> {
+    assert!(
+        len <= x.len(),
+        "bf16_bytes_mut: {len} values of a buffer of {}",
+        x.len()
+    );
+    // SAFETY: as in `bf16_bytes`; any bytes written are valid `u16` bits, and the view
+    // borrows `x` mutably.
+    unsafe { x.transmute_mut::<u8>(2 * len) }.expect("checked to fit above")
 }
 
 /// A GEMM operand in device memory, in the element type its precision needs.

@@ -183,6 +183,17 @@ extern "C" __global__ void muon_cast_bf16(const float* x, unsigned short* y, i64
 }
 "#;
 
+/// `bf16 -> f32`, exact (a bf16 is the high half of an f32): the way back from a bf16
+/// all-gather of Muon's `N_t`. Reads `x[0..n]`, writes `y[0..n]`.
+pub const WIDEN_BF16: &str = r#"
+extern "C" __global__ void muon_widen_bf16(const unsigned short* x, float* y, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        y[i] = __uint_as_float(((unsigned int)x[i]) << 16);
+    }
+}
+"#;
+
 /// `p_e += a I` for each `m x m` matrix `e` of a stack of `batch`: Newton-Schulz folds its
 /// `a_k X` term into the product `(a_k I + P) X` with it, instead of copying `X` every step.
 pub const ADD_DIAGONAL: &str = r#"
@@ -199,7 +210,7 @@ extern "C" __global__ void muon_add_diagonal(float* p, i64 m, i64 batch, float a
 
 /// Every kernel: its entry-point name and its source (each compiles on its own after
 /// [`COMMON`]).
-pub const KERNELS: [(&str, &str); 10] = [
+pub const KERNELS: [(&str, &str); 11] = [
     ("muon_axpby", AXPBY),
     ("muon_momentum_nesterov", MOMENTUM_NESTEROV),
     ("muon_apply_update", APPLY_UPDATE),
@@ -210,6 +221,7 @@ pub const KERNELS: [(&str, &str); 10] = [
     ("muon_scale_items", SCALE_ITEMS),
     ("muon_cast_bf16", CAST_BF16),
     ("muon_add_diagonal", ADD_DIAGONAL),
+    ("muon_widen_bf16", WIDEN_BF16),
 ];
 
 /// Threads per block of the reduction kernels (`MUON_REDUCE_THREADS` in [`COMMON`]).

@@ -54,6 +54,9 @@ pub struct NcclGroup {
     stream: Arc<CudaStream>,
     /// Padded copies of tensors whose length is not a multiple of `world`.
     staging: RefCell<CudaSlice<f32>>,
+    /// bf16 bits of this rank's shard and of every rank's, for `all_gather_bf16` (grown to
+    /// the largest tensor once, then used through views of the exact lengths).
+    bf16: RefCell<(CudaSlice<u16>, CudaSlice<u16>)>,
 }
 
 impl core::fmt::Debug for NcclGroup {
@@ -94,10 +97,17 @@ impl NcclGroup {
         let staging = stream
             .alloc_zeros(1)
             .map_err(|e| driver_error("allocating the staging buffer", e))?;
+        let alloc = |len| {
+            stream
+                .alloc_zeros::<u16>(len)
+                .map_err(|e| driver_error("allocating the bf16 staging buffers", e))
+        };
+        let bf16 = RefCell::new((alloc(1)?, alloc(1)?));
         Ok(NcclGroup {
             comm,
             stream,
             staging: RefCell::new(staging),
+            bf16,
         })
     }
 
@@ -209,5 +219,35 @@ impl Collective<CudaBackend> for NcclGroup {
                 .map_err(|e| driver_error("zeroing a shard's padding", e))?;
         }
         Ok(())
+    }
+
+    /// Casts the shard to bf16 bits, gathers them as bytes (NCCL moves them without
+    /// arithmetic) and widens the result: half the bytes of `all_gather` on the wire.
+    fn all_gather_bf16(
+        &self,
+        backend: &CudaBackend,
+        shard: &CudaMatrix,
+        full: &mut CudaMatrix,
+    ) -> Result<()> {
+        let (n, world) = (full.shape().len(), self.comm.world_size());
+        let cap = self.check(backend, "bf16 all-gather", n, shard.shape().len())?;
+        let mut buffers = self.bf16.borrow_mut();
+        let (own, all) = &mut *buffers;
+        for (buf, len) in [(&mut *own, cap), (&mut *all, cap * world)] {
+            if buf.len() < len {
+                *buf = self
+                    .stream
+                    .alloc_zeros(len)
+                    .map_err(|e| driver_error("growing the bf16 staging buffers", e))?;
+            }
+        }
+        backend.cast_to_bf16(shard.as_cuda_slice(), own)?;
+        self.comm
+            .all_gather(
+                &ffi::bf16_bytes(own, cap),
+                &mut ffi::bf16_bytes_mut(all, cap * world),
+            )
+            .map_err(|e| nccl_error("bf16 all-gather", e))?;
+        backend.widen_from_bf16(all, full.as_cuda_slice_mut())
     }
 }

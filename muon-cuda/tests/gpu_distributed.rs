@@ -18,8 +18,8 @@ use std::io::Write;
 
 use common::{assert_close, host, ns_tol, to_gpu, to_host, CPU};
 use muon_core::{
-    DistributedOptimizer, HostMatrix, HybridConfig, HybridOptimizer, OptimizerKind, ParamRole, ParamSpec,
-    Shape,
+    Backend, Collective, DistributedOptimizer, HostMatrix, HybridConfig, HybridOptimizer, OptimizerKind,
+    ParamRole, ParamSpec, Shape,
 };
 use muon_cuda::{CudaBackend, NcclGroup, Precision};
 
@@ -174,4 +174,82 @@ fn every_gpu_as_a_rank_equals_the_cpu_optimizer_on_the_mean_gradient() {
             assert_close(&what, &delta(&got[i]), &delta(params[i].as_slice()), tol);
         }
     }
+}
+
+#[test]
+fn a_bf16_all_gather_rounds_exactly_like_the_cpu_reference() {
+    // Cast on the GPU, gathered as bytes by NCCL, widened back: each element must equal
+    // muon-core's `round_to_bf16` of it, bit for bit (round to nearest even is exact
+    // arithmetic on the bits). The lengths cover a full tensor and one that leaves padding.
+    let test = "a_bf16_all_gather_rounds_exactly_like_the_cpu_reference";
+    if !muon_cuda::is_available() {
+        return skip(test, "no CUDA GPU/driver");
+    }
+    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: a GPU is present but: {e}"));
+    let id = match NcclGroup::unique_id() {
+        Ok(id) => id,
+        Err(e) => return skip(test, &format!("{e}")),
+    };
+    let group = NcclGroup::new(&gpu, 0, 1, id).unwrap();
+    for shape in [Shape::matrix(33, 65), Shape::batched(2, 3, 5)] {
+        let values: Vec<f32> = common::values(shape.len(), 5).iter().map(|v| v * 1e3).collect();
+        let shard = to_gpu(
+            &gpu,
+            &HostMatrix::from_vec(Shape::vector(shape.len()), values.clone()).unwrap(),
+        );
+        let mut full = gpu.zeros(shape).unwrap();
+        group.all_gather_bf16(&gpu, &shard, &mut full).unwrap();
+        let want: Vec<f32> = values.iter().map(|&v| muon_core::round_to_bf16(v)).collect();
+        let got = to_host(&gpu, &full);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{shape} element {i}: {} -> {g}, want {w}",
+                values[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bf16_gather_of_n_t_moves_the_parameters_at_bf16_scale_only() {
+    // As muon-faer's CPU test: the same one-rank run with N_t gathered in f32 and in bf16
+    // differs (the rounding happened) but by less than 1e-3 after three steps (bf16's 2^-9
+    // relative rounding of N_t, through Newton-Schulz, times the update's size ~0.03).
+    let test = "a_bf16_gather_of_n_t_moves_the_parameters_at_bf16_scale_only";
+    if !muon_cuda::is_available() {
+        return skip(test, "no CUDA GPU/driver");
+    }
+    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: a GPU is present but: {e}"));
+    let specs = specs();
+    let mut runs = Vec::new();
+    for bf16 in [false, true] {
+        let id = match NcclGroup::unique_id() {
+            Ok(id) => id,
+            Err(e) => return skip(test, &format!("{e}")),
+        };
+        let group = NcclGroup::new(&gpu, 0, 1, id).unwrap();
+        let mut opt = DistributedOptimizer::new(&gpu, group, specs.clone(), HybridConfig::default())
+            .unwrap()
+            .with_bf16_gather(bf16);
+        let mut params: Vec<_> = initial(&specs).iter().map(|m| to_gpu(&gpu, m)).collect();
+        for step in 0..STEPS {
+            let grads: Vec<_> = specs
+                .iter()
+                .enumerate()
+                .map(|(p, s)| to_gpu(&gpu, &grad(s, p, step, 0)))
+                .collect();
+            opt.step(&gpu, &mut params, &grads, LR).unwrap();
+        }
+        runs.push(params.iter().map(|m| to_host(&gpu, m)).collect::<Vec<_>>());
+    }
+    let worst = runs[0]
+        .iter()
+        .flatten()
+        .zip(runs[1].iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst > 0.0, "a bf16 gather changed nothing");
+    assert!(worst < 1e-3, "a bf16 gather moved a parameter by {worst:e}");
 }
