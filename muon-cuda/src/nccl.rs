@@ -92,6 +92,11 @@ impl NcclGroup {
             return Err(Error::Collective(NO_NCCL.into()));
         }
         let stream = backend.stream().clone();
+        // NCCL takes its device from the thread's current context: make it this backend's.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("binding the GPU's context to this thread", e))?;
         let comm = Comm::from_rank(stream.clone(), rank, world, id.0)
             .map_err(|e| nccl_error(&format!("joining the group as rank {rank} of {world}"), e))?;
         let staging = stream
