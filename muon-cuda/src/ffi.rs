@@ -473,23 +473,7 @@ pub(crate) fn cast_bf16(
     x: &CudaSlice<f32>,
     y: &mut CudaSlice<u16>,
 ) -> Result<(), DriverError> {
-    assert!(y.len() >= x.len(), "cast_bf16: scratch too short");
-    let n = count(x.len());
-    if n == 0 {
-        return Ok(());
-    }
-    // SAFETY: `muon_cast_bf16(const float* x, unsigned short* y, long long n)`: three arguments
-    // in order; it reads x[0..n] and writes y[0..n], both inside (checked above). `u16` has the
-    // size and alignment of `unsigned short`.
-    unsafe {
-        stream
-            .launch_builder(f)
-            .arg(x)
-            .arg(y)
-            .arg(&n)
-            .launch(elementwise_config(n as usize))
-    }?;
-    Ok(())
+    convert(stream, f, x, y, x.len())
 }
 
 /// Widens bf16 bits `x[..y.len()]` to `f32` in `y` (kernel `muon_widen_bf16`).
@@ -499,13 +483,33 @@ pub(crate) fn widen_bf16(
     x: &CudaSlice<u16>,
     y: &mut CudaSlice<f32>,
 ) -> Result<(), DriverError> {
-    assert!(x.len() >= y.len(), "widen_bf16: source too short");
-    let n = count(y.len());
+    convert(stream, f, x, y, y.len())
+}
+
+/// Launches one of the two conversion kernels, `muon_cast_bf16(const float* x, unsigned
+/// short* y, long long n)` or `muon_widen_bf16(const unsigned short* x, float* y, long long
+/// n)`, over the first `n` elements; only `cast_bf16` and `widen_bf16` call it, each with its
+/// kernel and the matching element types.
+fn convert<A, B>(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    x: &CudaSlice<A>,
+    y: &mut CudaSlice<B>,
+    n: usize,
+) -> Result<(), DriverError> {
+    assert!(
+        n <= x.len() && n <= y.len(),
+        "bf16 conversion: {n} elements of buffers of {} and {}",
+        x.len(),
+        y.len()
+    );
+    let n = count(n);
     if n == 0 {
         return Ok(());
     }
-    // SAFETY: `muon_widen_bf16(const unsigned short* x, float* y, long long n)`: three
-    // arguments in order; it reads x[0..n] and writes y[0..n], both inside (checked above).
+    // SAFETY: the kernel is one of the two above (see the callers), three arguments in order,
+    // `A` and `B` its element types: `f32` is `float`, `u16` has the size and alignment of
+    // `unsigned short`. It reads x[0..n] and writes y[0..n], inside both (asserted above).
     unsafe {
         stream
             .launch_builder(f)

@@ -28,6 +28,46 @@ fn skip(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "{test}: skipped: {why}");
 }
 
+/// GPU 0 and a fresh one-rank NCCL group on it, or `None` after printing why the test skips.
+/// A GPU that is there but fails to open is a failure, not a reason to skip.
+fn one_rank(test: &str) -> Option<(CudaBackend, NcclGroup)> {
+    if !muon_cuda::is_available() {
+        skip(test, "no CUDA GPU/driver");
+        return None;
+    }
+    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: a GPU is present but: {e}"));
+    let id = match NcclGroup::unique_id() {
+        Ok(id) => id,
+        Err(e) => {
+            skip(test, &format!("{e}"));
+            return None;
+        }
+    };
+    let group = NcclGroup::new(&gpu, 0, 1, id).unwrap();
+    eprintln!("{test}: on {}", gpu.device_name());
+    Some((gpu, group))
+}
+
+/// Takes `STEPS` steps from the initial parameters with rank `rank`'s gradients; returns the
+/// parameters on the host.
+fn run_steps<C: Collective<CudaBackend>>(
+    gpu: &CudaBackend,
+    opt: &mut DistributedOptimizer<CudaBackend, C>,
+    rank: usize,
+) -> Vec<Vec<f32>> {
+    let specs = specs();
+    let mut params: Vec<_> = initial(&specs).iter().map(|m| to_gpu(gpu, m)).collect();
+    for step in 0..STEPS {
+        let grads: Vec<_> = specs
+            .iter()
+            .enumerate()
+            .map(|(p, s)| to_gpu(gpu, &grad(s, p, step, rank)))
+            .collect();
+        opt.step(gpu, &mut params, &grads, LR).unwrap();
+    }
+    params.iter().map(|m| to_host(gpu, m)).collect()
+}
+
 fn specs() -> Vec<ParamSpec> {
     vec![
         ParamSpec::new("wq", Shape::matrix(64, 96), ParamRole::Hidden),
@@ -56,16 +96,9 @@ const LR: f64 = 0.02;
 
 #[test]
 fn one_rank_on_nccl_equals_the_single_rank_optimizer() {
-    let test = "one_rank_on_nccl_equals_the_single_rank_optimizer";
-    if !muon_cuda::is_available() {
-        return skip(test, "no CUDA GPU/driver");
-    }
-    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: a GPU is present but: {e}"));
-    let id = match NcclGroup::unique_id() {
-        Ok(id) => id,
-        Err(e) => return skip(test, &format!("{e}")),
+    let Some((gpu, group)) = one_rank("one_rank_on_nccl_equals_the_single_rank_optimizer") else {
+        return;
     };
-    let group = NcclGroup::new(&gpu, 0, 1, id).unwrap();
     let specs = specs();
     let mut distributed =
         DistributedOptimizer::new(&gpu, group, specs.clone(), HybridConfig::default()).unwrap();
@@ -100,7 +133,6 @@ fn one_rank_on_nccl_equals_the_single_rank_optimizer() {
             assert_close(&format!("state of {}", d.name), bd, bs, 1e-6);
         }
     }
-    eprintln!("{test}: on {}", gpu.device_name());
 }
 
 #[test]
@@ -127,16 +159,7 @@ fn every_gpu_as_a_rank_equals_the_cpu_optimizer_on_the_mean_gradient() {
                 let group = NcclGroup::new(&gpu, rank, world, id).unwrap();
                 let mut opt =
                     DistributedOptimizer::new(&gpu, group, specs.clone(), HybridConfig::default()).unwrap();
-                let mut params: Vec<_> = initial(&specs).iter().map(|m| to_gpu(&gpu, m)).collect();
-                for step in 0..STEPS {
-                    let grads: Vec<_> = specs
-                        .iter()
-                        .enumerate()
-                        .map(|(p, s)| to_gpu(&gpu, &grad(s, p, step, rank)))
-                        .collect();
-                    opt.step(&gpu, &mut params, &grads, LR).unwrap();
-                }
-                params.iter().map(|m| to_host(&gpu, m)).collect::<Vec<_>>()
+                run_steps(&gpu, &mut opt, rank)
             })
         })
         .collect();
@@ -181,16 +204,9 @@ fn a_bf16_all_gather_rounds_exactly_like_the_cpu_reference() {
     // Cast on the GPU, gathered as bytes by NCCL, widened back: each element must equal
     // muon-core's `round_to_bf16` of it, bit for bit (round to nearest even is exact
     // arithmetic on the bits). The lengths cover a full tensor and one that leaves padding.
-    let test = "a_bf16_all_gather_rounds_exactly_like_the_cpu_reference";
-    if !muon_cuda::is_available() {
-        return skip(test, "no CUDA GPU/driver");
-    }
-    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: a GPU is present but: {e}"));
-    let id = match NcclGroup::unique_id() {
-        Ok(id) => id,
-        Err(e) => return skip(test, &format!("{e}")),
+    let Some((gpu, group)) = one_rank("a_bf16_all_gather_rounds_exactly_like_the_cpu_reference") else {
+        return;
     };
-    let group = NcclGroup::new(&gpu, 0, 1, id).unwrap();
     for shape in [Shape::matrix(33, 65), Shape::batched(2, 3, 5)] {
         let values: Vec<f32> = common::values(shape.len(), 5).iter().map(|v| v * 1e3).collect();
         let shard = to_gpu(
@@ -218,31 +234,15 @@ fn a_bf16_gather_of_n_t_moves_the_parameters_at_bf16_scale_only() {
     // differs (the rounding happened) but by less than 1e-3 after three steps (bf16's 2^-9
     // relative rounding of N_t, through Newton-Schulz, times the update's size ~0.03).
     let test = "a_bf16_gather_of_n_t_moves_the_parameters_at_bf16_scale_only";
-    if !muon_cuda::is_available() {
-        return skip(test, "no CUDA GPU/driver");
-    }
-    let gpu = CudaBackend::new(0).unwrap_or_else(|e| panic!("{test}: a GPU is present but: {e}"));
-    let specs = specs();
     let mut runs = Vec::new();
     for bf16 in [false, true] {
-        let id = match NcclGroup::unique_id() {
-            Ok(id) => id,
-            Err(e) => return skip(test, &format!("{e}")),
+        let Some((gpu, group)) = one_rank(test) else {
+            return;
         };
-        let group = NcclGroup::new(&gpu, 0, 1, id).unwrap();
-        let mut opt = DistributedOptimizer::new(&gpu, group, specs.clone(), HybridConfig::default())
+        let mut opt = DistributedOptimizer::new(&gpu, group, specs(), HybridConfig::default())
             .unwrap()
             .with_bf16_gather(bf16);
-        let mut params: Vec<_> = initial(&specs).iter().map(|m| to_gpu(&gpu, m)).collect();
-        for step in 0..STEPS {
-            let grads: Vec<_> = specs
-                .iter()
-                .enumerate()
-                .map(|(p, s)| to_gpu(&gpu, &grad(s, p, step, 0)))
-                .collect();
-            opt.step(&gpu, &mut params, &grads, LR).unwrap();
-        }
-        runs.push(params.iter().map(|m| to_host(&gpu, m)).collect::<Vec<_>>());
+        runs.push(run_steps(&gpu, &mut opt, 0));
     }
     let worst = runs[0]
         .iter()

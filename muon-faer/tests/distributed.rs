@@ -70,8 +70,98 @@ struct RankRun {
     traffic: Traffic,
 }
 
-/// Runs `steps` (indices into `LRS`) on `world` ranks, each a thread with a one-thread faer
-/// backend, starting from `state` when given.
+/// What the two optimizers under comparison share, for `drive`.
+trait Optimizer<T: faer_elem::Elem> {
+    fn import(&mut self, cpu: &Faer<T>, state: &OptimizerState<T>);
+    fn step(&mut self, cpu: &Faer<T>, params: &mut [HostMatrix<T>], grads: &[HostMatrix<T>], lr: f64) -> f64;
+    fn rms(&mut self, cpu: &Faer<T>, out: &mut [f64]);
+    fn export(&self, cpu: &Faer<T>) -> OptimizerState<T>;
+}
+
+impl<T: faer_elem::Elem> Optimizer<T> for HybridOptimizer<Faer<T>> {
+    fn import(&mut self, cpu: &Faer<T>, state: &OptimizerState<T>) {
+        self.import_state(cpu, state).unwrap()
+    }
+    fn step(&mut self, cpu: &Faer<T>, params: &mut [HostMatrix<T>], grads: &[HostMatrix<T>], lr: f64) -> f64 {
+        HybridOptimizer::step(self, cpu, params, grads, lr)
+            .unwrap()
+            .grad_norm
+    }
+    fn rms(&mut self, cpu: &Faer<T>, out: &mut [f64]) {
+        self.update_rms(cpu, out).unwrap()
+    }
+    fn export(&self, cpu: &Faer<T>) -> OptimizerState<T> {
+        self.export_state(cpu).unwrap()
+    }
+}
+
+impl<T: faer_elem::Elem> Optimizer<T> for DistributedOptimizer<Faer<T>, ThreadGroup<T>> {
+    fn import(&mut self, cpu: &Faer<T>, state: &OptimizerState<T>) {
+        self.import_state(cpu, state).unwrap()
+    }
+    fn step(&mut self, cpu: &Faer<T>, params: &mut [HostMatrix<T>], grads: &[HostMatrix<T>], lr: f64) -> f64 {
+        DistributedOptimizer::step(self, cpu, params, grads, lr)
+            .unwrap()
+            .grad_norm
+    }
+    fn rms(&mut self, cpu: &Faer<T>, out: &mut [f64]) {
+        self.update_rms(cpu, out).unwrap()
+    }
+    fn export(&self, cpu: &Faer<T>) -> OptimizerState<T> {
+        self.export_state(cpu).unwrap()
+    }
+}
+
+/// Takes `steps` (indices into `LRS`) with `opt`, from `start` (parameters and state) or the
+/// initial parameters, feeding `grad(spec, index, step)`; records what `RankRun` holds.
+fn drive<T: faer_elem::Elem>(
+    cpu: &Faer<T>,
+    opt: &mut impl Optimizer<T>,
+    steps: std::ops::Range<usize>,
+    start: Option<(Vec<Vec<f64>>, OptimizerState<f64>)>,
+    grad: impl Fn(&ParamSpec, usize, usize) -> Vec<f64>,
+) -> RankRun {
+    let specs = specs();
+    let start_params = match &start {
+        Some((params, state)) => {
+            opt.import(cpu, &cast_state(state));
+            params.clone()
+        }
+        None => initial_params(&specs),
+    };
+    let mut params: Vec<HostMatrix<T>> = specs
+        .iter()
+        .zip(&start_params)
+        .map(|(s, p)| upload(cpu, s.shape, p))
+        .collect();
+    let mut run = RankRun {
+        params: Vec::new(),
+        grad_norms: Vec::new(),
+        update_rms: Vec::new(),
+        state: OptimizerState {
+            step: 0,
+            params: Vec::new(),
+        },
+        state_len: 0,
+        traffic: Traffic::default(),
+    };
+    for step in steps {
+        let grads: Vec<HostMatrix<T>> = specs
+            .iter()
+            .enumerate()
+            .map(|(p, s)| upload(cpu, s.shape, &grad(s, p, step)))
+            .collect();
+        run.grad_norms.push(opt.step(cpu, &mut params, &grads, LRS[step]));
+        let mut rms = vec![0.0; specs.len()];
+        opt.rms(cpu, &mut rms);
+        run.update_rms.push(rms);
+        run.params.push(params.iter().map(|m| host(cpu, m)).collect());
+    }
+    run.state = widen_state(&opt.export(cpu));
+    run
+}
+
+/// Runs `steps` on `world` ranks, each a thread with a one-thread faer backend.
 fn run_ranks<T: faer_elem::Elem>(
     world: usize,
     steps: std::ops::Range<usize>,
@@ -80,54 +170,14 @@ fn run_ranks<T: faer_elem::Elem>(
     let handles: Vec<_> = ThreadGroup::<T>::new(world)
         .into_iter()
         .map(|group| {
-            let steps = steps.clone();
-            let start = start.clone();
+            let (steps, start) = (steps.clone(), start.clone());
             thread::spawn(move || {
                 let cpu = Faer::<T>::with_threads(1);
-                let specs = specs();
                 let rank = group.rank();
-                let mut opt = DistributedOptimizer::new(&cpu, group, specs.clone(), config()).unwrap();
-                let mut params: Vec<HostMatrix<T>> = match &start {
-                    Some((params, state)) => {
-                        opt.import_state(&cpu, &cast_state(state)).unwrap();
-                        specs
-                            .iter()
-                            .zip(params)
-                            .map(|(s, p)| upload(&cpu, s.shape, p))
-                            .collect()
-                    }
-                    None => specs
-                        .iter()
-                        .zip(initial_params(&specs))
-                        .map(|(s, p)| upload(&cpu, s.shape, &p))
-                        .collect(),
-                };
-                let mut run = RankRun {
-                    params: Vec::new(),
-                    grad_norms: Vec::new(),
-                    update_rms: Vec::new(),
-                    state: OptimizerState {
-                        step: 0,
-                        params: Vec::new(),
-                    },
-                    state_len: opt.state_len(),
-                    traffic: Traffic::default(),
-                };
-                for step in steps {
-                    let grads: Vec<HostMatrix<T>> = specs
-                        .iter()
-                        .enumerate()
-                        .map(|(p, s)| upload(&cpu, s.shape, &grad(s, p, step, rank)))
-                        .collect();
-                    let report = opt.step(&cpu, &mut params, &grads, LRS[step]).unwrap();
-                    run.grad_norms.push(report.grad_norm);
-                    let mut rms = vec![0.0; specs.len()];
-                    opt.update_rms(&cpu, &mut rms).unwrap();
-                    run.update_rms.push(rms);
-                    run.params.push(params.iter().map(|m| host(&cpu, m)).collect());
-                }
-                run.state = widen_state(&opt.export_state(&cpu).unwrap());
-                // After the last collective's final barrier: every rank has posted everything.
+                let mut opt = DistributedOptimizer::new(&cpu, group, specs(), config()).unwrap();
+                let mut run = drive(&cpu, &mut opt, steps, start, |s, p, step| grad(s, p, step, rank));
+                run.state_len = opt.state_len();
+                // After export's last collective: every rank has posted everything.
                 run.traffic = opt.collective().traffic();
                 run
             })
@@ -145,52 +195,16 @@ fn run_single<T: faer_elem::Elem>(
     let cpu = Faer::<T>::with_threads(1);
     let specs = specs();
     let mut opt = HybridOptimizer::new(&cpu, specs.clone(), config()).unwrap();
-    let mut params: Vec<HostMatrix<T>> = match &start {
-        Some((params, state)) => {
-            opt.import_state(&cpu, &cast_state(state)).unwrap();
-            specs
-                .iter()
-                .zip(params)
-                .map(|(s, p)| upload(&cpu, s.shape, p))
-                .collect()
-        }
-        None => specs
-            .iter()
-            .zip(initial_params(&specs))
-            .map(|(s, p)| upload(&cpu, s.shape, &p))
-            .collect(),
-    };
-    let mut run = RankRun {
-        params: Vec::new(),
-        grad_norms: Vec::new(),
-        update_rms: Vec::new(),
-        state: OptimizerState {
-            step: 0,
-            params: Vec::new(),
-        },
-        state_len: specs
-            .iter()
-            .map(|s| match s.optimizer() {
-                OptimizerKind::Muon => s.shape.len(),
-                OptimizerKind::AdamW => 2 * s.shape.len(),
-            })
-            .sum(),
-        traffic: Traffic::default(),
-    };
-    for step in steps {
-        let grads: Vec<HostMatrix<T>> = specs
-            .iter()
-            .enumerate()
-            .map(|(p, s)| upload(&cpu, s.shape, &mean_grad::<T>(s, p, step, world)))
-            .collect();
-        let report = opt.step(&cpu, &mut params, &grads, LRS[step]).unwrap();
-        run.grad_norms.push(report.grad_norm);
-        let mut rms = vec![0.0; specs.len()];
-        opt.update_rms(&cpu, &mut rms).unwrap();
-        run.update_rms.push(rms);
-        run.params.push(params.iter().map(|m| host(&cpu, m)).collect());
-    }
-    run.state = widen_state(&opt.export_state(&cpu).unwrap());
+    let mut run = drive(&cpu, &mut opt, steps, start, |s, p, step| {
+        mean_grad::<T>(s, p, step, world)
+    });
+    run.state_len = specs
+        .iter()
+        .map(|s| match s.optimizer() {
+            OptimizerKind::Muon => s.shape.len(),
+            OptimizerKind::AdamW => 2 * s.shape.len(),
+        })
+        .sum();
     run
 }
 
