@@ -148,6 +148,52 @@ impl<B: Backend> RankSums<B> {
 /// Checks of the arguments (counts, shapes, the learning rate) run before any communication,
 /// so ranks given the same arguments fail together. A non-finite gradient on any rank makes
 /// every rank refuse the step, with nothing changed.
+///
+/// # Example
+///
+/// A [`Collective`] for a group of one rank on host matrices (every shard is the whole
+/// tensor), which is how an engine starts before it wires in its communication library;
+/// muon-faer's `ThreadGroup` and muon-cuda's `NcclGroup` are real groups.
+///
+/// ```
+/// use muon_core::{Collective, DistributedOptimizer, HostMatrix, HybridConfig, HybridOptimizer,
+///                 ParamRole, ParamSpec, Portable, Result, Shape};
+///
+/// struct Alone;
+/// impl Collective<Portable<f64>> for Alone {
+///     fn rank(&self) -> usize { 0 }
+///     fn world_size(&self) -> usize { 1 }
+///     fn reduce_scatter_mean(&self, _: &Portable<f64>, full: &HostMatrix<f64>,
+///                            shard: &mut HostMatrix<f64>) -> Result<()> {
+///         shard.copy_from_host(full.as_slice())
+///     }
+///     fn all_gather(&self, _: &Portable<f64>, shard: &HostMatrix<f64>,
+///                   full: &mut HostMatrix<f64>) -> Result<()> {
+///         full.copy_from_host(shard.as_slice())
+///     }
+///     fn copy_shard(&self, _: &Portable<f64>, full: &HostMatrix<f64>,
+///                   shard: &mut HostMatrix<f64>) -> Result<()> {
+///         shard.copy_from_host(full.as_slice())
+///     }
+/// }
+///
+/// # fn main() -> Result<()> {
+/// let cpu = Portable::<f64>::new();
+/// let specs = vec![ParamSpec::new("w", Shape::matrix(4, 6), ParamRole::Hidden),
+///                  ParamSpec::new("gain", Shape::vector(6), ParamRole::Norm)];
+/// let mut distributed = DistributedOptimizer::new(&cpu, Alone, specs.clone(), HybridConfig::default())?;
+/// let mut single = HybridOptimizer::new(&cpu, specs.clone(), HybridConfig::default())?;
+/// let grads: Vec<HostMatrix<f64>> = specs.iter().map(|s| {
+///     HostMatrix::from_vec(s.shape, (0..s.shape.len()).map(|i| (i as f64).sin()).collect())
+/// }).collect::<Result<_>>()?;
+/// let mut a: Vec<_> = specs.iter().map(|s| HostMatrix::zeros(s.shape)).collect();
+/// let mut b = a.clone();
+/// distributed.step(&cpu, &mut a, &grads, 0.01)?;
+/// single.step(&cpu, &mut b, &grads, 0.01)?;
+/// assert_eq!(a, b); // one rank: the same step, to the bit
+/// # Ok(())
+/// # }
+/// ```
 pub struct DistributedOptimizer<B: Backend, C: Collective<B>> {
     collective: C,
     config: HybridConfig,
