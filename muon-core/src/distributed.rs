@@ -8,7 +8,9 @@
 //! 2. updates the local shard of the state (Muon's momentum and `N_t`, AdamW's moments);
 //! 3. Muon only: all-gathers the shards of `N_t` into the whole matrix (in f32, or rounded to
 //!    bf16 with [`DistributedOptimizer::with_bf16_gather`]);
-//! 4. Muon only: runs Newton-Schulz on the whole matrix, on every rank;
+//! 4. Muon only: runs Newton-Schulz on the whole matrix, on every rank, or on one owner rank
+//!    per matrix which then broadcasts the result
+//!    ([`DistributedOptimizer::with_round_robin_newton_schulz`]);
 //! 5. applies the local slice of the update to the local slice of the parameter;
 //! 6. all-gathers the parameter.
 //!
@@ -65,6 +67,10 @@ pub trait Collective<B: Backend> {
 
     /// `shard = full[shard_range(rank)]`, on this rank alone (no communication).
     fn copy_shard(&self, backend: &B, full: &B::Matrix, shard: &mut B::Matrix) -> Result<()>;
+
+    /// `full = root's full` on every rank: how the owner of a matrix hands out its
+    /// Newton-Schulz result under [`DistributedOptimizer::with_round_robin_newton_schulz`].
+    fn broadcast(&self, backend: &B, root: usize, full: &mut B::Matrix) -> Result<()>;
 
     /// [`all_gather`](Self::all_gather) that may round the values to bf16 on the way, halving
     /// f32's traffic: for Muon's `N_t`, which Newton-Schulz normalizes and is stable to (SPEC
@@ -175,6 +181,9 @@ impl<B: Backend> RankSums<B> {
 ///                   shard: &mut HostMatrix<f64>) -> Result<()> {
 ///         shard.copy_from_host(full.as_slice())
 ///     }
+///     fn broadcast(&self, _: &Portable<f64>, _root: usize, _full: &mut HostMatrix<f64>) -> Result<()> {
+///         Ok(())
+///     }
 /// }
 ///
 /// # fn main() -> Result<()> {
@@ -208,6 +217,8 @@ pub struct DistributedOptimizer<B: Backend, C: Collective<B>> {
     update_sq: RankSums<B>,
     /// Gather `N_t` with [`Collective::all_gather_bf16`].
     bf16_gather: bool,
+    /// Per parameter, the rank that runs its Newton-Schulz; `None`: every rank runs it.
+    owners: Vec<Option<usize>>,
 }
 
 impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
@@ -278,7 +289,57 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
             scratch,
             step: 0,
             bf16_gather: false,
+            owners: vec![None; n],
         })
+    }
+
+    /// Runs each matrix's Newton-Schulz on one rank, its owner, which broadcasts the result:
+    /// each rank does about `1/world` of the Newton-Schulz work instead of all of it, for one
+    /// more tensor's traffic per Muon matrix. Owners are chosen greedily by flops (the largest
+    /// matrix to the least loaded rank), the same on every rank. Off by default (every rank
+    /// runs every Newton-Schulz); every rank must choose the same.
+    pub fn with_round_robin_newton_schulz(mut self, on: bool) -> Self {
+        let world = self.collective.world_size();
+        let ns = &self.config.muon.newton_schulz;
+        let mut muon: Vec<(usize, f64)> = (self.specs.iter().enumerate())
+            .filter(|(_, s)| s.optimizer() == OptimizerKind::Muon)
+            .map(|(i, s)| (i, ns.flops(s.shape)))
+            .collect();
+        // Largest first; ties by index, so every rank sorts the same way.
+        muon.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut load = vec![0.0f64; world];
+        self.owners = vec![None; self.specs.len()];
+        if on {
+            for (i, flops) in muon {
+                let least = (0..world)
+                    .min_by(|&a, &b| load[a].total_cmp(&load[b]))
+                    .unwrap_or(0);
+                load[least] += flops;
+                self.owners[i] = Some(least);
+            }
+        }
+        self
+    }
+
+    /// The share of all Muon matrices' Newton-Schulz flops this rank computes per step: 1
+    /// when every rank runs every Newton-Schulz, about `1/world` with round-robin owners.
+    pub fn newton_schulz_share(&self) -> f64 {
+        let ns = &self.config.muon.newton_schulz;
+        let (mut mine, mut all) = (0.0, 0.0);
+        for (spec, owner) in self.specs.iter().zip(&self.owners) {
+            if spec.optimizer() == OptimizerKind::Muon {
+                let flops = ns.flops(spec.shape);
+                all += flops;
+                if owner.is_none_or(|o| o == self.collective.rank()) {
+                    mine += flops;
+                }
+            }
+        }
+        if all == 0.0 {
+            0.0
+        } else {
+            mine / all
+        }
     }
 
     /// Gathers Muon's `N_t` rounded to bf16 (when the collective supports it), as the report
@@ -383,7 +444,15 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                     } else {
                         c.all_gather(backend, &s.update, &mut ws.x)?;
                     }
-                    newton_schulz(backend, &muon.newton_schulz, ws)?;
+                    match self.owners[i] {
+                        None => newton_schulz(backend, &muon.newton_schulz, ws)?,
+                        Some(owner) => {
+                            if owner == c.rank() {
+                                newton_schulz(backend, &muon.newton_schulz, ws)?;
+                            }
+                            c.broadcast(backend, owner, &mut ws.x)?;
+                        }
+                    }
                     c.copy_shard(backend, &ws.x, &mut s.update)?;
                     let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
                     (s, lr * scale, lr * muon.weight_decay)

@@ -200,6 +200,10 @@ impl Collective<CudaBackend> for NcclGroup {
     fn copy_shard(&self, _: &CudaBackend, _full: &CudaMatrix, _shard: &mut CudaMatrix) -> Result<()> {
         match self.never {}
     }
+
+    fn broadcast(&self, _: &CudaBackend, _root: usize, _full: &mut CudaMatrix) -> Result<()> {
+        match self.never {}
+    }
 }
 
 #[cfg(test)]

@@ -119,11 +119,7 @@ impl NcclGroup {
     /// Checks that the call comes with the backend the group was made on, and that `shard`
     /// has the length every rank uses for a `full`-element tensor; returns that length.
     fn check(&self, backend: &CudaBackend, what: &str, full: usize, shard: usize) -> Result<usize> {
-        if !Arc::ptr_eq(backend.stream(), &self.stream) {
-            return Err(Error::Collective(format!(
-                "{what}: an NCCL group must be used with the backend it was made on"
-            )));
-        }
+        self.check_backend(backend, what)?;
         let expected = shard_capacity(full, self.comm.world_size());
         if shard != expected {
             return Err(Error::Collective(format!(
@@ -134,6 +130,16 @@ impl NcclGroup {
             )));
         }
         Ok(expected)
+    }
+
+    /// Checks that the call comes with the backend (GPU and stream) the group was made on.
+    fn check_backend(&self, backend: &CudaBackend, what: &str) -> Result<()> {
+        if Arc::ptr_eq(backend.stream(), &self.stream) {
+            return Ok(());
+        }
+        Err(Error::Collective(format!(
+            "{what}: an NCCL group must be used with the backend it was made on"
+        )))
     }
 
     /// The staging buffer, grown to at least `len` elements (contents not kept).
@@ -223,6 +229,21 @@ impl Collective<CudaBackend> for NcclGroup {
                 .memset_zeros(&mut padding)
                 .map_err(|e| driver_error("zeroing a shard's padding", e))?;
         }
+        Ok(())
+    }
+
+    fn broadcast(&self, backend: &CudaBackend, root: usize, full: &mut CudaMatrix) -> Result<()> {
+        let world = self.comm.world_size();
+        self.check_backend(backend, "broadcast")?;
+        if root >= world {
+            return Err(Error::Collective(format!(
+                "rank {}: broadcast from rank {root} in a group of {world}",
+                self.comm.rank()
+            )));
+        }
+        self.comm
+            .broadcast_in_place(full.as_cuda_slice_mut(), root as i32)
+            .map_err(|e| nccl_error("broadcast", e))?;
         Ok(())
     }
 

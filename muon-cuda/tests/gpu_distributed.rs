@@ -7,7 +7,8 @@
 //! - Every GPU of the machine, when there are two or more: one thread per GPU, against the
 //!   portable CPU optimizer fed the mean gradient, at the tolerances of `gpu_agreement.rs`
 //!   (F32 GEMMs: Newton-Schulz to 2e-5, twice that over three steps; AdamW 1e-5). The shapes'
-//!   lengths are not multiples of the rank count, so NCCL's padded path runs too.
+//!   lengths are not multiples of the rank count, so NCCL's padded path runs too, and each
+//!   matrix's Newton-Schulz runs on one owner GPU and is broadcast.
 //!
 //! Each test prints why it skips: no CUDA GPU/driver, no NCCL library, or a single GPU.
 #![cfg(feature = "cuda")]
@@ -157,8 +158,10 @@ fn every_gpu_as_a_rank_equals_the_cpu_optimizer_on_the_mean_gradient() {
                 let mut gpu = CudaBackend::new(rank).unwrap();
                 gpu.set_precision(Precision::F32);
                 let group = NcclGroup::new(&gpu, rank, world, id).unwrap();
-                let mut opt =
-                    DistributedOptimizer::new(&gpu, group, specs.clone(), HybridConfig::default()).unwrap();
+                // Round-robin Newton-Schulz, so NCCL's broadcast runs too.
+                let mut opt = DistributedOptimizer::new(&gpu, group, specs.clone(), HybridConfig::default())
+                    .unwrap()
+                    .with_round_robin_newton_schulz(true);
                 run_steps(&gpu, &mut opt, rank)
             })
         })

@@ -58,7 +58,7 @@ struct Shared<T> {
     /// What each rank posted for the collective in progress.
     slots: Vec<RwLock<Vec<T>>>,
     /// Bytes each rank passed to the group, per kind of collective.
-    traffic: [AtomicU64; 2],
+    traffic: [AtomicU64; 3],
 }
 
 struct BarrierState {
@@ -77,6 +77,8 @@ pub struct Traffic {
     /// All-gathers (Muon's `N_t`, 2 bytes an element in bf16; the parameters; the small
     /// vectors of norms).
     pub all_gather: u64,
+    /// Broadcasts (round-robin Newton-Schulz results).
+    pub broadcast: u64,
 }
 
 impl<T: Real> ThreadGroup<T> {
@@ -95,7 +97,7 @@ impl<T: Real> ThreadGroup<T> {
             }),
             arrived_all: Condvar::new(),
             slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
-            traffic: [AtomicU64::new(0), AtomicU64::new(0)],
+            traffic: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
         });
         (0..world)
             .map(|rank| ThreadGroup {
@@ -113,10 +115,11 @@ impl<T: Real> ThreadGroup<T> {
     /// What the whole group has moved so far, per rank (every rank passes the same).
     pub fn traffic(&self) -> Traffic {
         let world = self.shared.world as u64;
-        let [rs, ag] = &self.shared.traffic;
+        let [rs, ag, bc] = &self.shared.traffic;
         Traffic {
             reduce_scatter: rs.load(Ordering::Relaxed) / world,
             all_gather: ag.load(Ordering::Relaxed) / world,
+            broadcast: bc.load(Ordering::Relaxed) / world,
         }
     }
 
@@ -278,6 +281,35 @@ where
 
     fn all_gather(&self, _: &B, shard: &HostMatrix<B::Elem>, full: &mut HostMatrix<B::Elem>) -> Result<()> {
         self.gather(shard, full, false)
+    }
+
+    /// The root posts its tensor (counted once per rank, as the other collectives are); the
+    /// others copy it.
+    fn broadcast(&self, _: &B, root: usize, full: &mut HostMatrix<B::Elem>) -> Result<()> {
+        let (n, world) = (full.as_slice().len(), self.shared.world);
+        if root >= world {
+            return Err(Error::Collective(format!(
+                "rank {}: broadcast from rank {root} in a group of {world}",
+                self.rank
+            )));
+        }
+        let bytes = n * size_of::<B::Elem>() * world;
+        if self.rank == root {
+            self.post(2, bytes, |slot| slot.extend_from_slice(full.as_slice()))?;
+        } else {
+            self.post(2, 0, |_| ())?;
+        }
+        let out = full.as_mut_slice();
+        self.read_all(|r, theirs| {
+            if r != root || self.rank == root {
+                return Ok(());
+            }
+            if theirs.len() != n {
+                return Err(disagree(self.rank, "broadcast", r, theirs.len(), n));
+            }
+            out.copy_from_slice(theirs);
+            Ok(())
+        })
     }
 
     /// Posts each value rounded to bf16, and counts 2 bytes per element.

@@ -138,8 +138,10 @@ fn distributed_steps_allocate_nothing() {
                     ParamSpec::new("norm", Shape::vector(31), ParamRole::Norm),
                 ];
                 let rank = group.rank();
-                let mut opt =
-                    DistributedOptimizer::new(&cpu, group, specs.clone(), HybridConfig::default()).unwrap();
+                // Round-robin Newton-Schulz: the broadcasts are checked too.
+                let mut opt = DistributedOptimizer::new(&cpu, group, specs.clone(), HybridConfig::default())
+                    .unwrap()
+                    .with_round_robin_newton_schulz(true);
                 let mut params: Vec<HostMatrix<f32>> =
                     specs.iter().map(|s| HostMatrix::zeros(s.shape)).collect();
                 let grads: Vec<HostMatrix<f32>> = specs

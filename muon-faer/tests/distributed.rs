@@ -68,6 +68,8 @@ struct RankRun {
     state: OptimizerState<f64>,
     state_len: usize,
     traffic: Traffic,
+    /// The share of the Newton-Schulz flops this rank computed.
+    ns_share: f64,
 }
 
 /// What the two optimizers under comparison share, for `drive`.
@@ -144,6 +146,7 @@ fn drive<T: faer_elem::Elem>(
         },
         state_len: 0,
         traffic: Traffic::default(),
+        ns_share: 1.0,
     };
     for step in steps {
         let grads: Vec<HostMatrix<T>> = specs
@@ -167,6 +170,16 @@ fn run_ranks<T: faer_elem::Elem>(
     steps: std::ops::Range<usize>,
     start: Option<(Vec<Vec<f64>>, OptimizerState<f64>)>,
 ) -> Vec<RankRun> {
+    run_ranks_with::<T>(world, steps, start, false)
+}
+
+/// `run_ranks`, with each matrix's Newton-Schulz on one owner rank when `round_robin`.
+fn run_ranks_with<T: faer_elem::Elem>(
+    world: usize,
+    steps: std::ops::Range<usize>,
+    start: Option<(Vec<Vec<f64>>, OptimizerState<f64>)>,
+    round_robin: bool,
+) -> Vec<RankRun> {
     let handles: Vec<_> = ThreadGroup::<T>::new(world)
         .into_iter()
         .map(|group| {
@@ -174,9 +187,12 @@ fn run_ranks<T: faer_elem::Elem>(
             thread::spawn(move || {
                 let cpu = Faer::<T>::with_threads(1);
                 let rank = group.rank();
-                let mut opt = DistributedOptimizer::new(&cpu, group, specs(), config()).unwrap();
+                let mut opt = DistributedOptimizer::new(&cpu, group, specs(), config())
+                    .unwrap()
+                    .with_round_robin_newton_schulz(round_robin);
                 let mut run = drive(&cpu, &mut opt, steps, start, |s, p, step| grad(s, p, step, rank));
                 run.state_len = opt.state_len();
+                run.ns_share = opt.newton_schulz_share();
                 // After export's last collective: every rank has posted everything.
                 run.traffic = opt.collective().traffic();
                 run
@@ -392,6 +408,7 @@ fn muon_moves_its_n_t_on_top_of_adamws_traffic() {
     let expected = Traffic {
         reduce_scatter: bytes * steps * all,
         all_gather: bytes * (steps * (all + muon + norms) + state),
+        broadcast: 0,
     };
     assert_eq!(ranks[0].traffic, expected);
 }
@@ -566,4 +583,48 @@ fn muon_communicates_1_25x_adamws_bytes_with_n_t_in_bf16() {
     eprintln!("bf16 gather: parameters within {worst:e} of the f32 gather's");
     assert!(worst > 0.0, "a bf16 gather changed nothing: N_t was not rounded");
     assert!(worst < 6e-4, "bf16 gather moved a parameter by {worst:e}");
+}
+
+#[test]
+fn round_robin_newton_schulz_gives_the_same_steps_for_a_share_of_the_work() {
+    // Each matrix's Newton-Schulz runs on its owner and is broadcast: the same numbers as when
+    // every rank runs it (the same routine on the same gathered input), so the bound of the
+    // first test holds; each rank computes only its owners' share of the flops.
+    let ns = config().muon.newton_schulz;
+    let muon_flops: Vec<f64> = (specs().iter())
+        .filter(|s| s.optimizer() == OptimizerKind::Muon)
+        .map(|s| ns.flops(s.shape))
+        .collect();
+    let largest_share = muon_flops.iter().cloned().fold(0.0, f64::max) / muon_flops.iter().sum::<f64>();
+    for world in [2, 3, 4] {
+        let ranks = run_ranks_with::<f64>(world, 0..3, None, true);
+        let single = run_single::<f64>(world, 0..3, None);
+        let mut total_share = 0.0;
+        for (rank, run) in ranks.iter().enumerate() {
+            let worst = worst_difference(run, &single);
+            assert!(
+                worst <= 1e-12,
+                "round robin, rank {rank} of {world}: differs by {worst:e}"
+            );
+            total_share += run.ns_share;
+            // Greedy by flops: no rank carries more than an even share plus the largest matrix.
+            let bound = 1.0 / world as f64 + largest_share + 1e-12;
+            assert!(
+                run.ns_share <= bound,
+                "rank {rank} of {world}: share {} > {bound}",
+                run.ns_share
+            );
+        }
+        assert!(
+            (total_share - 1.0).abs() < 1e-12,
+            "{world} ranks: shares add up to {total_share}"
+        );
+        // One broadcast of every Muon matrix per step, 8 bytes an element.
+        let muon: u64 = specs()
+            .iter()
+            .filter(|s| s.optimizer() == OptimizerKind::Muon)
+            .map(|s| s.shape.len() as u64)
+            .sum();
+        assert_eq!(ranks[0].traffic.broadcast, 3 * 8 * muon);
+    }
 }
