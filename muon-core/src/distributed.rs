@@ -97,6 +97,8 @@ enum ShardSlot<B: Backend> {
         momentum: B::Matrix,
         workspace: usize,
         scratch: usize,
+        /// Round robin: `N_t`, then `O_t` (the owner's Newton-Schulz, broadcast).
+        result: Option<B::Matrix>,
     },
     AdamW {
         m: B::Matrix,
@@ -268,6 +270,7 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                         || NsWorkspace::new(backend, spec.shape),
                     )?,
                     scratch: scratch_index,
+                    result: None,
                 },
                 OptimizerKind::AdamW => ShardSlot::AdamW {
                     m: backend.zeros(shard)?,
@@ -294,11 +297,13 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
     }
 
     /// Runs each matrix's Newton-Schulz on one rank, its owner, which broadcasts the result:
-    /// each rank does about `1/world` of the Newton-Schulz work instead of all of it, for one
-    /// more tensor's traffic per Muon matrix. Owners are chosen greedily by flops (the largest
+    /// each rank does about `1/world` of the Newton-Schulz work instead of all of it, the
+    /// ranks at the same time, for one more tensor's traffic per Muon matrix and one more
+    /// whole-matrix buffer per Muon parameter on every rank (to hold the results until they
+    /// are broadcast). Owners are chosen greedily by flops (the largest
     /// matrix to the least loaded rank), the same on every rank. Off by default (every rank
     /// runs every Newton-Schulz); every rank must choose the same.
-    pub fn with_round_robin_newton_schulz(mut self, on: bool) -> Self {
+    pub fn with_round_robin_newton_schulz(mut self, backend: &B, on: bool) -> Result<Self> {
         let world = self.collective.world_size();
         let ns = &self.config.muon.newton_schulz;
         let mut muon: Vec<(usize, f64)> = (self.specs.iter().enumerate())
@@ -309,16 +314,21 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
         muon.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut load = vec![0.0f64; world];
         self.owners = vec![None; self.specs.len()];
-        if on {
-            for (i, flops) in muon {
+        for (i, flops) in muon {
+            let ShardSlot::Muon { result, .. } = &mut self.slots[i] else {
+                continue;
+            };
+            *result = None;
+            if on {
                 let least = (0..world)
                     .min_by(|&a, &b| load[a].total_cmp(&load[b]))
                     .unwrap_or(0);
                 load[least] += flops;
                 self.owners[i] = Some(least);
+                *result = Some(backend.zeros(self.specs[i].shape)?);
             }
         }
-        self
+        Ok(self)
     }
 
     /// The share of all Muon matrices' Newton-Schulz flops this rank computes per step: 1
@@ -421,53 +431,108 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
         let e = |v: f64| B::Elem::from_f64(v);
         let (muon, adamw) = (&self.config.muon, &self.config.adamw);
         let adamw_coefficients = adamw.coefficients(self.step);
+        let rank = c.rank();
+        // The update's shard lands in the parameter's scratch `update`; this applies it (steps
+        // 5-6): update this rank's slice of the parameter, then share it.
+        let apply =
+            |s: &mut ShardScratch<B>, param: &mut B::Matrix, step: f64, decay: f64, sq: &mut B::Matrix, i| {
+                backend.sum_squares(&s.update, sq, i)?;
+                c.copy_shard(backend, param, &mut s.param)?;
+                backend.apply_update(&mut s.param, &s.update, e(step), e(decay))?;
+                c.all_gather(backend, &s.param, param)
+            };
+        let gather = |shard: &B::Matrix, full: &mut B::Matrix| match self.bf16_gather {
+            true => c.all_gather_bf16(backend, shard, full),
+            false => c.all_gather(backend, shard, full),
+        };
+        // Steps 2-6 for AdamW and for matrices whose Newton-Schulz runs on every rank; for
+        // round-robin matrices, steps 2-3 into their result buffer.
         for (i, (param, spec)) in params.iter_mut().zip(&self.specs).enumerate() {
             let grad = &self.grad_shards[i];
-            // 2-4: the update's shard in `s.update`, and its step size and decay.
-            let (s, step, decay) = match &mut self.slots[i] {
+            match &mut self.slots[i] {
                 ShardSlot::Muon {
                     momentum,
                     workspace,
                     scratch,
+                    result,
                 } => {
                     let s = &mut self.scratch[*scratch];
+                    let (mu, nesterov) = (e(muon.momentum), muon.nesterov);
+                    backend.momentum_nesterov(momentum, grad, mu, nesterov, &mut s.update)?;
+                    if let Some(result) = result {
+                        gather(&s.update, result)?;
+                        continue;
+                    }
                     let ws = &mut self.workspaces[*workspace];
-                    backend.momentum_nesterov(
-                        momentum,
-                        grad,
-                        e(muon.momentum),
-                        muon.nesterov,
-                        &mut s.update,
-                    )?;
-                    if self.bf16_gather {
-                        c.all_gather_bf16(backend, &s.update, &mut ws.x)?;
-                    } else {
-                        c.all_gather(backend, &s.update, &mut ws.x)?;
-                    }
-                    match self.owners[i] {
-                        None => newton_schulz(backend, &muon.newton_schulz, ws)?,
-                        Some(owner) => {
-                            if owner == c.rank() {
-                                newton_schulz(backend, &muon.newton_schulz, ws)?;
-                            }
-                            c.broadcast(backend, owner, &mut ws.x)?;
-                        }
-                    }
+                    gather(&s.update, &mut ws.x)?;
+                    newton_schulz(backend, &muon.newton_schulz, ws)?;
                     c.copy_shard(backend, &ws.x, &mut s.update)?;
                     let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
-                    (s, lr * scale, lr * muon.weight_decay)
+                    apply(
+                        s,
+                        param,
+                        lr * scale,
+                        lr * muon.weight_decay,
+                        &mut self.update_sq.local,
+                        i,
+                    )?;
                 }
                 ShardSlot::AdamW { m, v, scratch } => {
                     let s = &mut self.scratch[*scratch];
                     backend.adamw_direction(&mut s.update, grad, m, v, &adamw_coefficients)?;
-                    (s, lr, lr * adamw.weight_decay)
+                    apply(
+                        s,
+                        param,
+                        lr,
+                        lr * adamw.weight_decay,
+                        &mut self.update_sq.local,
+                        i,
+                    )?;
                 }
-            };
-            backend.sum_squares(&s.update, &mut self.update_sq.local, i)?;
-            // 5-6: update this rank's slice of the parameter, then share it.
-            c.copy_shard(backend, param, &mut s.param)?;
-            backend.apply_update(&mut s.param, &s.update, e(step), e(decay))?;
-            c.all_gather(backend, &s.param, param)?;
+            }
+        }
+        // Round robin: every rank runs its own matrices' Newton-Schulz, all ranks at once (the
+        // workspace's buffer is swapped with the result's, not copied) ...
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let ShardSlot::Muon {
+                workspace,
+                result: Some(result),
+                ..
+            } = slot
+            {
+                if self.owners[i] == Some(rank) {
+                    let ws = &mut self.workspaces[*workspace];
+                    core::mem::swap(&mut ws.x, result);
+                    let run = newton_schulz(backend, &muon.newton_schulz, ws);
+                    core::mem::swap(&mut ws.x, result);
+                    run?;
+                }
+            }
+        }
+        // ... then each owner broadcasts its results, and every rank applies its slices.
+        for (i, (param, spec)) in params.iter_mut().zip(&self.specs).enumerate() {
+            if let (
+                ShardSlot::Muon {
+                    scratch,
+                    result: Some(result),
+                    ..
+                },
+                Some(owner),
+            ) = (&mut self.slots[i], self.owners[i])
+            {
+                let s = &mut self.scratch[*scratch];
+                c.broadcast(backend, owner, result)?;
+                c.copy_shard(backend, result, &mut s.update)?;
+                let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
+                apply(
+                    s,
+                    param,
+                    lr * scale,
+                    lr * muon.weight_decay,
+                    &mut self.update_sq.local,
+                    i,
+                )?;
+            }
         }
         Ok(StepReport {
             step: self.step,

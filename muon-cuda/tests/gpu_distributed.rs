@@ -161,7 +161,8 @@ fn every_gpu_as_a_rank_equals_the_cpu_optimizer_on_the_mean_gradient() {
                 // Round-robin Newton-Schulz, so NCCL's broadcast runs too.
                 let mut opt = DistributedOptimizer::new(&gpu, group, specs.clone(), HybridConfig::default())
                     .unwrap()
-                    .with_round_robin_newton_schulz(true);
+                    .with_round_robin_newton_schulz(&gpu, true)
+                    .unwrap();
                 run_steps(&gpu, &mut opt, rank)
             })
         })

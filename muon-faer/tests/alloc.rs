@@ -141,7 +141,8 @@ fn distributed_steps_allocate_nothing() {
                 // Round-robin Newton-Schulz: the broadcasts are checked too.
                 let mut opt = DistributedOptimizer::new(&cpu, group, specs.clone(), HybridConfig::default())
                     .unwrap()
-                    .with_round_robin_newton_schulz(true);
+                    .with_round_robin_newton_schulz(&cpu, true)
+                    .unwrap();
                 let mut params: Vec<HostMatrix<f32>> =
                     specs.iter().map(|s| HostMatrix::zeros(s.shape)).collect();
                 let grads: Vec<HostMatrix<f32>> = specs

@@ -189,7 +189,8 @@ fn run_ranks_with<T: faer_elem::Elem>(
                 let rank = group.rank();
                 let mut opt = DistributedOptimizer::new(&cpu, group, specs(), config())
                     .unwrap()
-                    .with_round_robin_newton_schulz(round_robin);
+                    .with_round_robin_newton_schulz(&cpu, round_robin)
+                    .unwrap();
                 let mut run = drive(&cpu, &mut opt, steps, start, |s, p, step| grad(s, p, step, rank));
                 run.state_len = opt.state_len();
                 run.ns_share = opt.newton_schulz_share();
