@@ -434,13 +434,18 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
         let rank = c.rank();
         // The update's shard lands in the parameter's scratch `update`; this applies it (steps
         // 5-6): update this rank's slice of the parameter, then share it.
-        let apply =
-            |s: &mut ShardScratch<B>, param: &mut B::Matrix, step: f64, decay: f64, sq: &mut B::Matrix, i| {
-                backend.sum_squares(&s.update, sq, i)?;
-                c.copy_shard(backend, param, &mut s.param)?;
-                backend.apply_update(&mut s.param, &s.update, e(step), e(decay))?;
-                c.all_gather(backend, &s.param, param)
-            };
+        let update_sq = &mut self.update_sq.local;
+        let mut apply = |s: &mut ShardScratch<B>, param: &mut B::Matrix, (step, decay): (f64, f64), i| {
+            backend.sum_squares(&s.update, update_sq, i)?;
+            c.copy_shard(backend, param, &mut s.param)?;
+            backend.apply_update(&mut s.param, &s.update, e(step), e(decay))?;
+            c.all_gather(backend, &s.param, param)
+        };
+        // Muon's step size and decay for a parameter: the base lr scaled, and the base lr.
+        let muon_rates = |spec: &ParamSpec| {
+            let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
+            (lr * scale, lr * muon.weight_decay)
+        };
         let gather = |shard: &B::Matrix, full: &mut B::Matrix| match self.bf16_gather {
             true => c.all_gather_bf16(backend, shard, full),
             false => c.all_gather(backend, shard, full),
@@ -467,27 +472,12 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                     gather(&s.update, &mut ws.x)?;
                     newton_schulz(backend, &muon.newton_schulz, ws)?;
                     c.copy_shard(backend, &ws.x, &mut s.update)?;
-                    let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
-                    apply(
-                        s,
-                        param,
-                        lr * scale,
-                        lr * muon.weight_decay,
-                        &mut self.update_sq.local,
-                        i,
-                    )?;
+                    apply(s, param, muon_rates(spec), i)?;
                 }
                 ShardSlot::AdamW { m, v, scratch } => {
                     let s = &mut self.scratch[*scratch];
                     backend.adamw_direction(&mut s.update, grad, m, v, &adamw_coefficients)?;
-                    apply(
-                        s,
-                        param,
-                        lr,
-                        lr * adamw.weight_decay,
-                        &mut self.update_sq.local,
-                        i,
-                    )?;
+                    apply(s, param, (lr, lr * adamw.weight_decay), i)?;
                 }
             }
         }
@@ -523,15 +513,7 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                 let s = &mut self.scratch[*scratch];
                 c.broadcast(backend, owner, result)?;
                 c.copy_shard(backend, result, &mut s.update)?;
-                let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
-                apply(
-                    s,
-                    param,
-                    lr * scale,
-                    lr * muon.weight_decay,
-                    &mut self.update_sq.local,
-                    i,
-                )?;
+                apply(s, param, muon_rates(spec), i)?;
             }
         }
         Ok(StepReport {
