@@ -97,14 +97,21 @@ enum ShardSlot<B: Backend> {
         momentum: B::Matrix,
         workspace: usize,
         scratch: usize,
-        /// Round robin: `N_t`, then `O_t` (the owner's Newton-Schulz, broadcast).
-        result: Option<B::Matrix>,
+        /// Round robin only: who runs this matrix's Newton-Schulz, and where.
+        round_robin: Option<RoundRobin<B>>,
     },
     AdamW {
         m: B::Matrix,
         v: B::Matrix,
         scratch: usize,
     },
+}
+
+/// A matrix whose Newton-Schulz runs on one rank and is broadcast.
+struct RoundRobin<B: Backend> {
+    owner: usize,
+    /// `N_t`, then `O_t`: the whole matrix, held from the gather to the broadcast.
+    result: B::Matrix,
 }
 
 /// Scratch for one shard length, shared by every parameter whose shards have that length.
@@ -219,8 +226,6 @@ pub struct DistributedOptimizer<B: Backend, C: Collective<B>> {
     update_sq: RankSums<B>,
     /// Gather `N_t` with [`Collective::all_gather_bf16`].
     bf16_gather: bool,
-    /// Per parameter, the rank that runs its Newton-Schulz; `None`: every rank runs it.
-    owners: Vec<Option<usize>>,
 }
 
 impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
@@ -270,7 +275,7 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                         || NsWorkspace::new(backend, spec.shape),
                     )?,
                     scratch: scratch_index,
-                    result: None,
+                    round_robin: None,
                 },
                 OptimizerKind::AdamW => ShardSlot::AdamW {
                     m: backend.zeros(shard)?,
@@ -292,7 +297,6 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
             scratch,
             step: 0,
             bf16_gather: false,
-            owners: vec![None; n],
         })
     }
 
@@ -300,9 +304,9 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
     /// each rank does about `1/world` of the Newton-Schulz work instead of all of it, the
     /// ranks at the same time, for one more tensor's traffic per Muon matrix and one more
     /// whole-matrix buffer per Muon parameter on every rank (to hold the results until they
-    /// are broadcast). Owners are chosen greedily by flops (the largest
-    /// matrix to the least loaded rank), the same on every rank. Off by default (every rank
-    /// runs every Newton-Schulz); every rank must choose the same.
+    /// are broadcast). Owners are chosen greedily by flops (the largest matrix to the least
+    /// loaded rank), the same on every rank. Off by default (every rank runs every
+    /// Newton-Schulz); every rank must choose the same.
     pub fn with_round_robin_newton_schulz(mut self, backend: &B, on: bool) -> Result<Self> {
         let world = self.collective.world_size();
         let ns = &self.config.muon.newton_schulz;
@@ -313,19 +317,18 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
         // Largest first; ties by index, so every rank sorts the same way.
         muon.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut load = vec![0.0f64; world];
-        self.owners = vec![None; self.specs.len()];
         for (i, flops) in muon {
-            let ShardSlot::Muon { result, .. } = &mut self.slots[i] else {
+            let ShardSlot::Muon { round_robin, .. } = &mut self.slots[i] else {
                 continue;
             };
-            *result = None;
+            *round_robin = None;
             if on {
-                let least = (0..world)
+                let owner = (0..world)
                     .min_by(|&a, &b| load[a].total_cmp(&load[b]))
                     .unwrap_or(0);
-                load[least] += flops;
-                self.owners[i] = Some(least);
-                *result = Some(backend.zeros(self.specs[i].shape)?);
+                load[owner] += flops;
+                let result = backend.zeros(self.specs[i].shape)?;
+                *round_robin = Some(RoundRobin { owner, result });
             }
         }
         Ok(self)
@@ -336,11 +339,14 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
     pub fn newton_schulz_share(&self) -> f64 {
         let ns = &self.config.muon.newton_schulz;
         let (mut mine, mut all) = (0.0, 0.0);
-        for (spec, owner) in self.specs.iter().zip(&self.owners) {
-            if spec.optimizer() == OptimizerKind::Muon {
+        for (spec, slot) in self.specs.iter().zip(&self.slots) {
+            if let ShardSlot::Muon { round_robin, .. } = slot {
                 let flops = ns.flops(spec.shape);
                 all += flops;
-                if owner.is_none_or(|o| o == self.collective.rank()) {
+                if round_robin
+                    .as_ref()
+                    .is_none_or(|r| r.owner == self.collective.rank())
+                {
                     mine += flops;
                 }
             }
@@ -459,13 +465,13 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                     momentum,
                     workspace,
                     scratch,
-                    result,
+                    round_robin,
                 } => {
                     let s = &mut self.scratch[*scratch];
                     let (mu, nesterov) = (e(muon.momentum), muon.nesterov);
                     backend.momentum_nesterov(momentum, grad, mu, nesterov, &mut s.update)?;
-                    if let Some(result) = result {
-                        gather(&s.update, result)?;
+                    if let Some(r) = round_robin {
+                        gather(&s.update, &mut r.result)?;
                         continue;
                     }
                     let ws = &mut self.workspaces[*workspace];
@@ -483,36 +489,33 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
         }
         // Round robin: every rank runs its own matrices' Newton-Schulz, all ranks at once (the
         // workspace's buffer is swapped with the result's, not copied) ...
-        for (i, slot) in self.slots.iter_mut().enumerate() {
+        for slot in &mut self.slots {
             if let ShardSlot::Muon {
                 workspace,
-                result: Some(result),
+                round_robin: Some(r),
                 ..
             } = slot
             {
-                if self.owners[i] == Some(rank) {
+                if r.owner == rank {
                     let ws = &mut self.workspaces[*workspace];
-                    core::mem::swap(&mut ws.x, result);
+                    core::mem::swap(&mut ws.x, &mut r.result);
                     let run = newton_schulz(backend, &muon.newton_schulz, ws);
-                    core::mem::swap(&mut ws.x, result);
+                    core::mem::swap(&mut ws.x, &mut r.result);
                     run?;
                 }
             }
         }
         // ... then each owner broadcasts its results, and every rank applies its slices.
         for (i, (param, spec)) in params.iter_mut().zip(&self.specs).enumerate() {
-            if let (
-                ShardSlot::Muon {
-                    scratch,
-                    result: Some(result),
-                    ..
-                },
-                Some(owner),
-            ) = (&mut self.slots[i], self.owners[i])
+            if let ShardSlot::Muon {
+                scratch,
+                round_robin: Some(r),
+                ..
+            } = &mut self.slots[i]
             {
                 let s = &mut self.scratch[*scratch];
-                c.broadcast(backend, owner, result)?;
-                c.copy_shard(backend, result, &mut s.update)?;
+                c.broadcast(backend, r.owner, &mut r.result)?;
+                c.copy_shard(backend, &r.result, &mut s.update)?;
                 apply(s, param, muon_rates(spec), i)?;
             }
         }

@@ -86,7 +86,7 @@ struct Scratch {
 }
 
 /// Grows `buf` to at least `len` elements (contents not kept).
-fn ensure<T: DeviceRepr + ValidAsZeroBits>(
+pub(crate) fn ensure<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     buf: &mut CudaSlice<T>,
     len: usize,

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use muon_core::{shard_capacity, shard_range, Collective, Error, Result};
 
-use crate::device::{CudaBackend, CudaMatrix};
+use crate::device::{ensure, CudaBackend, CudaMatrix};
 use crate::{ffi, NO_NCCL};
 
 fn nccl_error(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
@@ -145,12 +145,7 @@ impl NcclGroup {
     /// The staging buffer, grown to at least `len` elements (contents not kept).
     fn staging(&self, len: usize) -> Result<std::cell::RefMut<'_, CudaSlice<f32>>> {
         let mut staging = self.staging.borrow_mut();
-        if staging.len() < len {
-            *staging = self
-                .stream
-                .alloc_zeros(len)
-                .map_err(|e| driver_error("growing the staging buffer", e))?;
-        }
+        ensure(&self.stream, &mut staging, len)?;
         Ok(staging)
     }
 }
@@ -259,14 +254,8 @@ impl Collective<CudaBackend> for NcclGroup {
         let cap = self.check(backend, "bf16 all-gather", n, shard.shape().len())?;
         let mut buffers = self.bf16.borrow_mut();
         let (own, all) = &mut *buffers;
-        for (buf, len) in [(&mut *own, cap), (&mut *all, cap * world)] {
-            if buf.len() < len {
-                *buf = self
-                    .stream
-                    .alloc_zeros(len)
-                    .map_err(|e| driver_error("growing the bf16 staging buffers", e))?;
-            }
-        }
+        ensure(&self.stream, own, cap)?;
+        ensure(&self.stream, all, cap * world)?;
         backend.cast_to_bf16(shard.as_cuda_slice(), own)?;
         self.comm
             .all_gather(

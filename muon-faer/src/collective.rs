@@ -61,6 +61,11 @@ struct Shared<T> {
     traffic: [AtomicU64; 3],
 }
 
+/// Indices of `Shared::traffic`, one per kind of collective.
+const REDUCE_SCATTER: usize = 0;
+const ALL_GATHER: usize = 1;
+const BROADCAST: usize = 2;
+
 struct BarrierState {
     arrived: usize,
     generation: u64,
@@ -115,11 +120,11 @@ impl<T: Real> ThreadGroup<T> {
     /// What the whole group has moved so far, per rank (every rank passes the same).
     pub fn traffic(&self) -> Traffic {
         let world = self.shared.world as u64;
-        let [rs, ag, bc] = &self.shared.traffic;
+        let per_rank = |kind: usize| self.shared.traffic[kind].load(Ordering::Relaxed) / world;
         Traffic {
-            reduce_scatter: rs.load(Ordering::Relaxed) / world,
-            all_gather: ag.load(Ordering::Relaxed) / world,
-            broadcast: bc.load(Ordering::Relaxed) / world,
+            reduce_scatter: per_rank(REDUCE_SCATTER),
+            all_gather: per_rank(ALL_GATHER),
+            broadcast: per_rank(BROADCAST),
         }
     }
 
@@ -186,7 +191,7 @@ impl<T: Real> ThreadGroup<T> {
         self.check_shard("all-gather", n, shard.as_slice().len())?;
         let own = &shard.as_slice()[..shard_range(n, world, self.rank).len()];
         let bytes = n * if bf16 { 2 } else { size_of::<T>() };
-        self.post(1, bytes, |slot| {
+        self.post(ALL_GATHER, bytes, |slot| {
             if bf16 {
                 slot.extend(
                     own.iter()
@@ -258,7 +263,7 @@ where
     ) -> Result<()> {
         let (n, world) = (full.as_slice().len(), self.shared.world);
         self.check_shard("reduce-scatter", n, shard.as_slice().len())?;
-        self.post(0, n * size_of::<B::Elem>(), |slot| {
+        self.post(REDUCE_SCATTER, n * size_of::<B::Elem>(), |slot| {
             slot.extend_from_slice(full.as_slice())
         })?;
         let range = shard_range(n, world, self.rank);
@@ -293,15 +298,20 @@ where
                 self.rank
             )));
         }
-        let bytes = n * size_of::<B::Elem>() * world;
-        if self.rank == root {
-            self.post(2, bytes, |slot| slot.extend_from_slice(full.as_slice()))?;
+        let is_root = self.rank == root;
+        let bytes = if is_root {
+            n * size_of::<B::Elem>() * world
         } else {
-            self.post(2, 0, |_| ())?;
-        }
+            0
+        };
+        self.post(BROADCAST, bytes, |slot| {
+            if is_root {
+                slot.extend_from_slice(full.as_slice())
+            }
+        })?;
         let out = full.as_mut_slice();
         self.read_all(|r, theirs| {
-            if r != root || self.rank == root {
+            if r != root || is_root {
                 return Ok(());
             }
             if theirs.len() != n {
