@@ -43,9 +43,14 @@ pub struct AdamWCoefficients<T> {
 /// `beta` follow BLAS: `beta == 0` means the destination is overwritten, never read (so NaN in
 /// uninitialized memory does not leak through).
 ///
-/// Shape preconditions are the caller's job; the generic code in this crate only issues
-/// well-formed calls and checks user input at its public boundary. Implementations should
-/// check with [`gemm_dims`](crate::gemm_dims) and friends and may panic on a violation.
+/// Shapes are checked, never assumed: a method given operands of the wrong shapes returns
+/// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) naming the operand (or, for a
+/// `sum_squares` slot out of range, [`Error::Backend`](crate::Error::Backend)) and changes
+/// nothing. [`gemm_dims`](crate::gemm_dims), [`check_shape`](crate::check_shape) and
+/// [`check_slot`](crate::check_slot) implement the checks; a backend calls them before it
+/// launches any work. The generic code in this crate only issues well-formed calls, so the
+/// checks cost nothing but a comparison, and a backend that users call directly cannot be
+/// made to panic or read out of bounds by a bad shape.
 pub trait Backend {
     /// Element type of parameters, gradients and optimizer state.
     type Elem: Real;

@@ -55,7 +55,7 @@
 //!     fn gemm(&self, c: &mut Tensor, alpha: f64, a: &Tensor, ta: Transpose,
 //!             b: &Tensor, tb: Transpose, beta: f64) -> Result<()> {
 //!         let (m, n, k) = muon_core::gemm_dims(Self::shape(c), Self::shape(a), ta,
-//!                                              Self::shape(b), tb);
+//!                                              Self::shape(b), tb)?;
 //!         let at = |x: &Tensor, t, i, j| if t == Transpose::No { x.data[i * x.cols + j] }
 //!                                        else { x.data[j * x.cols + i] };
 //!         for i in 0..m {
@@ -160,4 +160,4 @@ pub use newton_schulz::{
 pub use portable::{HostMatrix, Portable};
 pub use scalar::Real;
 pub use schedule::LrSchedule;
-pub use shape::{gemm_dims, Shape, Transpose};
+pub use shape::{check_shape, check_slot, gemm_dims, Shape, Transpose};

@@ -6,7 +6,9 @@ use core::marker::PhantomData;
 
 use nalgebra::{DMatrix, RealField};
 
-use crate::{gemm_dims, AdamWCoefficients, Backend, Error, Real, Result, Shape, Transpose};
+use crate::{
+    check_shape, check_slot, gemm_dims, AdamWCoefficients, Backend, Error, Real, Result, Shape, Transpose,
+};
 
 /// A stack of nalgebra matrices (each `rows x cols`).
 #[derive(Clone, Debug, PartialEq)]
@@ -107,7 +109,7 @@ impl<T: Real + RealField> Backend for Nalgebra<T> {
         tb: Transpose,
         beta: T,
     ) -> Result<()> {
-        gemm_dims(dst.shape, a.shape, ta, b.shape, tb);
+        gemm_dims(dst.shape, a.shape, ta, b.shape, tb)?;
         for ((c, a), b) in dst.items.iter_mut().zip(&a.items).zip(&b.items) {
             let product = op(a, ta) * op(b, tb) * alpha;
             *c = if beta == <T as Real>::ZERO {
@@ -120,12 +122,7 @@ impl<T: Real + RealField> Backend for Nalgebra<T> {
     }
 
     fn axpby(&self, dst: &mut Self::Matrix, alpha: T, x: &Self::Matrix, beta: T) -> Result<()> {
-        assert!(
-            dst.shape == x.shape,
-            "axpby: shapes differ ({} vs {})",
-            dst.shape,
-            x.shape
-        );
+        check_shape("axpby source", dst.shape, x.shape)?;
         for (d, x) in dst.items.iter_mut().zip(&x.items) {
             *d = if beta == <T as Real>::ZERO {
                 x * alpha
@@ -143,8 +140,10 @@ impl<T: Real + RealField> Backend for Nalgebra<T> {
             .flat_map(|m| m.iter())
             .map(|v| v.to_f64() * v.to_f64())
             .sum();
+        check_slot("sum_squares", out.shape, index)?;
         let cols = out.shape.cols;
-        out.items[0][(index / cols, index % cols)] = <T as Real>::from_f64(sum);
+        out.items[index / out.shape.batch_stride()]
+            [(index % out.shape.batch_stride() / cols, index % cols)] = <T as Real>::from_f64(sum);
         Ok(())
     }
 
@@ -165,6 +164,9 @@ impl<T: Real + RealField> Backend for Nalgebra<T> {
         v: &mut Self::Matrix,
         c: &AdamWCoefficients<T>,
     ) -> Result<()> {
+        check_shape("adamw direction", grad.shape, dir.shape)?;
+        check_shape("adamw first moment", grad.shape, m.shape)?;
+        check_shape("adamw second moment", grad.shape, v.shape)?;
         let one = <T as Real>::ONE;
         for (((d, g), m), v) in dir
             .items

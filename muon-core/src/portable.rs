@@ -7,7 +7,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::marker::PhantomData;
 
-use crate::{gemm_dims, AdamWCoefficients, Backend, Error, Real, Result, Shape, Transpose};
+use crate::{
+    check_shape, check_slot, gemm_dims, AdamWCoefficients, Backend, Error, Real, Result, Shape, Transpose,
+};
 
 /// A dense row-major stack of matrices in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -117,11 +119,6 @@ impl<T> Portable<T> {
     }
 }
 
-#[track_caller]
-fn same_len(what: &str, a: Shape, b: Shape) {
-    assert!(a == b, "{what}: shapes differ ({a} vs {b})");
-}
-
 impl<T: Real> Backend for Portable<T> {
     type Elem = T;
     type Matrix = HostMatrix<T>;
@@ -152,7 +149,7 @@ impl<T: Real> Backend for Portable<T> {
         tb: Transpose,
         beta: T,
     ) -> Result<()> {
-        let (m, n, k) = gemm_dims(dst.shape, a.shape, ta, b.shape, tb);
+        let (m, n, k) = gemm_dims(dst.shape, a.shape, ta, b.shape, tb)?;
         let (a_cols, b_cols) = (a.shape.cols, b.shape.cols);
         // op(x)[i, j] of one row-major matrix with `cols` columns.
         let at = |x: &[T], cols: usize, t: Transpose, i: usize, j: usize| match t {
@@ -182,7 +179,7 @@ impl<T: Real> Backend for Portable<T> {
     }
 
     fn axpby(&self, dst: &mut HostMatrix<T>, alpha: T, x: &HostMatrix<T>, beta: T) -> Result<()> {
-        same_len("axpby", dst.shape, x.shape);
+        check_shape("axpby source", dst.shape, x.shape)?;
         for (d, &s) in dst.data.iter_mut().zip(&x.data) {
             *d = if beta == T::ZERO {
                 alpha * s
@@ -195,6 +192,7 @@ impl<T: Real> Backend for Portable<T> {
 
     fn sum_squares(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
         let sum: f64 = x.data.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+        check_slot("sum_squares", out.shape, index)?;
         out.data[index] = T::from_f64(sum);
         Ok(())
     }
@@ -218,9 +216,9 @@ impl<T: Real> Backend for Portable<T> {
         v: &mut HostMatrix<T>,
         c: &AdamWCoefficients<T>,
     ) -> Result<()> {
-        same_len("adamw_direction", dir.shape, grad.shape);
-        same_len("adamw_direction", m.shape, grad.shape);
-        same_len("adamw_direction", v.shape, grad.shape);
+        check_shape("adamw direction", grad.shape, dir.shape)?;
+        check_shape("adamw first moment", grad.shape, m.shape)?;
+        check_shape("adamw second moment", grad.shape, v.shape)?;
         let one = T::ONE;
         for i in 0..grad.data.len() {
             let g = grad.data[i];

@@ -1,6 +1,9 @@
 //! Shapes of (stacks of) row-major matrices.
 
+use alloc::format;
 use core::fmt;
+
+use crate::{Error, Result};
 
 /// Whether a GEMM operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -117,27 +120,60 @@ impl fmt::Display for Shape {
     }
 }
 
+/// Checks that a backend operand has the shape it must have: the shape half of the
+/// [`Backend`](crate::Backend) contract (a wrong shape is an [`Error::ShapeMismatch`] naming
+/// the operand, never a panic).
+pub fn check_shape(what: &str, expected: Shape, found: Shape) -> Result<()> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            what: what.into(),
+            expected,
+            found,
+        })
+    }
+}
+
+/// Checks that `index` is an element of a stack of shape `out` (the slot
+/// [`Backend::sum_squares`](crate::Backend::sum_squares) writes).
+pub fn check_slot(what: &str, out: Shape, index: usize) -> Result<()> {
+    if index < out.len() {
+        Ok(())
+    } else {
+        Err(Error::Backend(format!(
+            "{what}: slot {index} of a {}-element output",
+            out.len()
+        )))
+    }
+}
+
 /// Checks the operand shapes of `dst = alpha * op(a) op(b) + beta * dst` and returns the
 /// per-matrix GEMM sizes `(m, n, k)`. Backends call it before launching their kernels.
 ///
-/// # Panics
-/// When the batch counts differ or the inner or outer dimensions do not match. The generic
-/// code only issues well-formed products, so a panic here is a bug in a caller.
-#[track_caller]
-pub fn gemm_dims(dst: Shape, a: Shape, ta: Transpose, b: Shape, tb: Transpose) -> (usize, usize, usize) {
+/// # Errors
+/// [`Error::ShapeMismatch`] naming the operand: `a` when its batch count differs from the
+/// destination's, `b` (after its transpose) when its batch count or inner dimension is wrong,
+/// the destination when `op(a) op(b)` has another shape.
+///
+/// ```
+/// use muon_core::{gemm_dims, Shape, Transpose};
+/// let (a, b) = (Shape::matrix(2, 3), Shape::matrix(4, 3));
+/// assert_eq!(gemm_dims(Shape::matrix(2, 4), a, Transpose::No, b, Transpose::Yes), Ok((2, 4, 3)));
+/// assert!(gemm_dims(Shape::matrix(2, 4), a, Transpose::No, b, Transpose::No).is_err());
+/// ```
+pub fn gemm_dims(
+    dst: Shape,
+    a: Shape,
+    ta: Transpose,
+    b: Shape,
+    tb: Transpose,
+) -> Result<(usize, usize, usize)> {
     let (m, k) = a.op(ta);
     let (k2, n) = b.op(tb);
-    assert!(
-        a.batch == dst.batch && b.batch == dst.batch,
-        "gemm: batch counts differ (dst {dst}, a {a}, b {b})"
-    );
-    assert!(
-        k == k2,
-        "gemm: inner dimensions differ: op(a) is {m}x{k}, op(b) is {k2}x{n}"
-    );
-    assert!(
-        dst.rows == m && dst.cols == n,
-        "gemm: dst is {dst} but op(a) op(b) is {m}x{n}"
-    );
-    (m, n, k)
+    check_shape("gemm operand a", Shape::batched(dst.batch, a.rows, a.cols), a)?;
+    let (expected, found) = (Shape::batched(dst.batch, k, n), Shape::batched(b.batch, k2, n));
+    check_shape("gemm operand b (after transpose)", expected, found)?;
+    check_shape("gemm destination", Shape::batched(dst.batch, m, n), dst)?;
+    Ok((m, n, k))
 }

@@ -6,8 +6,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 use muon_core::{
-    newton_schulz_folded, AdamWCoefficients, Backend, Error, NewtonSchulz, NsWorkspace, Result, Shape,
-    Transpose,
+    check_shape, newton_schulz_folded, AdamWCoefficients, Backend, Error, NewtonSchulz, NsWorkspace, Result,
+    Shape, Transpose,
 };
 
 use crate::ffi::{self, GemmInput};
@@ -286,7 +286,7 @@ impl CudaBackend {
         let mut a = self.zeros(shape)?;
         self.upload(&mut a, &host)?;
         let mut c = self.zeros(shape)?;
-        let g = row_major_gemm(shape, shape, Transpose::No, shape, Transpose::No);
+        let g = row_major_gemm(shape, shape, Transpose::No, shape, Transpose::No)?;
         let bf16 = if self.precision == Precision::Bf16 {
             let mut y: CudaSlice<u16> = self
                 .stream
@@ -342,10 +342,6 @@ impl CudaBackend {
         self.scratch
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn check_same(what: &str, a: Shape, b: Shape) {
-        assert!(a == b, "{what}: shapes differ ({a} vs {b})");
     }
 }
 
@@ -417,7 +413,7 @@ impl Backend for CudaBackend {
         tb: Transpose,
         beta: f32,
     ) -> Result<()> {
-        let g = row_major_gemm(dst.shape, a.shape, ta, b.shape, tb);
+        let g = row_major_gemm(dst.shape, a.shape, ta, b.shape, tb)?;
         // cuBLAS runs in the calling thread's current context; kernel launches and copies bind
         // it themselves (cudarc), raw cuBLAS calls do not.
         self.ctx
@@ -480,7 +476,7 @@ impl Backend for CudaBackend {
     }
 
     fn axpby(&self, dst: &mut CudaMatrix, alpha: f32, x: &CudaMatrix, beta: f32) -> Result<()> {
-        Self::check_same("axpby", dst.shape, x.shape);
+        check_shape("axpby source", dst.shape, x.shape)?;
         ffi::axpby(
             &self.stream,
             &self.kernels.axpby,
@@ -577,9 +573,9 @@ impl Backend for CudaBackend {
         v: &mut CudaMatrix,
         c: &AdamWCoefficients<f32>,
     ) -> Result<()> {
-        Self::check_same("adamw_direction", dir.shape, grad.shape);
-        Self::check_same("adamw_direction", m.shape, grad.shape);
-        Self::check_same("adamw_direction", v.shape, grad.shape);
+        check_shape("adamw direction", grad.shape, dir.shape)?;
+        check_shape("adamw first moment", grad.shape, m.shape)?;
+        check_shape("adamw second moment", grad.shape, v.shape)?;
         let k = &self.kernels.adamw_direction;
         ffi::adamw_direction(
             &self.stream,
@@ -594,7 +590,7 @@ impl Backend for CudaBackend {
     }
 
     fn copy(&self, dst: &mut CudaMatrix, x: &CudaMatrix) -> Result<()> {
-        Self::check_same("copy", dst.shape, x.shape);
+        check_shape("copy source", dst.shape, x.shape)?;
         if x.shape.is_empty() {
             return Ok(());
         }
@@ -627,8 +623,8 @@ impl Backend for CudaBackend {
         nesterov: bool,
         out: &mut CudaMatrix,
     ) -> Result<()> {
-        Self::check_same("momentum_nesterov", momentum.shape, grad.shape);
-        Self::check_same("momentum_nesterov", out.shape, grad.shape);
+        check_shape("momentum", grad.shape, momentum.shape)?;
+        check_shape("momentum output", grad.shape, out.shape)?;
         let k = &self.kernels.momentum_nesterov;
         ffi::momentum_nesterov(
             &self.stream,
@@ -643,7 +639,7 @@ impl Backend for CudaBackend {
     }
 
     fn apply_update(&self, param: &mut CudaMatrix, update: &CudaMatrix, step: f32, decay: f32) -> Result<()> {
-        Self::check_same("apply_update", param.shape, update.shape);
+        check_shape("update", param.shape, update.shape)?;
         // `1 - decay` rounded in f32 on the host, as the trait's default computes it.
         let keep = 1.0f32 - decay;
         ffi::apply_update(

@@ -57,18 +57,17 @@ pub(crate) struct ColumnMajorGemm {
 /// Maps the row-major `dst = op_a(a) op_b(b)` (checked with [`gemm_dims`]) to the column-major
 /// cuBLAS call that computes it. See the module docs for why this is correct.
 ///
-/// # Panics
+/// # Errors
 /// When the shapes do not fit (see [`gemm_dims`]).
-#[track_caller]
 pub(crate) fn row_major_gemm(
     dst: Shape,
     a: Shape,
     ta: Transpose,
     b: Shape,
     tb: Transpose,
-) -> ColumnMajorGemm {
-    let (m, n, k) = gemm_dims(dst, a, ta, b, tb);
-    ColumnMajorGemm {
+) -> muon_core::Result<ColumnMajorGemm> {
+    let (m, n, k) = gemm_dims(dst, a, ta, b, tb)?;
+    Ok(ColumnMajorGemm {
         transa: tb,
         transb: ta,
         m: n,
@@ -83,7 +82,7 @@ pub(crate) fn row_major_gemm(
         ldc: dst.cols,
         stride_c: dst.batch_stride(),
         batch: dst.batch,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -157,7 +156,7 @@ mod tests {
             let dst = Shape::batched(batch, m, n);
             let x: Vec<f64> = (0..a.len()).map(|i| ((i * 37 % 23) as f64) - 11.0).collect();
             let y: Vec<f64> = (0..b.len()).map(|i| ((i * 29 % 19) as f64) * 0.5 - 4.0).collect();
-            let g = row_major_gemm(dst, a, ta, b, tb);
+            let g = row_major_gemm(dst, a, ta, b, tb).unwrap();
             assert_eq!((g.first, g.second), (Operand::B, Operand::A));
             let mut c = vec![f64::NAN; dst.len()];
             column_major_gemm(&g, &y, &x, &mut c);
@@ -170,14 +169,15 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "inner dimensions differ")]
-    fn mismatched_shapes_panic() {
-        row_major_gemm(
+    fn mismatched_shapes_are_errors() {
+        let err = row_major_gemm(
             Shape::matrix(2, 2),
             Shape::matrix(2, 3),
             Transpose::No,
             Shape::matrix(4, 2),
             Transpose::No,
-        );
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("gemm operand b"), "{err}");
     }
 }

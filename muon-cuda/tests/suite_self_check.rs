@@ -76,7 +76,7 @@ impl Backend for EmulatedGpu {
         tb: Transpose,
         beta: f32,
     ) -> Result<()> {
-        let (m, n, k) = gemm_dims(dst.shape(), a.shape(), ta, b.shape(), tb);
+        let (m, n, k) = gemm_dims(dst.shape(), a.shape(), ta, b.shape(), tb)?;
         let cut = |v: f32| match self.precision {
             Precision::F32 => v,
             Precision::Tf32 => truncate_significand(v, 11),

@@ -83,7 +83,8 @@ use std::sync::{Arc, Mutex};
 
 use faer::Accum;
 use muon_core::{
-    AdamWCoefficients, Backend, Error, HostMatrix, NewtonSchulz, NsWorkspace, Real, Result, Shape, Transpose,
+    check_shape, check_slot, gemm_dims, AdamWCoefficients, Backend, Error, HostMatrix, NewtonSchulz,
+    NsWorkspace, Real, Result, Shape, Transpose,
 };
 
 use crate::matmul::Product;
@@ -186,35 +187,6 @@ fn new_team(threads: usize) -> Arc<Team> {
     Arc::new(team)
 }
 
-fn mismatch(what: &str, expected: Shape, found: Shape) -> Error {
-    Error::ShapeMismatch {
-        what: what.into(),
-        expected,
-        found,
-    }
-}
-
-fn same_shape(what: &str, expected: Shape, found: Shape) -> Result<()> {
-    if expected == found {
-        Ok(())
-    } else {
-        Err(mismatch(what, expected, found))
-    }
-}
-
-/// Checks a GEMM's shapes, returning the per-item sizes `(m, n, k)`.
-fn gemm_dims(dst: Shape, a: Shape, ta: Transpose, b: Shape, tb: Transpose) -> Result<(usize, usize, usize)> {
-    let (m, k) = a.op(ta);
-    let (k2, n) = b.op(tb);
-    if a.batch != dst.batch || b.batch != dst.batch || k != k2 {
-        let expected = Shape::batched(dst.batch, k, n);
-        let found = Shape::batched(b.batch, k2, n);
-        return Err(mismatch("gemm operand b (after transpose)", expected, found));
-    }
-    same_shape("gemm destination", Shape::batched(dst.batch, m, n), dst)?;
-    Ok((m, n, k))
-}
-
 impl<T: Elem> Backend for Faer<T> {
     type Elem = T;
     type Matrix = HostMatrix<T>;
@@ -264,17 +236,14 @@ impl<T: Elem> Backend for Faer<T> {
     }
 
     fn axpby(&self, dst: &mut HostMatrix<T>, alpha: T, x: &HostMatrix<T>, beta: T) -> Result<()> {
-        same_shape("axpby operand", dst.shape(), x.shape())?;
+        check_shape("axpby operand", dst.shape(), x.shape())?;
         elementwise::axpby(&self.team, dst.as_mut_slice(), alpha, x.as_slice(), beta);
         Ok(())
     }
 
     fn sum_squares(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
-        let slots = out.shape().len();
-        let slot = out.as_mut_slice().get_mut(index).ok_or_else(|| {
-            Error::Backend(format!("sum_squares: slot {index} of a {slots}-element output"))
-        })?;
-        *slot = T::from_f64(elementwise::sum_squares(&self.team, x.as_slice()));
+        check_slot("sum_squares", out.shape(), index)?;
+        out.as_mut_slice()[index] = T::from_f64(elementwise::sum_squares(&self.team, x.as_slice()));
         Ok(())
     }
 
@@ -292,9 +261,9 @@ impl<T: Elem> Backend for Faer<T> {
         v: &mut HostMatrix<T>,
         c: &AdamWCoefficients<T>,
     ) -> Result<()> {
-        same_shape("adamw direction", grad.shape(), dir.shape())?;
-        same_shape("adamw first moment", grad.shape(), m.shape())?;
-        same_shape("adamw second moment", grad.shape(), v.shape())?;
+        check_shape("adamw direction", grad.shape(), dir.shape())?;
+        check_shape("adamw first moment", grad.shape(), m.shape())?;
+        check_shape("adamw second moment", grad.shape(), v.shape())?;
         elementwise::adamw_direction(
             &self.team,
             dir.as_mut_slice(),
@@ -307,7 +276,7 @@ impl<T: Elem> Backend for Faer<T> {
     }
 
     fn copy(&self, dst: &mut HostMatrix<T>, x: &HostMatrix<T>) -> Result<()> {
-        same_shape("copy source", dst.shape(), x.shape())?;
+        check_shape("copy source", dst.shape(), x.shape())?;
         elementwise::copy(&self.team, dst.as_mut_slice(), x.as_slice());
         Ok(())
     }
@@ -315,7 +284,7 @@ impl<T: Elem> Backend for Faer<T> {
     fn gram(&self, dst: &mut HostMatrix<T>, x: &HostMatrix<T>, op: Transpose) -> Result<()> {
         let xs = x.shape();
         let (m, k) = xs.op(op);
-        same_shape("gram destination", Shape::batched(xs.batch, m, m), dst.shape())?;
+        check_shape("gram destination", Shape::batched(xs.batch, m, m), dst.shape())?;
         if dst.shape().is_empty() {
             return Ok(());
         }
@@ -340,7 +309,7 @@ impl<T: Elem> Backend for Faer<T> {
                 "symmetric_square of a non-square {ss} matrix"
             )));
         }
-        same_shape("symmetric_square destination", ss, dst.shape())?;
+        check_shape("symmetric_square destination", ss, dst.shape())?;
         if ss.is_empty() {
             return Ok(());
         }
@@ -377,8 +346,8 @@ impl<T: Elem> Backend for Faer<T> {
         nesterov: bool,
         out: &mut HostMatrix<T>,
     ) -> Result<()> {
-        same_shape("momentum", grad.shape(), momentum.shape())?;
-        same_shape("momentum output", grad.shape(), out.shape())?;
+        check_shape("momentum", grad.shape(), momentum.shape())?;
+        check_shape("momentum output", grad.shape(), out.shape())?;
         elementwise::momentum_nesterov(
             &self.team,
             momentum.as_mut_slice(),
@@ -397,7 +366,7 @@ impl<T: Elem> Backend for Faer<T> {
         step: T,
         decay: T,
     ) -> Result<()> {
-        same_shape("update", param.shape(), update.shape())?;
+        check_shape("update", param.shape(), update.shape())?;
         // The trait's default, `axpby(param, -step, update, 1 - decay)`, in one pass.
         elementwise::axpby(
             &self.team,

@@ -585,16 +585,47 @@ fn hybrid_steps<B: Backend>(backend: &B) {
     }
 }
 
-/// Shape errors come back as errors, not panics.
+/// Shape errors come back as errors naming the operand, not panics (the `Backend` contract).
 fn shape_errors<B: Backend>(backend: &B) {
     let a = backend.zeros(Shape::matrix(3, 4)).unwrap();
     let mut d = backend.zeros(Shape::matrix(3, 3)).unwrap();
     let one = B::Elem::ONE;
-    assert!(backend
-        .gemm(&mut d, one, &a, Transpose::No, &a, Transpose::No, one)
-        .is_err());
-    assert!(backend.gram(&mut d, &a, Transpose::Yes).is_err());
-    assert!(backend.axpby(&mut d, one, &a, one).is_err());
+    let is_shape_error = |r: muon_core::Result<()>, operand: &str| match r {
+        Err(muon_core::Error::ShapeMismatch { what, .. }) => {
+            assert!(what.contains(operand), "{what} should name {operand}")
+        }
+        other => panic!("expected a shape error naming {operand}, got {other:?}"),
+    };
+    is_shape_error(
+        backend.gemm(&mut d, one, &a, Transpose::No, &a, Transpose::No, one),
+        "operand b",
+    );
+    let wrong_batch = backend.zeros(Shape::batched(2, 3, 4)).unwrap();
+    is_shape_error(
+        backend.gemm(&mut d, one, &wrong_batch, Transpose::No, &a, Transpose::Yes, one),
+        "operand a",
+    );
+    is_shape_error(
+        backend.gemm(&mut d, one, &a, Transpose::Yes, &a, Transpose::No, one),
+        "destination",
+    );
+    is_shape_error(backend.gram(&mut d, &a, Transpose::Yes), "destination");
+    is_shape_error(backend.axpby(&mut d, one, &a, one), "axpby");
+    let (mut m, mut v) = (
+        backend.zeros(Shape::matrix(3, 4)).unwrap(),
+        backend.zeros(Shape::matrix(3, 4)).unwrap(),
+    );
+    let c = muon_core::AdamWCoefficients {
+        beta1: one,
+        beta2: one,
+        eps: one,
+        bias_correction1: one,
+        bias_correction2: one,
+    };
+    is_shape_error(
+        backend.adamw_direction(&mut d, &a, &mut m, &mut v, &c),
+        "adamw direction",
+    );
     let mut small = backend.zeros(Shape::vector(2)).unwrap();
     assert!(backend.sum_squares(&a, &mut small, 2).is_err());
     assert!(backend.upload(&mut d, &[one; 4]).is_err());
@@ -610,6 +641,13 @@ fn suite<B: Backend>(backend: &B) {
     symmetric_squares(backend);
     newton_schulz_vs_f64(backend);
     hybrid_steps(backend);
+}
+
+#[test]
+fn every_host_backend_returns_shape_errors() {
+    shape_errors(&muon_core::Portable::<f64>::new());
+    shape_errors(&muon_core::Portable::<f32>::new());
+    shape_errors(&Nalgebra::<f64>::new());
 }
 
 #[test]
