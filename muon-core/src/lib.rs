@@ -136,6 +136,7 @@ mod hybrid;
 mod muon;
 mod newton_schulz;
 mod portable;
+mod precision;
 mod scalar;
 mod schedule;
 mod shape;
@@ -158,6 +159,7 @@ pub use newton_schulz::{
     POLAR_EXPRESS, QUINTIC,
 };
 pub use portable::{HostMatrix, Portable};
+pub use precision::Precision;
 pub use scalar::Real;
 pub use schedule::LrSchedule;
 pub use shape::{check_shape, check_slot, gemm_dims, Shape, Transpose};

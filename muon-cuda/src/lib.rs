@@ -111,38 +111,9 @@ pub const NO_NCCL: &str = "the NCCL library (libnccl.so) was not found on the dy
      `nvidia/nccl/lib` directory (cudarc looks for the unversioned name) and add that directory \
      to LD_LIBRARY_PATH, or install NCCL's development package";
 
-/// The arithmetic of the GEMMs (the Newton-Schulz products); elementwise work and reductions
-/// are always `f32` with `f64` accumulation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Precision {
-    /// IEEE `f32` throughout (`CUBLAS_COMPUTE_32F`, no tensor-core shortcut).
-    #[default]
-    F32,
-    /// TF32 tensor cores: inputs rounded to a 10-bit mantissa, `f32` accumulation
-    /// (`CUBLAS_COMPUTE_32F_FAST_TF32`). Needs compute capability 8.0 or newer.
-    Tf32,
-    /// bf16 inputs (8-bit mantissa) cast on the device into scratch, `f32` accumulation and
-    /// `f32` output (`cublasGemmStridedBatchedEx`, `CUDA_R_16BF`, `CUBLAS_COMPUTE_32F`).
-    /// Needs compute capability 8.0 or newer for tensor-core speed.
-    Bf16,
-}
-
-impl Precision {
-    /// Every precision, in the order benchmarks report them.
-    pub const ALL: [Precision; 3] = [Precision::F32, Precision::Tf32, Precision::Bf16];
-
-    /// A short name for reports: `"f32"`, `"tf32"`, `"bf16"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Tf32 => "tf32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-impl core::fmt::Display for Precision {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// The arithmetic of the GEMMs, muon-core's word shared by every backend. On this backend:
+/// `F32` is `CUBLAS_COMPUTE_32F`; `Tf32` is `CUBLAS_COMPUTE_32F_FAST_TF32` (compute capability
+/// 8.0 or newer); `Bf16` casts the operands on the device into preallocated scratch and runs
+/// `cublasGemmStridedBatchedEx` on `CUDA_R_16BF` with `CUBLAS_COMPUTE_32F` (tensor-core speed
+/// from compute capability 8.0).
+pub use muon_core::Precision;
