@@ -447,11 +447,6 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
             backend.apply_update(&mut s.param, &s.update, e(step), e(decay))?;
             c.all_gather(backend, &s.param, param)
         };
-        // Muon's step size and decay for a parameter: the base lr scaled, and the base lr.
-        let muon_rates = |spec: &ParamSpec| {
-            let scale = muon.update_scale.factor(spec.shape.rows, spec.shape.cols);
-            (lr * scale, lr * muon.weight_decay)
-        };
         let gather = |shard: &B::Matrix, full: &mut B::Matrix| match self.bf16_gather {
             true => c.all_gather_bf16(backend, shard, full),
             false => c.all_gather(backend, shard, full),
@@ -478,7 +473,7 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                     gather(&s.update, &mut ws.x)?;
                     newton_schulz(backend, &muon.newton_schulz, ws)?;
                     c.copy_shard(backend, &ws.x, &mut s.update)?;
-                    apply(s, param, muon_rates(spec), i)?;
+                    apply(s, param, muon.rates(lr, spec.shape), i)?;
                 }
                 ShardSlot::AdamW { m, v, scratch } => {
                     let s = &mut self.scratch[*scratch];
@@ -516,7 +511,7 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                 let s = &mut self.scratch[*scratch];
                 c.broadcast(backend, r.owner, &mut r.result)?;
                 c.copy_shard(backend, &r.result, &mut s.update)?;
-                apply(s, param, muon_rates(spec), i)?;
+                apply(s, param, muon.rates(lr, spec.shape), i)?;
             }
         }
         Ok(StepReport {

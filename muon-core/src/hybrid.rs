@@ -370,7 +370,7 @@ pub(crate) fn check_step_inputs<B: Backend>(
 /// direction (`O` for Muon, AdamW's direction).
 pub(crate) fn update_rms(config: &HybridConfig, spec: &ParamSpec, direction_sq: f64) -> f64 {
     let scale = match spec.optimizer() {
-        OptimizerKind::Muon => config.muon.update_scale.factor(spec.shape.rows, spec.shape.cols),
+        OptimizerKind::Muon => config.muon.scale(spec.shape),
         OptimizerKind::AdamW => 1.0,
     };
     scale * libm::sqrt(direction_sq / spec.shape.len() as f64)

@@ -98,6 +98,28 @@ impl MuonConfig {
         }
         self.newton_schulz.validate()
     }
+
+    /// The update-scale factor of a parameter of shape `shape` (each matrix of a stack is
+    /// `shape.rows x shape.cols`).
+    pub fn scale(&self, shape: Shape) -> f64 {
+        self.update_scale.factor(shape.rows, shape.cols)
+    }
+
+    /// The rates one step applies to a parameter of shape `shape` with base learning rate
+    /// `lr`: `(step, decay) = (lr * scale, lr * weight_decay)`, for
+    /// `W = (1 - decay) W - step O`. The decay takes the base lr, not the scaled one (the
+    /// report's fix 1). The single place these are computed, so every optimizer applies the
+    /// same bits.
+    ///
+    /// ```
+    /// use muon_core::{MuonConfig, Shape, UpdateScale};
+    /// let config = MuonConfig { update_scale: UpdateScale::AspectRatio, ..MuonConfig::default() };
+    /// // sqrt(400 / 100) = 2; weight decay 0.1.
+    /// assert_eq!(config.rates(0.01, Shape::matrix(400, 100)), (0.02, 0.001));
+    /// ```
+    pub fn rates(&self, lr: f64, shape: Shape) -> (f64, f64) {
+        (lr * self.scale(shape), lr * self.weight_decay)
+    }
 }
 
 /// One Muon step on one parameter (or stack of expert matrices, each treated independently).
@@ -117,7 +139,6 @@ pub fn muon_step<B: Backend>(
     let e = |v: f64| B::Elem::from_f64(v);
     backend.momentum_nesterov(momentum, grad, e(config.momentum), config.nesterov, &mut ws.x)?;
     newton_schulz(backend, &config.newton_schulz, ws)?;
-    let shape: Shape = B::shape(param);
-    let scale = config.update_scale.factor(shape.rows, shape.cols);
-    backend.apply_update(param, &ws.x, e(lr * scale), e(lr * config.weight_decay))
+    let (step, decay) = config.rates(lr, B::shape(param));
+    backend.apply_update(param, &ws.x, e(step), e(decay))
 }
