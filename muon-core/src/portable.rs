@@ -101,11 +101,6 @@ impl<T: Real> HostMatrix<T> {
         let n = self.shape.batch_stride();
         &self.data[e * n..(e + 1) * n]
     }
-
-    /// Unwraps the elements.
-    pub fn into_vec(self) -> Vec<T> {
-        self.data
-    }
 }
 
 /// The portable backend for element type `T` (`Portable::<f32>::new()`).

@@ -27,7 +27,7 @@ impl Transpose {
 /// The shape of a stack of `batch` same-shape matrices, each `rows x cols`.
 ///
 /// Storage is dense and row-major: element `(e, i, j)` sits at offset
-/// `e * batch_stride() + i * row_stride() + j`. A plain matrix has `batch == 1`; a vector
+/// `e * batch_stride() + i * cols + j`. A plain matrix has `batch == 1`; a vector
 /// (a norm gain, a bias) is `1 x 1 x n`; the `E` experts of an MoE layer are `E x A x B`,
 /// which Muon treats as `E` independent matrices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,11 +66,6 @@ impl Shape {
     /// `true` when the stack holds no element.
     pub const fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Distance in elements between consecutive rows.
-    pub const fn row_stride(&self) -> usize {
-        self.cols
     }
 
     /// Distance in elements between consecutive matrices of the stack.
