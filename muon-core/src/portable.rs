@@ -96,7 +96,31 @@ impl<T: Real> HostMatrix<T> {
         &mut self.data
     }
 
+    /// The elements as bytes, row-major, each in the machine's byte order (little-endian on
+    /// x86-64 and ARM64): what a checkpoint writes or a byte-oriented transport sends.
+    ///
+    /// ```
+    /// use muon_core::{HostMatrix, Shape};
+    /// let m = HostMatrix::from_vec(Shape::vector(2), vec![1.0f32, -2.0])?;
+    /// assert_eq!(m.as_bytes().len(), 8);
+    /// assert_eq!(m.as_bytes()[..4], 1.0f32.to_ne_bytes());
+    /// # Ok::<(), muon_core::Error>(())
+    /// ```
+    pub fn as_bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.data)
+    }
+
+    /// The elements as mutable bytes (see [`as_bytes`](Self::as_bytes)): reading a tensor from
+    /// a file or a transport is `m.as_bytes_mut().copy_from_slice(bytes)`, whatever the
+    /// alignment of `bytes`. Every bit pattern is a valid element.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.data)
+    }
+
     /// Matrix `e` of the stack, row-major.
+    ///
+    /// # Panics
+    /// When `e` is not below the stack's `batch`, like slice indexing.
     pub fn item(&self, e: usize) -> &[T] {
         let n = self.shape.batch_stride();
         &self.data[e * n..(e + 1) * n]
@@ -224,5 +248,35 @@ impl<T: Real> Backend for Portable<T> {
             dir.data[i] = m_hat / (v_hat.sqrt() + c.eps);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The byte views against the standard library's own conversion, element by element.
+    fn bytes_round_trip<T: Real>(values: &[T], to_bytes: impl Fn(T) -> Vec<u8>) {
+        let shape = Shape::matrix(2, values.len() / 2);
+        let m = HostMatrix::from_vec(shape, values.to_vec()).unwrap();
+        let expected: Vec<u8> = values.iter().flat_map(|&v| to_bytes(v)).collect();
+        assert_eq!(m.as_bytes(), &expected[..]);
+
+        // Written through the bytes from an unaligned buffer, read back as elements.
+        let mut unaligned = vec![0u8; expected.len() + 1];
+        unaligned[1..].copy_from_slice(&expected);
+        let mut back = HostMatrix::<T>::zeros(shape);
+        back.as_bytes_mut().copy_from_slice(&unaligned[1..]);
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn byte_views_match_native_byte_order() {
+        bytes_round_trip(&[1.0f32, -2.5, f32::MIN_POSITIVE, 3.0e38], |v| {
+            v.to_ne_bytes().to_vec()
+        });
+        bytes_round_trip(&[1.0f64, -2.5, f64::MIN_POSITIVE, 1e300], |v| {
+            v.to_ne_bytes().to_vec()
+        });
     }
 }

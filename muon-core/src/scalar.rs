@@ -6,8 +6,10 @@ use core::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 /// A real floating-point element type: `f32` or `f64`.
 ///
 /// The generic math never touches elements (they may live on a GPU); this trait exists for
-/// host-side code such as the portable backend, state export and tests. `Pod` lets buffers be
-/// viewed as bytes for checkpoints and device transfers.
+/// host-side code such as the portable backend, state export and tests. `Pod` (any bit
+/// pattern is a value, no padding) lets host buffers be viewed as bytes without a copy, for
+/// checkpoints and transports: [`HostMatrix::as_bytes`](crate::HostMatrix::as_bytes), or
+/// `bytemuck::cast_slice` on a `&[T]`.
 pub trait Real:
     Copy
     + Debug
