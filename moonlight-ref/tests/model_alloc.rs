@@ -16,38 +16,14 @@
 //! It runs without libtest (`harness = false`): the harness's own threads may allocate while
 //! the count is taken (seen once in 40 steps under CI), which would make the test flaky.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::model::Model;
 use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
 use muon_faer::Faer;
-
-struct Counting;
-
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; we only count.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use muon_test_support::{allocation_count, assert_counting, CountingAllocator};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
     let b = Faer::<f32>::with_threads(2);
@@ -66,13 +42,13 @@ fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
         step(&mut model);
     }
     let steps = 40;
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocation_count();
     rayon::scope(|_| {
         for _ in 0..steps {
             step(&mut model);
         }
     });
-    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    let allocs = allocation_count() - before;
     println!("{allocs} allocations in {steps} steps");
     assert_eq!(allocs, 0, "{allocs} allocations in {steps} steps");
 }
@@ -91,9 +67,9 @@ fn run_allocations(optimizer: OptimizerChoice, steps: u64, out: &std::path::Path
     opts.out = Some(out.to_path_buf());
     let backend = Faer::<f32>::with_threads(2);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocation_count();
     pool.install(|| train::train(&backend, &opts)).unwrap();
-    ALLOCS.load(Ordering::Relaxed) - before
+    allocation_count() - before
 }
 
 fn the_training_loop_allocates_nothing_per_step() {
@@ -115,6 +91,8 @@ fn the_training_loop_allocates_nothing_per_step() {
 }
 
 fn main() {
+    // The counter counts (a check that cannot fail proves nothing).
+    assert_counting();
     forward_and_backward_allocate_nothing_per_step_after_the_first();
     the_training_loop_allocates_nothing_per_step();
     println!("model_alloc: 2 passed, 0 failed");

@@ -6,8 +6,6 @@
 //! matrix, split over a stack of experts, tall and wide, tiny (faer's nano-gemm path). A
 //! distributed step over a `ThreadGroup` of three ranks allocates nothing either.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
@@ -16,37 +14,10 @@ use muon_core::{
     NsWorkspace, ParamRole, ParamSpec, Shape,
 };
 use muon_faer::{Faer, ThreadGroup};
-
-struct Counting;
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call unchanged to the system allocator; only counts allocations.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller upholds `alloc`'s contract, which we pass on.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System.alloc` with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as for `dealloc`, and `new_size` is the caller's to check.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use muon_test_support::{allocation_count, allocations, assert_counting, CountingAllocator};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Allocations made while `f` runs.
-fn allocations(f: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
-    f();
-    ALLOCATIONS.load(Ordering::SeqCst) - before
-}
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 const SHAPES: [Shape; 8] = [
     Shape::matrix(8, 12),
@@ -70,7 +41,7 @@ fn input(shape: Shape) -> Vec<f32> {
 // own threads allocate while a test runs (its main thread, waiting on a channel for results).
 fn main() {
     // The counter works (a check that cannot fail proves nothing).
-    assert!(allocations(|| drop(std::hint::black_box(vec![1u8; 100]))) >= 1);
+    assert_counting();
     for threads in [1, 2, 3] {
         let cpu = Faer::<f32>::with_threads(threads);
         let config = NewtonSchulz::quintic();
@@ -154,7 +125,7 @@ fn distributed_steps_allocate_nothing() {
                 opt.update_rms(&cpu, &mut rms).unwrap();
                 sync.wait();
                 if rank == 0 {
-                    counts.lock().unwrap().0 = ALLOCATIONS.load(Ordering::SeqCst);
+                    counts.lock().unwrap().0 = allocation_count();
                 }
                 sync.wait();
                 for _ in 0..2 {
@@ -163,7 +134,7 @@ fn distributed_steps_allocate_nothing() {
                 }
                 sync.wait();
                 if rank == 0 {
-                    counts.lock().unwrap().1 = ALLOCATIONS.load(Ordering::SeqCst);
+                    counts.lock().unwrap().1 = allocation_count();
                 }
                 sync.wait();
             })

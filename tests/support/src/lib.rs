@@ -1,0 +1,80 @@
+//! A counting global allocator, shared by muon-rs's allocation tests.
+//!
+//! A test binary installs [`CountingAllocator`] as its global allocator, checks that it counts
+//! with [`assert_counting`], and measures a step with [`allocations`] (or two readings of
+//! [`allocation_count`] around work that spans threads):
+//!
+//! ```ignore
+//! #[global_allocator]
+//! static ALLOCATOR: muon_test_support::CountingAllocator = muon_test_support::CountingAllocator;
+//!
+//! fn main() {
+//!     muon_test_support::assert_counting();
+//!     let n = muon_test_support::allocations(|| step());
+//!     assert_eq!(n, 0, "a step allocated {n} times");
+//! }
+//! ```
+//!
+//! The count is process-wide: it sees every thread, a backend's workers included. Such tests
+//! run without libtest (`harness = false`), whose own threads may allocate while a count is
+//! taken.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Allocations and reallocations since the process started.
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// The system allocator, counting every allocation and reallocation (frees are not counted:
+/// a step that frees must have allocated first).
+pub struct CountingAllocator;
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the only addition is an
+// atomic increment, which neither allocates nor touches the memory handed out.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which we pass on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` through this allocator, with this `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`, and the caller upholds `realloc`'s contract on `new_size`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Allocations (and reallocations) so far, on every thread. Work on other threads is counted
+/// once the reading thread has synchronized with them (a join, a barrier).
+pub fn allocation_count() -> usize {
+    ALLOCATIONS.load(Ordering::SeqCst)
+}
+
+/// The allocations made while `f` runs (on any thread).
+pub fn allocations(f: impl FnOnce()) -> usize {
+    let before = allocation_count();
+    f();
+    allocation_count() - before
+}
+
+/// Panics unless [`CountingAllocator`] is the global allocator and counts: a test whose count
+/// cannot move would pass whatever the code under test does.
+pub fn assert_counting() {
+    let n = allocations(|| drop(std::hint::black_box(Vec::<u8>::with_capacity(64))));
+    assert!(
+        n >= 1,
+        "no allocation counted: install muon_test_support::CountingAllocator with #[global_allocator]"
+    );
+}
