@@ -4,14 +4,18 @@
 //! with [`assert_counting`], and measures a step with [`allocations`] (or two readings of
 //! [`allocation_count`] around work that spans threads):
 //!
-//! ```ignore
+//! ```
+//! use muon_test_support::{allocations, assert_counting, CountingAllocator};
+//!
 //! #[global_allocator]
-//! static ALLOCATOR: muon_test_support::CountingAllocator = muon_test_support::CountingAllocator;
+//! static ALLOCATOR: CountingAllocator = CountingAllocator;
 //!
 //! fn main() {
-//!     muon_test_support::assert_counting();
-//!     let n = muon_test_support::allocations(|| step());
-//!     assert_eq!(n, 0, "a step allocated {n} times");
+//!     assert_counting();
+//!     let mut buffer: Vec<u8> = Vec::with_capacity(16);
+//!     // Within its capacity a vector does not allocate; past it, it reallocates once.
+//!     assert_eq!(allocations(|| buffer.extend_from_slice(&[1; 16])), 0);
+//!     assert_eq!(allocations(|| buffer.push(2)), 1);
 //! }
 //! ```
 //!
