@@ -156,7 +156,8 @@ pub trait Backend {
     /// a time for the whole stack. A backend may override it, for example to run all steps of
     /// one small matrix of a stack while it sits in cache, or to fold `a_k X` into the product
     /// (`X = (a_k I + P) X`) instead of copying `X`. An override must agree with the default
-    /// to the backend's rounding, which is how backends test it.
+    /// to the backend's rounding, which is how backends test it, and must return the same
+    /// errors before doing any work: call [`NsWorkspace::check`] first.
     fn newton_schulz(&self, config: &NewtonSchulz, ws: &mut NsWorkspace<Self>) -> Result<()>
     where
         Self: Sized,

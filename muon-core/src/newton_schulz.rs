@@ -15,7 +15,7 @@
 
 use alloc::vec::Vec;
 
-use crate::{Backend, Error, Real, Result, Shape, Transpose};
+use crate::{check_shape, Backend, Error, Real, Result, Shape, Transpose};
 
 /// Keller Jordan's fixed quintic, used by Moonlight: `(a, b, c)` for every step. It does not
 /// converge to 1; after 5 steps singular values lie roughly in [0.68, 1.13], by design.
@@ -176,6 +176,25 @@ impl<B: Backend> NsWorkspace<B> {
         B::shape(&self.x)
     }
 
+    /// Checks that Newton-Schulz can run here with `config`: the configuration is valid
+    /// ([`NewtonSchulz::validate`]), and the buffers still fit one another (`x` is a public
+    /// field, and an `x` of another shape than the workspace was made for has no room in its
+    /// scratch). Every Newton-Schulz routine calls it first, so a bad call is an error rather
+    /// than a panic or a silently partial result.
+    pub fn check(&self, config: &NewtonSchulz) -> Result<()> {
+        config.validate()?;
+        let shape = B::shape(&self.next);
+        check_shape(
+            "Newton-Schulz input `ws.x` (the workspace's shape)",
+            shape,
+            self.shape(),
+        )?;
+        let m = shape.min_side();
+        let small = Shape::batched(shape.batch, m, m);
+        check_shape("Newton-Schulz Gram scratch", small, B::shape(&self.gram))?;
+        check_shape("Newton-Schulz polynomial scratch", small, B::shape(&self.poly))
+    }
+
     /// All four buffers at once. A backend's Newton-Schulz must leave its result in `x`;
     /// the other three are scratch whose contents need not survive.
     pub fn buffers(&mut self) -> NsBuffers<'_, B::Matrix> {
@@ -191,6 +210,11 @@ impl<B: Backend> NsWorkspace<B> {
 /// Runs Newton-Schulz in place on `ws.x`, for each matrix of the stack: afterwards `ws.x`
 /// approximates the polar factor of its input. Allocates nothing.
 ///
+/// # Errors
+/// [`Error::InvalidConfig`] for a configuration [`NewtonSchulz::validate`] refuses, and
+/// [`Error::ShapeMismatch`] when `ws.x` was replaced by a matrix of another shape (see
+/// [`NsWorkspace::check`]); nothing is changed then.
+///
 /// This is [`Backend::newton_schulz`]: [`newton_schulz_generic`] unless the backend has its
 /// own.
 pub fn newton_schulz<B: Backend>(backend: &B, config: &NewtonSchulz, ws: &mut NsWorkspace<B>) -> Result<()> {
@@ -205,6 +229,7 @@ pub fn newton_schulz_generic<B: Backend>(
     config: &NewtonSchulz,
     ws: &mut NsWorkspace<B>,
 ) -> Result<()> {
+    ws.check(config)?;
     let e = |v: f64| B::Elem::from_f64(v);
     let shape = ws.shape();
     backend.normalize_frobenius(&mut ws.x, e(config.norm_scale), e(config.eps))?;
@@ -240,6 +265,7 @@ pub fn newton_schulz_folded<B: Backend>(
     ws: &mut NsWorkspace<B>,
     add_diagonal: impl Fn(&mut B::Matrix, B::Elem) -> Result<()>,
 ) -> Result<()> {
+    ws.check(config)?;
     let e = |v: f64| B::Elem::from_f64(v);
     let shape = ws.shape();
     let wide = shape.rows <= shape.cols;

@@ -83,8 +83,8 @@ use std::sync::{Arc, Mutex};
 
 use faer::Accum;
 use muon_core::{
-    check_shape, check_slot, gemm_dims, AdamWCoefficients, Backend, Error, HostMatrix, NewtonSchulz,
-    NsWorkspace, Real, Result, Shape, Transpose,
+    check_shape, check_slot, gemm_dims, AdamWCoefficients, Backend, HostMatrix, NewtonSchulz, NsWorkspace,
+    Real, Result, Shape, Transpose,
 };
 
 use crate::matmul::Product;
@@ -304,11 +304,8 @@ impl<T: Elem> Backend for Faer<T> {
 
     fn symmetric_square(&self, dst: &mut HostMatrix<T>, alpha: T, s: &HostMatrix<T>, beta: T) -> Result<()> {
         let ss = s.shape();
-        if ss.rows != ss.cols {
-            return Err(Error::Backend(format!(
-                "symmetric_square of a non-square {ss} matrix"
-            )));
-        }
+        let square = Shape::batched(ss.batch, ss.rows, ss.rows);
+        check_shape("symmetric_square operand (square)", square, ss)?;
         check_shape("symmetric_square destination", ss, dst.shape())?;
         if ss.is_empty() {
             return Ok(());

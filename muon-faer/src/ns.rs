@@ -27,6 +27,8 @@ pub(crate) fn newton_schulz<T: Elem>(
     config: &NewtonSchulz,
     ws: &mut NsWorkspace<Faer<T>>,
 ) -> Result<()> {
+    // The per-matrix paths below index the buffers by the workspace's shape.
+    ws.check(config)?;
     let shape = ws.shape();
     let (m, n) = (shape.min_side(), shape.max_side());
     // A tall X with a wide Gram side would be read down its columns at half speed; the

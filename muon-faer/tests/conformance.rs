@@ -629,6 +629,37 @@ fn shape_errors<B: Backend>(backend: &B) {
     let mut small = backend.zeros(Shape::vector(2)).unwrap();
     assert!(backend.sum_squares(&a, &mut small, 2).is_err());
     assert!(backend.upload(&mut d, &[one; 4]).is_err());
+    let mut square = backend.zeros(Shape::matrix(3, 4)).unwrap();
+    is_shape_error(backend.symmetric_square(&mut square, one, &a, one), "operand");
+
+    // Newton-Schulz on a workspace whose public `x` was replaced by another shape: an error,
+    // and `x` untouched, on every path of a backend's own routine (one small matrix, a stack
+    // split over its matrices, one matrix split across threads).
+    let cases = [
+        (Shape::matrix(8, 12), Shape::matrix(16, 24)),
+        (Shape::matrix(8, 12), Shape::matrix(12, 8)),
+        (Shape::batched(8, 64, 128), Shape::batched(16, 64, 128)),
+        (Shape::batched(16, 64, 128), Shape::batched(8, 64, 128)),
+        (Shape::matrix(256, 512), Shape::matrix(512, 512)),
+    ];
+    for (made_for, replaced) in cases {
+        let mut ws = NsWorkspace::new(backend, made_for).unwrap();
+        let data = vec![one; replaced.len()];
+        ws.x = backend.zeros(replaced).unwrap();
+        backend.upload(&mut ws.x, &data).unwrap();
+        is_shape_error(newton_schulz(backend, &NewtonSchulz::quintic(), &mut ws), "ws.x");
+        assert_eq!(host(backend, &ws.x), vec![1.0; replaced.len()], "x changed");
+    }
+    // A schedule with no coefficients is a configuration error, not an out-of-bounds index.
+    let mut ws = NsWorkspace::new(backend, Shape::batched(8, 64, 128)).unwrap();
+    let empty = NewtonSchulz {
+        coefficients: Vec::new(),
+        ..NewtonSchulz::quintic()
+    };
+    match newton_schulz(backend, &empty, &mut ws) {
+        Err(muon_core::Error::InvalidConfig(msg)) => assert!(msg.contains("coefficients"), "{msg}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
 }
 
 /// Everything above, on one backend.
