@@ -1,7 +1,7 @@
 //! Diagnostics a trainer logs beyond the optimizer's own (which reports gradient norms and
 //! update RMS): the normalized SVD entropy the Moonlight report compares between optimizers.
 
-/// Normalized SVD entropy of a matrix with singular values `s` (SPEC section 5):
+/// Normalized SVD entropy of a matrix with singular values `s` (docs/DESIGN.md §5):
 /// `p_i = s_i^2 / sum_j s_j^2`, `H = -sum_i p_i ln p_i / ln(n)`. It is 1 for a flat spectrum
 /// (all directions used equally) and 0 for rank one. Returns `None` for fewer than two values,
 /// an all-zero spectrum, or a negative or non-finite value.

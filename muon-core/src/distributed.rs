@@ -1,4 +1,4 @@
-//! Distributed Muon: the Moonlight report's ZeRO-1 scheme (SPEC section 3).
+//! Distributed Muon: the Moonlight report's ZeRO-1 scheme (docs/DESIGN.md §3).
 //!
 //! `world` data-parallel ranks each hold the whole model and compute whole gradients on their
 //! own batch, but each keeps only a `1/world` shard of the optimizer state. For every
@@ -73,8 +73,8 @@ pub trait Collective<B: Backend> {
     fn broadcast(&self, backend: &B, root: usize, full: &mut B::Matrix) -> Result<()>;
 
     /// [`all_gather`](Self::all_gather) that may round the values to bf16 on the way, halving
-    /// f32's traffic: for Muon's `N_t`, which Newton-Schulz normalizes and is stable to (SPEC
-    /// section 3 allows it). The default gathers exactly, which is always allowed.
+    /// f32's traffic: for Muon's `N_t`, which Newton-Schulz normalizes and tolerates (the
+    /// report allows it, docs/DESIGN.md §3). The default gathers exactly, which is always allowed.
     fn all_gather_bf16(&self, backend: &B, shard: &B::Matrix, full: &mut B::Matrix) -> Result<()> {
         self.all_gather(backend, shard, full)
     }

@@ -64,7 +64,7 @@ impl ParamSpec {
         self
     }
 
-    /// The routing rule (SPEC section 1): hidden matrices go to Muon; embeddings, the LM
+    /// The routing rule (docs/DESIGN.md §1): hidden matrices go to Muon; embeddings, the LM
     /// head, norm gains, biases and any 1-D tensor go to AdamW; `force` overrides.
     pub fn optimizer(&self) -> OptimizerKind {
         match (self.force, self.role) {

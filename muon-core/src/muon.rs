@@ -1,4 +1,4 @@
-//! Muon, as the Moonlight report defines it (SPEC section 1).
+//! Muon, as the Moonlight report defines it (docs/DESIGN.md §1).
 //!
 //! ```text
 //! M_t = mu * M_{t-1} + G_t                 momentum as a sum (not an EMA; the Frobenius

@@ -1,5 +1,5 @@
 //! Newton-Schulz orthogonalization: an approximation of the polar factor `U V^T` of a matrix
-//! `N = U S V^T`, made of matrix products alone (SPEC section 2).
+//! `N = U S V^T`, made of matrix products alone (docs/DESIGN.md §2).
 //!
 //! ```text
 //! X_0 = N / (norm_scale * ||N||_F + eps)       singular values now <= 1

@@ -119,7 +119,7 @@ fn quintic_keeps_the_polar_factor_and_follows_the_scalar_map() {
 #[test]
 fn quintic_singular_values_land_in_the_documented_band() {
     // Over normalized inputs in [1e-2, 1] the 5-step quintic maps into [0.6818, 1.1344]
-    // (computed here from the polynomial, not assumed); SPEC: "roughly [0.68, 1.13]".
+    // (computed here from the polynomial, not assumed); docs/DESIGN.md §2: "[0.682, 1.134]".
     let config = NewtonSchulz::quintic();
     let (lo, hi) = band(&config, 1e-2);
     assert!(lo > 0.68 && hi < 1.14, "quintic band [{lo}, {hi}]");
@@ -290,8 +290,8 @@ fn bad_configurations_are_refused() {
 }
 
 #[test]
-fn flop_count_matches_the_spec() {
-    // SPEC: per step 2 m m n + 2 m m m + 2 m m n, m = min, n = max; batches multiply.
+fn flop_count_matches_the_design_notes() {
+    // docs/DESIGN.md §2: per step 2 m m n + 2 m m m + 2 m m n, m = min, n = max; batches multiply.
     let c = NewtonSchulz::quintic();
     assert_eq!(
         c.flops(Shape::matrix(1024, 4096)),

@@ -31,7 +31,7 @@ fn host(shape: Shape, data: Vec<f64>) -> HostMatrix<f64> {
     HostMatrix::from_vec(shape, data).unwrap()
 }
 
-/// Newton-Schulz written independently, straight from SPEC section 2, with an explicit
+/// Newton-Schulz written independently, straight from docs/DESIGN.md §2, with an explicit
 /// transpose for tall matrices.
 fn ns_reference(n: &DMatrix<f64>, config: &NewtonSchulz) -> DMatrix<f64> {
     let tall = n.nrows() > n.ncols();
@@ -84,7 +84,7 @@ fn one_muon_step_matches_the_formulas_by_hand() {
                 )
                 .unwrap();
 
-                // SPEC section 1, by hand.
+                // docs/DESIGN.md §1, by hand.
                 let m1 = &m0 * mu + &g;
                 let n = if nesterov { &m1 * mu + &g } else { m1.clone() };
                 let o = ns_reference(&n, &config.newton_schulz);

@@ -1,6 +1,6 @@
 //! Distributed Muon (muon-core's `DistributedOptimizer`) over `ThreadGroup` ranks, against the
-//! single-rank `HybridOptimizer` stepping with the mean of the ranks' gradients (SPEC section
-//! 3: "same result, up to rounding, as single-rank Muon").
+//! single-rank `HybridOptimizer` stepping with the mean of the ranks' gradients: the same
+//! result up to rounding (docs/DESIGN.md §3).
 
 mod common;
 
