@@ -1,6 +1,6 @@
 //! Newton-Schulz, GEMM and hybrid-step throughput of the faer backend (f32).
 //!
-//! Prints one JSON line per case with the keys of `shared/tools/ns_bench_numpy.py`
+//! Prints one JSON line per case with the keys of `benches/ns_numpy.py`
 //! (`impl`, `op`, `shape`, `threads`, `ms_median`, `ms_min`, `gflops`, `gflops_peak`, `reps`,
 //! ...), so the two can be compared side by side. Flops are nominal (`NewtonSchulz::flops`),
 //! even though the backend computes only one triangle of each symmetric product.
