@@ -23,6 +23,11 @@ use muon_core::{OptimizerKind, OptimizerState, ParamState, Shape};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::model::{Model, ModelError};
+use crate::ops::ModelOps;
+
+pub use crate::model::Tensor;
+
 /// The `format` metadata value of files this module writes.
 pub const FORMAT: &str = "moonlight-ref-checkpoint/1";
 
@@ -37,17 +42,6 @@ impl fmt::Display for CheckpointError {
 }
 
 impl std::error::Error for CheckpointError {}
-
-/// A named host tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
-    /// Its name (without the `param.` / `buffer.` prefix).
-    pub name: String,
-    /// Its shape.
-    pub shape: Shape,
-    /// Row-major elements, `shape.len()` of them.
-    pub data: Vec<f32>,
-}
 
 /// Everything a checkpoint holds, on the host.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,23 +65,19 @@ fn dims(shape: Shape) -> Vec<usize> {
     }
 }
 
-fn to_bytes(data: &[f32]) -> Vec<u8> {
-    data.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Serializes a checkpoint to safetensors bytes.
 pub fn to_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
     let err = |e: &dyn fmt::Display| CheckpointError(format!("cannot serialize the checkpoint: {e}"));
     if ckpt.optimizer.params.len() != ckpt.params.len() {
         return Err(err(&"the optimizer state and the parameters differ in number"));
     }
-    // (name, shape, bytes): the bytes must outlive the views.
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    // (name, shape, data): the views borrow the data as bytes (the crate is little-endian).
+    let mut tensors: Vec<(String, Shape, &[f32])> = Vec::new();
     for t in &ckpt.params {
-        owned.push((format!("param.{}", t.name), dims(t.shape), to_bytes(&t.data)));
+        tensors.push((format!("param.{}", t.name), t.shape, &t.data));
     }
     for t in &ckpt.buffers {
-        owned.push((format!("buffer.{}", t.name), dims(t.shape), to_bytes(&t.data)));
+        tensors.push((format!("buffer.{}", t.name), t.shape, &t.data));
     }
     for p in &ckpt.optimizer.params {
         let names: &[&str] = match p.kind {
@@ -102,18 +92,15 @@ pub fn to_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
             )));
         }
         for (suffix, buffer) in names.iter().zip(&p.buffers) {
-            owned.push((
-                format!("optim.{}.{suffix}", p.name),
-                dims(p.shape),
-                to_bytes(buffer),
-            ));
+            tensors.push((format!("optim.{}.{suffix}", p.name), p.shape, buffer));
         }
     }
-    let mut views = Vec::with_capacity(owned.len());
-    for (name, shape, bytes) in &owned {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, shape, data) in &tensors {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
         views.push((
             name.as_str(),
-            TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| err(&e))?,
+            TensorView::new(Dtype::F32, dims(*shape), bytes).map_err(|e| err(&e))?,
         ));
     }
     let mut metadata: HashMap<String, String> = ckpt.metadata.clone().into_iter().collect();
@@ -163,12 +150,8 @@ pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
             [batch, rows, cols] => Shape::batched(batch, rows, cols),
             ref other => return Err(bad(format!("tensor `{name}` has {} dimensions", other.len()))),
         };
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok((shape, data))
+        // A copy: the bytes of a file are not aligned for f32.
+        Ok((shape, bytemuck::pod_collect_to_vec(view.data())))
     };
     let mut params = Vec::new();
     let mut states = Vec::new();
@@ -210,6 +193,91 @@ pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         buffers,
         optimizer: OptimizerState { step, params: states },
     })
+}
+
+impl Checkpoint {
+    /// The parameters and buffers of `model`, downloaded from `backend`, with the optimizer's
+    /// exported state and the trainer's `metadata`.
+    pub fn from_model<B: ModelOps<Elem = f32>>(
+        backend: &B,
+        model: &Model<B>,
+        optimizer: OptimizerState<f32>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Checkpoint, ModelError> {
+        let mut params = Vec::with_capacity(model.params().len());
+        for (spec, p) in model.param_specs().into_iter().zip(model.params()) {
+            let mut data = vec![0.0f32; spec.shape.len()];
+            backend.download(p, &mut data)?;
+            params.push(Tensor {
+                name: spec.name,
+                shape: spec.shape,
+                data,
+            });
+        }
+        Ok(Checkpoint {
+            metadata,
+            params,
+            buffers: model.buffers(backend)?,
+            optimizer,
+        })
+    }
+
+    /// Uploads the parameters and buffers into `model` after checking that they are the
+    /// model's: the same names, order and shapes. The optimizer state is the caller's to
+    /// import (`optimizer.import_state(backend, &checkpoint.optimizer)`).
+    pub fn restore_model<B: ModelOps<Elem = f32>>(
+        &self,
+        backend: &B,
+        model: &mut Model<B>,
+    ) -> Result<(), CheckpointError> {
+        let bad = |msg: String| Err(CheckpointError(msg));
+        let specs = model.param_specs();
+        if self.params.len() != specs.len() {
+            return bad(format!(
+                "it holds {} parameters, the model has {}",
+                self.params.len(),
+                specs.len()
+            ));
+        }
+        for (spec, t) in specs.iter().zip(&self.params) {
+            if t.name != spec.name {
+                return bad(format!(
+                    "found parameter `{}` where `{}` belongs",
+                    t.name, spec.name
+                ));
+            }
+            if t.shape != spec.shape {
+                return bad(format!(
+                    "parameter `{}` has shape {}, the model expects {}",
+                    t.name, t.shape, spec.shape
+                ));
+            }
+        }
+        let backend_error =
+            |e: &dyn fmt::Display| CheckpointError(format!("cannot load it into the model: {e}"));
+        let expected = model.buffers(backend).map_err(|e| backend_error(&e))?;
+        if expected.len() != self.buffers.len() {
+            return bad(format!(
+                "it holds {} model buffers, the model has {}",
+                self.buffers.len(),
+                expected.len()
+            ));
+        }
+        for (want, t) in expected.iter().zip(&self.buffers) {
+            if want.name != t.name || want.shape != t.shape {
+                return bad(format!(
+                    "buffer `{}` {} where the model has `{}` {}",
+                    t.name, t.shape, want.name, want.shape
+                ));
+            }
+        }
+        for (p, t) in model.params_mut().iter_mut().zip(&self.params) {
+            backend.upload(p, &t.data).map_err(|e| backend_error(&e))?;
+        }
+        model
+            .load_buffers(backend, &self.buffers)
+            .map_err(|e| backend_error(&e))
+    }
 }
 
 /// The temporary file [`save`] writes before renaming it to `path`.

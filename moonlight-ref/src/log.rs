@@ -69,7 +69,7 @@ pub struct EvalRecord {
 pub struct Summary {
     /// `muon` or `adamw`.
     pub optimizer: String,
-    /// The preset name (or `custom`).
+    /// The preset name.
     pub preset: String,
     /// Steps taken in all (counting those before a resume).
     pub steps: u64,

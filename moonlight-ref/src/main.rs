@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::data::{DataFormat, DataSource};
 use moonlight_ref::log::{plot_losses, read_log, Curves};
-use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
-use muon_core::{LrSchedule, NewtonSchulz, UpdateScale};
+use moonlight_ref::train::{self, defaults, OptimizerChoice, RunSettings, TrainOptions};
+use muon_core::{MuonConfig, NewtonSchulz, UpdateScale};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -103,22 +103,22 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value = "muon")]
     optimizer: OptimizerArg,
     /// Training steps.
-    #[arg(long, default_value_t = train::DEFAULT_STEPS)]
+    #[arg(long, default_value_t = defaults::STEPS)]
     steps: u64,
     /// Sequences per batch (B).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = defaults::BATCH)]
     batch: usize,
     /// Tokens per sequence (T).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::SEQ)]
     seq: usize,
     /// Peak learning rate, the same for Muon and AdamW.
-    #[arg(long, default_value_t = train::DEFAULT_LR)]
+    #[arg(long, default_value_t = defaults::LR)]
     lr: f64,
     /// Decoupled weight decay (both optimizers).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = MuonConfig::default().weight_decay)]
     wd: f64,
     /// Linear warm-up steps, then cosine decay to 0.1x at the last step.
-    #[arg(long, default_value_t = train::DEFAULT_WARMUP)]
+    #[arg(long, default_value_t = defaults::WARMUP)]
     warmup: u64,
     /// Muon's update scale: match-adamw[=RMS] (Moonlight, RMS 0.2), aspect-ratio, unit,
     /// custom=F.
@@ -128,10 +128,10 @@ struct TrainArgs {
     #[arg(long)]
     no_nesterov: bool,
     /// Muon's momentum coefficient.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = MuonConfig::default().momentum)]
     momentum: f64,
     /// Newton-Schulz iterations.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = MuonConfig::default().newton_schulz.steps)]
     ns_steps: usize,
     /// Newton-Schulz coefficient schedule.
     #[arg(long, value_enum, default_value = "quintic")]
@@ -147,13 +147,13 @@ struct TrainArgs {
     #[arg(long)]
     vocab: Option<usize>,
     /// Fixes the initialization and the data order.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults::SEED)]
     seed: u64,
     /// Evaluate on the held-out split every N steps (0: only at the end).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = defaults::EVAL_EVERY)]
     eval_every: u64,
     /// Batches per evaluation.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = defaults::EVAL_BATCHES)]
     eval_batches: usize,
     /// Output directory for log.jsonl and checkpoint.safetensors [default: runs/PRESET-OPTIMIZER].
     #[arg(long)]
@@ -162,7 +162,7 @@ struct TrainArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Save a checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = defaults::CHECKPOINT_EVERY)]
     checkpoint_every: u64,
     /// Stop after this step with a checkpoint, as if interrupted (--resume continues; the
     /// schedule still runs to --steps).
@@ -221,7 +221,7 @@ impl TrainArgs {
         settings.seq = self.seq;
         settings.lr = self.lr;
         settings.seed = self.seed;
-        settings.schedule = LrSchedule::moonlight(self.warmup, self.steps);
+        settings.warmup = self.warmup;
         let muon = &mut settings.hybrid.muon;
         muon.weight_decay = self.wd;
         muon.momentum = self.momentum;
@@ -353,7 +353,7 @@ fn run_corpus(bytes: usize, out: &Path) -> Result<(), String> {
     if bytes == 0 {
         return Err("--bytes must be at least 1".into());
     }
-    let text = moonlight_ref::data::generated_corpus(bytes);
+    let text = moonlight_ref::corpus::generated_corpus(bytes);
     std::fs::write(out, &text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     println!("wrote {} ({bytes} bytes)", out.display());
     Ok(())
@@ -435,7 +435,7 @@ mod tests {
         let s = &o.settings;
         assert_eq!(s.optimizer, OptimizerChoice::AdamW);
         assert_eq!((s.steps, s.lr), (40, 0.02));
-        assert_eq!(s.schedule, LrSchedule::moonlight(4, 40));
+        assert_eq!(s.schedule(), muon_core::LrSchedule::moonlight(4, 40));
         assert_eq!(
             (s.hybrid.muon.weight_decay, s.hybrid.adamw.weight_decay),
             (0.05, 0.05)

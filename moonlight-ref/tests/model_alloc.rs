@@ -84,7 +84,7 @@ fn run_allocations(optimizer: OptimizerChoice, steps: u64, out: &std::path::Path
     settings.steps = steps;
     settings.batch = 4;
     settings.seq = 32;
-    settings.schedule = muon_core::LrSchedule::moonlight(2, steps);
+    settings.warmup = 2;
     let mut opts = TrainOptions::new(settings);
     opts.eval_every = 0;
     opts.eval_batches = 1;
