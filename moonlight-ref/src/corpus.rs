@@ -30,19 +30,34 @@ pub fn embedded_corpus() -> Vec<u8> {
 /// sentences and arithmetic (the fact table repeats by design), for runs that must not see
 /// the same text twice (`moonlight-ref corpus --bytes N`).
 pub fn generated_corpus(bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes);
+    write_corpus(bytes, &mut out).expect("writing into memory cannot fail");
+    out
+}
+
+/// Streams [`generated_corpus`]`(bytes)` into `out` in pieces of about 64 KiB, so a corpus of
+/// any size needs no more memory than that.
+pub fn write_corpus(bytes: usize, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    const PIECE: usize = 1 << 16;
     let mut rng = Rng::new(0x6d6f_6f6e_6c69_6768); // "moonligh"
-    let mut out = String::with_capacity(bytes + 512);
-    while out.len() < bytes {
+    let mut text = String::with_capacity(PIECE + 512);
+    let mut left = bytes;
+    while left > 0 {
         match rng.below(20) {
-            0..=11 => grammar::paragraph(&mut rng, &mut out),
-            12..=15 => grammar::arithmetic(&mut rng, &mut out),
-            16..=17 => grammar::fact(&mut rng, &mut out),
-            18 => grammar::counting(&mut rng, &mut out),
-            _ => grammar::spelled_sum(&mut rng, &mut out),
+            0..=11 => grammar::paragraph(&mut rng, &mut text),
+            12..=15 => grammar::arithmetic(&mut rng, &mut text),
+            16..=17 => grammar::fact(&mut rng, &mut text),
+            18 => grammar::counting(&mut rng, &mut text),
+            _ => grammar::spelled_sum(&mut rng, &mut text),
+        }
+        if text.len() >= PIECE.min(left) {
+            let n = text.len().min(left);
+            out.write_all(&text.as_bytes()[..n])?;
+            left -= n;
+            text.clear();
         }
     }
-    out.truncate(bytes);
-    out.into_bytes()
+    Ok(())
 }
 
 mod grammar {
@@ -324,6 +339,22 @@ mod grammar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_is_the_same_bytes_as_ever() {
+        // CRC-32s of the corpus as first generated (whole, before it was streamed in pieces):
+        // the embedded corpus is data, and checkpoints hold its fingerprint, so its bytes must
+        // not change. The sizes straddle the 64 KiB piece.
+        for (bytes, crc) in [
+            (EMBEDDED_BYTES, 0xad9c_9adc),
+            (1_234_567, 0x5a2e_b99f),
+            (65_536, 0x5906_1b56),
+            (65_537, 0x6d8b_8880),
+            (10, 0xdd2c_80cb),
+        ] {
+            assert_eq!(crc32fast::hash(&generated_corpus(bytes)), crc, "{bytes} bytes");
+        }
+    }
 
     #[test]
     fn embedded_corpus_is_deterministic_text() {

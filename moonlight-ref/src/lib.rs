@@ -18,6 +18,7 @@ pub mod ops;
 pub mod checkpoint;
 pub mod corpus;
 pub mod data;
+pub mod files;
 pub mod log;
 pub mod rng;
 pub mod train;

@@ -89,6 +89,7 @@ fn run_allocations(optimizer: OptimizerChoice, steps: u64, out: &std::path::Path
     opts.eval_every = 0;
     opts.eval_batches = 1;
     opts.out = Some(out.to_path_buf());
+    opts.overwrite = true; // each run replaces the last one in `out`
     let backend = Faer::<f32>::with_threads(2);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let before = ALLOCS.load(Ordering::Relaxed);

@@ -18,6 +18,7 @@
 
 mod report;
 mod resume;
+mod run_dir;
 pub mod settings;
 
 use std::fmt;
@@ -32,6 +33,9 @@ use crate::log::Summary;
 use crate::model::{Model, ModelError};
 use crate::ops::ModelOps;
 use report::{Reporter, StepFigures};
+use run_dir::RunDir;
+
+pub use run_dir::LOCK_FILE;
 
 pub use settings::{defaults, with_attention, OptimizerChoice, RunSettings, TrainOptions};
 
@@ -60,6 +64,13 @@ pub enum TrainError {
         /// The last checkpoint written, and its step, if any.
         last_checkpoint: Option<(PathBuf, u64)>,
     },
+    /// [`TrainOptions::interrupt`] was set: the run stopped after `step`.
+    Interrupted {
+        /// The last step taken.
+        step: u64,
+        /// The checkpoint written there (none without an output directory).
+        checkpoint: Option<PathBuf>,
+    },
 }
 
 impl fmt::Display for TrainError {
@@ -84,6 +95,13 @@ impl fmt::Display for TrainError {
                         path.display()
                     ),
                     None => write!(f, "; no checkpoint was written"),
+                }
+            }
+            TrainError::Interrupted { step, checkpoint } => {
+                write!(f, "interrupted after step {step}")?;
+                match checkpoint {
+                    Some(path) => write!(f, "; continue with --resume {}", path.display()),
+                    None => write!(f, "; nothing was saved (no output directory)"),
                 }
             }
         }
@@ -156,7 +174,11 @@ pub fn evaluate<B: ModelOps<Elem = f32>>(
 /// Trains a model as `opts` says, on `backend`. Returns the summary and the losses.
 pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Result<RunResult, TrainError> {
     let settings = &opts.settings;
-    settings.validate()?;
+    opts.validate()?;
+    let run_dir = match &opts.out {
+        Some(dir) => Some(RunDir::claim(dir, opts.resume.is_some(), opts.overwrite)?),
+        None => None,
+    };
     let (b, t) = (settings.batch, settings.seq);
     let data = Dataset::load(&opts.data, t, settings.model.vocab_size)?;
     let mut model = Model::new(backend, settings.model.clone(), b, t, settings.seed)?;
@@ -175,13 +197,13 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         )?,
         None => 0,
     };
-    let end = opts.stop_at.map_or(settings.steps, |s| s.min(settings.steps));
+    let end = opts.stop_at.unwrap_or(settings.steps);
     if end <= start {
         return Err(TrainError::Config(format!(
             "--stop-at {end} is not past the checkpoint's step {start}"
         )));
     }
-    let mut report = Reporter::new(opts, &data, &model, &optimizer, start, end)?;
+    let mut report = Reporter::new(opts, run_dir, &data, &model, &optimizer, start, end)?;
     let schedule = settings.schedule();
     let (mut tokens, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
     // Thread-local kernel workspaces now, so that no training step allocates them.
@@ -224,12 +246,24 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
                 &mut tokens,
                 &mut targets,
             )?;
+            if !val_loss.is_finite() {
+                return Err(report.non_finite(number, format!("the validation loss ({val_loss})")));
+            }
             report.eval(number, loss, val_loss)?;
         }
-        if report.saves_checkpoints() && due(opts.checkpoint_every) {
+        let interrupted = opts.interrupted() && number < end;
+        if report.saves_checkpoints() && (due(opts.checkpoint_every) || interrupted) {
             let metadata = resume::run_metadata(settings, &data, number, &sampler);
             let ckpt = Checkpoint::from_model(backend, &model, optimizer.export_state(backend)?, metadata)?;
+            // Only finite parameters and state are saved: the last checkpoint stays the last
+            // good one.
+            if let Some((name, at)) = ckpt.non_finite() {
+                return Err(report.non_finite(number, format!("`{name}` after the update ({at})")));
+            }
             report.checkpoint(number, &ckpt)?;
+        }
+        if interrupted {
+            return Err(report.interrupted(number));
         }
     }
     report.finish(opts, end, svd_entropies(backend, &model)?)

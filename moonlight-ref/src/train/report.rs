@@ -2,12 +2,14 @@
 //! the checkpoints in the output directory, and the summary. The training loop hands it the
 //! figures of each step; it keeps no state the arithmetic depends on.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use muon_core::{HybridOptimizer, OptimizerKind};
 
+use super::run_dir::RunDir;
 use super::{mean, RunResult, TrainError, TrainOptions, CHECKPOINT_FILE, LOG_FILE};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::Dataset;
@@ -37,6 +39,8 @@ pub(super) struct Reporter {
     progress: bool,
     log: Option<RunLog>,
     checkpoint_path: Option<PathBuf>,
+    /// Held for the whole run: its lock keeps other runs out of the directory.
+    _run_dir: Option<RunDir>,
     /// The last checkpoint written (or resumed from) and its step: what a failed run keeps.
     last_checkpoint: Option<(PathBuf, u64)>,
     /// One step record, refilled every step: its vectors keep their capacity, so a step
@@ -62,6 +66,7 @@ impl Reporter {
     /// `start` and prints the run's header line.
     pub fn new<B: ModelOps<Elem = f32>>(
         opts: &TrainOptions,
+        run_dir: Option<RunDir>,
         data: &Dataset,
         model: &Model<B>,
         optimizer: &HybridOptimizer<B>,
@@ -69,17 +74,16 @@ impl Reporter {
         end: u64,
     ) -> Result<Reporter, TrainError> {
         let s = &opts.settings;
-        let (mut log, mut checkpoint_path) = (None, None);
-        if let Some(dir) = &opts.out {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                TrainError::Io(format!("cannot create output directory {}: {e}", dir.display()))
-            })?;
-            let path = dir.join(LOG_FILE);
-            log = Some(
-                RunLog::open(&path, opts.resume.is_some())
-                    .map_err(|e| TrainError::Io(format!("cannot open log {}: {e}", path.display())))?,
-            );
-            checkpoint_path = Some(dir.join(CHECKPOINT_FILE));
+        let mut log = None;
+        if let Some(dir) = &run_dir {
+            let path = dir.path(LOG_FILE);
+            let opened = if opts.resume.is_some() {
+                RunLog::resume(&path, start)
+            } else {
+                RunLog::create(&path)
+            };
+            log =
+                Some(opened.map_err(|e| TrainError::Io(format!("cannot open log {}: {e}", path.display())))?);
         }
         let bar = if opts.progress {
             let bar = ProgressBar::new(s.steps);
@@ -95,12 +99,15 @@ impl Reporter {
         } else {
             ProgressBar::hidden()
         };
-        let steps = (end - start) as usize;
+        // Room for the losses of a long run without reallocating; beyond a million steps the
+        // lists grow by doubling (a handful of allocations in all).
+        let steps = (end - start).min(1 << 20) as usize;
         let reporter = Reporter {
             bar,
             progress: opts.progress,
             log,
-            checkpoint_path,
+            checkpoint_path: run_dir.as_ref().map(|d| d.path(CHECKPOINT_FILE)),
+            _run_dir: run_dir,
             last_checkpoint: opts.resume.as_ref().map(|p| (p.clone(), start)),
             record: Record::Step(StepRecord {
                 step: 0,
@@ -148,7 +155,10 @@ impl Reporter {
     /// A line on stderr above the bar (when the run shows progress).
     pub fn say(&self, line: String) {
         if self.progress {
-            self.bar.suspend(|| eprintln!("{line}"));
+            // Best effort: a run whose terminal went away still finishes its files.
+            self.bar.suspend(|| {
+                let _ = writeln!(std::io::stderr(), "{line}");
+            });
         }
     }
 
@@ -160,6 +170,15 @@ impl Reporter {
             step: number,
             what,
             last_checkpoint: self.last_checkpoint.clone(),
+        }
+    }
+
+    /// The error of a run interrupted after step `number`, naming its checkpoint.
+    pub fn interrupted(&self, number: u64) -> TrainError {
+        self.bar.abandon();
+        TrainError::Interrupted {
+            step: number,
+            checkpoint: self.checkpoint_path.clone(),
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use muon_core::{HybridConfig, LrSchedule, OptimizerKind, ParamSpec};
 use serde::{Deserialize, Serialize};
@@ -116,6 +118,12 @@ impl RunSettings {
                 "--steps, --batch and --seq must be at least 1".into(),
             ));
         }
+        if self.batch.checked_mul(self.seq + 1).is_none() {
+            return Err(TrainError::Config(format!(
+                "--batch {} x --seq {} tokens per step overflows",
+                self.batch, self.seq
+            )));
+        }
         if self.seq > self.model.max_seq_len {
             return Err(TrainError::Config(format!(
                 "--seq {} is longer than the model's max_seq_len {}",
@@ -193,6 +201,11 @@ pub struct TrainOptions {
     pub stop_at: Option<u64>,
     /// Draw a progress bar and evaluation lines on stderr.
     pub progress: bool,
+    /// Start a fresh run in an `out` that holds one, removing its checkpoint and log.
+    pub overwrite: bool,
+    /// Set from outside (a signal handler) to stop the run after the step in progress, with a
+    /// checkpoint there that `--resume` continues.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl TrainOptions {
@@ -209,6 +222,38 @@ impl TrainOptions {
             checkpoint_every: defaults::CHECKPOINT_EVERY,
             stop_at: None,
             progress: false,
+            overwrite: false,
+            interrupt: None,
         }
+    }
+
+    /// Whether [`interrupt`](Self::interrupt) was set.
+    pub fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
+
+    /// Checks the options and the settings before anything is allocated or written; the
+    /// message names the option.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        self.settings.validate()?;
+        if self.eval_batches == 0 {
+            return Err(TrainError::Config("--eval-batches must be at least 1".into()));
+        }
+        if let Some(stop) = self.stop_at {
+            if stop == 0 || stop > self.settings.steps {
+                return Err(TrainError::Config(format!(
+                    "--stop-at {stop} must be between 1 and --steps {}",
+                    self.settings.steps
+                )));
+            }
+        }
+        if self.resume.is_some() && self.overwrite {
+            return Err(TrainError::Config(
+                "--resume continues a run and --overwrite replaces one: pass one of them".into(),
+            ));
+        }
+        Ok(())
     }
 }
