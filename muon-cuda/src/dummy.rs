@@ -7,6 +7,7 @@
 
 use muon_core::{AdamWCoefficients, Backend, Collective, Error, Result, Shape, Transpose};
 
+use crate::launch::{KernelArgs, LaunchConfig};
 use crate::Precision;
 
 /// No value: the type of a backend that was not compiled.
@@ -76,10 +77,56 @@ impl CudaBackend {
         match self.never {}
     }
 
-    /// Seconds per `n x n x n` GEMM in the backend's precision (see the `cuda` build).
-    pub fn time_gemm(&self, n: usize, iterations: usize) -> Result<f64> {
-        let _ = (n, iterations);
+    /// The kernel `function` of the CUDA C module `module` (see the `cuda` build).
+    pub fn get_or_load_func(&self, module: &str, source: &'static str, function: &str) -> Result<CudaKernel> {
+        let _ = (module, source, function);
         match self.never {}
+    }
+}
+
+/// A kernel loaded on a backend (none can exist in this build).
+#[derive(Clone, Debug)]
+pub struct CudaKernel {
+    never: Never,
+}
+
+impl CudaKernel {
+    /// The kernel's name.
+    pub fn name(&self) -> &str {
+        match self.never {}
+    }
+
+    /// The name of the module it was loaded from.
+    pub fn module(&self) -> &str {
+        match self.never {}
+    }
+
+    /// Launches the kernel (see the `cuda` build).
+    ///
+    /// # Safety
+    ///
+    /// As in the `cuda` build; no value of this type exists, so it is never called.
+    // `unsafe` to keep the contract of the `cuda` build; there is no unsafe operation here.
+    #[allow(unsafe_code)]
+    pub unsafe fn launch<'a>(&'a self, config: LaunchConfig, args: impl KernelArgs<'a>) -> Result<()> {
+        let _ = (config, args);
+        match self.never {}
+    }
+}
+
+/// NVRTC, which this build cannot use: see the `cuda` build.
+pub mod nvrtc {
+    use muon_core::{Error, Result};
+
+    /// Always `false` without the `cuda` feature.
+    pub fn is_available() -> bool {
+        false
+    }
+
+    /// Always an error in this build: muon-cuda was built without the `cuda` feature.
+    pub fn compile_cubin(module: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
+        let _ = (module, source, arch);
+        Err(Error::Backend(crate::NOT_COMPILED.into()))
     }
 }
 
@@ -223,5 +270,11 @@ mod tests {
         );
         let id = NcclId::from_bytes([7; 128]);
         assert_eq!(id.as_bytes(), [7; 128]);
+        assert!(!nvrtc::is_available());
+        let err = nvrtc::compile_cubin("m", "", "sm_90").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            Error::Backend(crate::NOT_COMPILED.into()).to_string()
+        );
     }
 }
