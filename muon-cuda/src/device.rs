@@ -4,13 +4,16 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, PushKernelArg, ValidAsZeroBits,
+};
 use muon_core::{
     check_shape, check_slot, newton_schulz_folded, AdamWCoefficients, Backend, Error, NewtonSchulz,
     NsWorkspace, Result, Shape, Transpose,
 };
 
 use crate::kernels::{self, KernelSource};
+use crate::launch::{sealed, KernelArg};
 use crate::layout::{row_major_gemm, ColumnMajorGemm};
 use crate::modules::ModuleCache;
 use crate::raw::ops::{self, REDUCE_THREADS};
@@ -57,6 +60,22 @@ impl CudaMatrix {
     /// The device buffer, mutable; see [`as_cuda_slice`](Self::as_cuda_slice).
     pub fn as_cuda_slice_mut(&mut self) -> &mut CudaSlice<f32> {
         &mut self.data
+    }
+}
+
+/// A matrix as a kernel argument: its device pointer, `float*`.
+impl sealed::Sealed for &CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a CudaMatrix {
+    fn push(self, builder: &mut LaunchArgs<'a>) {
+        builder.arg(&self.data);
+    }
+}
+
+/// A matrix the kernel writes as a kernel argument: its device pointer, `float*`.
+impl sealed::Sealed for &mut CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a mut CudaMatrix {
+    fn push(self, builder: &mut LaunchArgs<'a>) {
+        builder.arg(&mut self.data);
     }
 }
 

@@ -7,7 +7,7 @@
 
 use muon_core::{AdamWCoefficients, Backend, Collective, Error, Result, Shape, Transpose};
 
-use crate::launch::{KernelArgs, LaunchConfig};
+use crate::launch::{sealed, KernelArg, KernelArgs, LaunchConfig};
 use crate::Precision;
 
 /// No value: the type of a backend that was not compiled.
@@ -34,6 +34,27 @@ pub struct CudaMatrix {
 impl CudaMatrix {
     /// The shape of the stack.
     pub fn shape(&self) -> Shape {
+        match self.never {}
+    }
+}
+
+// The trait has a method in the `cuda` build, where this module is compiled (and linted)
+// too: there the method exists and, as no value of the type exists, is never called.
+
+/// A matrix as a kernel argument (see the `cuda` build).
+impl sealed::Sealed for &CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a CudaMatrix {
+    #[cfg(feature = "cuda")]
+    fn push(self, _: &mut cudarc::driver::LaunchArgs<'a>) {
+        match self.never {}
+    }
+}
+
+/// A matrix the kernel writes as a kernel argument (see the `cuda` build).
+impl sealed::Sealed for &mut CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a mut CudaMatrix {
+    #[cfg(feature = "cuda")]
+    fn push(self, _: &mut cudarc::driver::LaunchArgs<'a>) {
         match self.never {}
     }
 }

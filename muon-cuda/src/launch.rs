@@ -5,8 +5,6 @@
 #[cfg(feature = "cuda")]
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchArgs, PushKernelArg};
 
-use crate::CudaMatrix;
-
 /// The grid of a kernel launch: blocks per grid and threads per block in `x`, `y`, `z`, and
 /// the bytes of dynamic shared memory per block. cudarc's type in the `cuda` build.
 #[cfg(feature = "cuda")]
@@ -58,16 +56,16 @@ pub fn grid_stride(n: usize) -> LaunchConfig {
     }
 }
 
-mod sealed {
+pub(crate) mod sealed {
     /// Keeps [`KernelArg`](super::KernelArg) and [`KernelArgs`](super::KernelArgs) to the
-    /// types below.
+    /// types of this crate's choice: those below and `CudaMatrix` (next to its definition).
     pub trait Sealed {}
 }
 
 /// One argument of a kernel launch, as the kernel receives it.
 ///
 /// - A device buffer by reference is passed as its device pointer (`T*`): a
-///   [`CudaMatrix`] (`float*`), and in the `cuda` build cudarc's `CudaSlice<T>`, `CudaView`
+///   [`CudaMatrix`](crate::CudaMatrix) (`float*`), and in the `cuda` build cudarc's `CudaSlice<T>`, `CudaView`
 ///   and `CudaViewMut`. Pass `&mut` for a buffer the kernel writes.
 /// - A scalar by reference is passed by value: `&f32` for `float`, `&f64` for `double`,
 ///   `&i32` for `int`, `&i64` for `long long`, `&u32` for `unsigned int`, and so on (`bool`,
@@ -103,22 +101,6 @@ macro_rules! scalar_args {
     )+};
 }
 scalar_args!(bool, i8, i16, i32, i64, u8, u16, u32, u64, f32, f64);
-
-impl sealed::Sealed for &CudaMatrix {}
-impl<'a> KernelArg<'a> for &'a CudaMatrix {
-    #[cfg(feature = "cuda")]
-    fn push(self, builder: &mut LaunchArgs<'a>) {
-        builder.arg(self.as_cuda_slice());
-    }
-}
-
-impl sealed::Sealed for &mut CudaMatrix {}
-impl<'a> KernelArg<'a> for &'a mut CudaMatrix {
-    #[cfg(feature = "cuda")]
-    fn push(self, builder: &mut LaunchArgs<'a>) {
-        builder.arg(self.as_cuda_slice_mut());
-    }
-}
 
 #[cfg(feature = "cuda")]
 mod cudarc_args {
