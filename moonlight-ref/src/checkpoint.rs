@@ -1,5 +1,6 @@
 //! Checkpoints: one safetensors file with every parameter, every optimizer buffer, the model's
-//! buffers (router biases) and string metadata, written atomically.
+//! buffers (router biases) and string metadata, written atomically and checked on load
+//! (docs/DESIGN.md §7).
 //!
 //! Tensor names (all `F32`, shape `[rows, cols]`, or `[batch, rows, cols]` for a stack):
 //! - `param.<name>`: a parameter, `<name>` as its `ParamSpec` says (`param.layers.1.attn.wq`);
@@ -7,24 +8,39 @@
 //! - `buffer.<name>`: a model buffer.
 //!
 //! Metadata (the safetensors header's `__metadata__`, strings): `format`, the order of the
-//! parameters and buffers (`params`, `buffers`, JSON lists), `optimizer_step`, and whatever the
-//! trainer adds (the model config, the run settings, the data sampler's state).
+//! parameters and buffers (`params`, `buffers`, JSON lists), `optimizer_step`, whatever the
+//! trainer adds (the model config, the run settings, the data sampler's state), and two
+//! integrity fields: `checksums`, a JSON list of the CRC-32 of every tensor's bytes (in the
+//! order parameters, buffers, optimizer state, each as the lists above order them), and
+//! `metadata_checksum`, the CRC-32 of all the other metadata. [`load`] verifies both, so a
+//! flipped bit in a weight or an edited step is an error, not a silently different run.
 //!
-//! [`save`] writes a temporary file in the same directory, fsyncs it, and renames it over the
-//! target, so a crash leaves either the old checkpoint or the new one, never half of one.
+//! Nothing non-finite is written or read: [`to_safetensors`] refuses a tensor holding NaN or
+//! Inf, and so does [`from_safetensors`], naming the tensor.
+//!
+//! [`save`] writes a temporary file (a name unique to the process) in the same
+//! directory, fsyncs it, and renames it over the target, so a crash leaves either the old
+//! checkpoint or the new one, never half of one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use muon_core::{OptimizerKind, OptimizerState, ParamState, Shape};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::files;
+use crate::model::{Model, ModelError};
+use crate::ops::ModelOps;
+
+pub use crate::model::Tensor;
+
 /// The `format` metadata value of files this module writes.
-pub const FORMAT: &str = "moonlight-ref-checkpoint/1";
+pub const FORMAT: &str = "moonlight-ref-checkpoint/2";
+/// The format before checksums: still read (its structure and finiteness are checked; it has
+/// no checksums to verify).
+pub const FORMAT_WITHOUT_CHECKSUMS: &str = "moonlight-ref-checkpoint/1";
 
 /// What is wrong with a checkpoint; the message names the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,22 +54,11 @@ impl fmt::Display for CheckpointError {
 
 impl std::error::Error for CheckpointError {}
 
-/// A named host tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
-    /// Its name (without the `param.` / `buffer.` prefix).
-    pub name: String,
-    /// Its shape.
-    pub shape: Shape,
-    /// Row-major elements, `shape.len()` of them.
-    pub data: Vec<f32>,
-}
-
 /// Everything a checkpoint holds, on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
-    /// Free-form metadata (the keys `format`, `params`, `buffers`, `optimizer_step` are this
-    /// module's own and are overwritten on save).
+    /// Free-form metadata (the keys `format`, `params`, `buffers`, `optimizer_step`,
+    /// `checksums` and `metadata_checksum` are this module's own and are overwritten on save).
     pub metadata: BTreeMap<String, String>,
     /// The parameters, in the model's order.
     pub params: Vec<Tensor>,
@@ -71,23 +76,17 @@ fn dims(shape: Shape) -> Vec<usize> {
     }
 }
 
-fn to_bytes(data: &[f32]) -> Vec<u8> {
-    data.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
+/// A tensor as the file names it (`param.embed`), with its shape and data.
+type FileTensor<'a> = (String, Shape, &'a [f32]);
 
-/// Serializes a checkpoint to safetensors bytes.
-pub fn to_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
-    let err = |e: &dyn fmt::Display| CheckpointError(format!("cannot serialize the checkpoint: {e}"));
-    if ckpt.optimizer.params.len() != ckpt.params.len() {
-        return Err(err(&"the optimizer state and the parameters differ in number"));
-    }
-    // (name, shape, bytes): the bytes must outlive the views.
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+/// The file's tensors: parameters, buffers, then the optimizer's buffers.
+fn file_tensors(ckpt: &Checkpoint) -> Result<Vec<FileTensor<'_>>, String> {
+    let mut out: Vec<FileTensor<'_>> = Vec::new();
     for t in &ckpt.params {
-        owned.push((format!("param.{}", t.name), dims(t.shape), to_bytes(&t.data)));
+        out.push((format!("param.{}", t.name), t.shape, &t.data));
     }
     for t in &ckpt.buffers {
-        owned.push((format!("buffer.{}", t.name), dims(t.shape), to_bytes(&t.data)));
+        out.push((format!("buffer.{}", t.name), t.shape, &t.data));
     }
     for p in &ckpt.optimizer.params {
         let names: &[&str] = match p.kind {
@@ -95,37 +94,79 @@ pub fn to_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
             OptimizerKind::AdamW => &["m", "v"],
         };
         if names.len() != p.buffers.len() {
-            return Err(err(&format!(
-                "`{}` has {} optimizer buffers",
-                p.name,
-                p.buffers.len()
-            )));
+            return Err(format!("`{}` has {} optimizer buffers", p.name, p.buffers.len()));
         }
         for (suffix, buffer) in names.iter().zip(&p.buffers) {
-            owned.push((
-                format!("optim.{}.{suffix}", p.name),
-                dims(p.shape),
-                to_bytes(buffer),
-            ));
+            out.push((format!("optim.{}.{suffix}", p.name), p.shape, buffer));
         }
     }
-    let mut views = Vec::with_capacity(owned.len());
-    for (name, shape, bytes) in &owned {
+    Ok(out)
+}
+
+/// Where `data` first holds NaN or Inf, as `"inf at element 12"`.
+fn non_finite(data: &[f32]) -> Option<String> {
+    let i = data.iter().position(|v| !v.is_finite())?;
+    Some(format!("{} at element {i}", data[i]))
+}
+
+/// The CRC-32 of every metadata entry but `metadata_checksum` itself, each key and value
+/// length-prefixed so that no two different maps hash the same bytes.
+fn metadata_checksum(metadata: &BTreeMap<String, String>) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (k, v) in metadata.iter().filter(|(k, _)| *k != "metadata_checksum") {
+        for part in [k.as_bytes(), v.as_bytes()] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    h.finalize()
+}
+
+fn hex(crc: u32) -> String {
+    format!("{crc:08x}")
+}
+
+/// Serializes a checkpoint to safetensors bytes, with its checksums. Refuses a tensor that
+/// holds NaN or Inf.
+pub fn to_safetensors(ckpt: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
+    let err = |e: &dyn fmt::Display| CheckpointError(format!("cannot serialize the checkpoint: {e}"));
+    if ckpt.optimizer.params.len() != ckpt.params.len() {
+        return Err(err(&"the optimizer state and the parameters differ in number"));
+    }
+    if let Some((name, at)) = ckpt.non_finite() {
+        return Err(err(&format!("tensor `{name}` is not finite ({at})")));
+    }
+    let tensors = file_tensors(ckpt).map_err(|e| err(&e))?;
+    let mut checksums = Vec::with_capacity(tensors.len());
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, shape, data) in &tensors {
+        // The views borrow the data as bytes (the crate is little-endian).
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        checksums.push(hex(crc32fast::hash(bytes)));
         views.push((
             name.as_str(),
-            TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| err(&e))?,
+            TensorView::new(Dtype::F32, dims(*shape), bytes).map_err(|e| err(&e))?,
         ));
     }
-    let mut metadata: HashMap<String, String> = ckpt.metadata.clone().into_iter().collect();
+    let mut metadata = ckpt.metadata.clone();
     let names = |ts: &[Tensor]| serde_json::to_string(&ts.iter().map(|t| &t.name).collect::<Vec<_>>());
     metadata.insert("format".into(), FORMAT.into());
     metadata.insert("params".into(), names(&ckpt.params).map_err(|e| err(&e))?);
     metadata.insert("buffers".into(), names(&ckpt.buffers).map_err(|e| err(&e))?);
     metadata.insert("optimizer_step".into(), ckpt.optimizer.step.to_string());
+    metadata.insert(
+        "checksums".into(),
+        serde_json::to_string(&checksums).map_err(|e| err(&e))?,
+    );
+    metadata.remove("metadata_checksum");
+    let sum = hex(metadata_checksum(&metadata));
+    metadata.insert("metadata_checksum".into(), sum);
+    let metadata: HashMap<String, String> = metadata.into_iter().collect();
     safetensors::serialize(views, Some(metadata)).map_err(|e| err(&e))
 }
 
-/// Parses safetensors bytes written by [`to_safetensors`]; `path` only names the file in errors.
+/// Parses safetensors bytes written by [`to_safetensors`], verifying the checksums and that
+/// every tensor is finite; `path` only names the file in errors.
 pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
     let file = path.display();
     let bad = |msg: String| CheckpointError(format!("corrupt checkpoint {file}: {msg}"));
@@ -137,10 +178,27 @@ pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         .unwrap_or_default()
         .into_iter()
         .collect();
-    match metadata.get("format") {
-        Some(f) if f == FORMAT => {}
+    let checked = match metadata.get("format").map(String::as_str) {
+        Some(FORMAT) => true,
+        Some(FORMAT_WITHOUT_CHECKSUMS) => false,
         Some(f) => return Err(bad(format!("format `{f}`, expected `{FORMAT}`"))),
         None => return Err(bad("no `format` metadata: not a moonlight-ref checkpoint".into())),
+    };
+    let mut checksums: Option<Vec<String>> = None;
+    if checked {
+        let stored = metadata
+            .get("metadata_checksum")
+            .ok_or_else(|| bad("no `metadata_checksum` metadata".into()))?;
+        let computed = hex(metadata_checksum(&metadata));
+        if *stored != computed {
+            return Err(bad(format!(
+                "its metadata fails its checksum (stored {stored}, computed {computed}): the file was edited or damaged"
+            )));
+        }
+        let json = metadata
+            .get("checksums")
+            .ok_or_else(|| bad("no `checksums` metadata".into()))?;
+        checksums = Some(serde_json::from_str(json).map_err(|e| bad(format!("`checksums` metadata: {e}")))?);
     }
     let list = |key: &str| -> Result<Vec<String>, CheckpointError> {
         let json = metadata
@@ -163,12 +221,8 @@ pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
             [batch, rows, cols] => Shape::batched(batch, rows, cols),
             ref other => return Err(bad(format!("tensor `{name}` has {} dimensions", other.len()))),
         };
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok((shape, data))
+        // A copy: the bytes of a file are not aligned for f32.
+        Ok((shape, bytemuck::pod_collect_to_vec(view.data())))
     };
     let mut params = Vec::new();
     let mut states = Vec::new();
@@ -204,53 +258,136 @@ pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Checkpo
         .get("optimizer_step")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("no valid `optimizer_step` metadata".into()))?;
-    Ok(Checkpoint {
+    let ckpt = Checkpoint {
         metadata,
         params,
         buffers,
         optimizer: OptimizerState { step, params: states },
-    })
-}
-
-/// The temporary file [`save`] writes before renaming it to `path`.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
-/// fsync of the directory. On error the old `path`, if any, is untouched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
-    }
-    // Make the rename itself durable (not possible on every platform; best effort).
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
     };
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    // The checksums first: a flipped bit that made a value NaN is damage, and says so.
+    let tensors_read = file_tensors(&ckpt).map_err(bad)?;
+    if let Some(stored) = &checksums {
+        if stored.len() != tensors_read.len() || tensors.len() != tensors_read.len() {
+            return Err(bad(format!(
+                "it holds {} tensors and {} checksums where its parameters and buffers make {}: tensors were added or removed",
+                tensors.len(),
+                stored.len(),
+                tensors_read.len()
+            )));
+        }
+        for ((name, _, data), stored) in tensors_read.iter().zip(stored) {
+            let computed = hex(crc32fast::hash(bytemuck::cast_slice(data)));
+            if *stored != computed {
+                return Err(bad(format!(
+                    "tensor `{name}` fails its checksum (stored {stored}, computed {computed}): the file was changed or damaged"
+                )));
+            }
+        }
     }
-    Ok(())
+    match ckpt.non_finite() {
+        Some((name, at)) => Err(bad(format!("tensor `{name}` is not finite ({at})"))),
+        None => Ok(ckpt),
+    }
+}
+
+impl Checkpoint {
+    /// The first tensor holding NaN or Inf, if any: its name in the file (`param.embed`) and
+    /// where (`NaN at element 3`).
+    pub fn non_finite(&self) -> Option<(String, String)> {
+        let tensors = file_tensors(self).ok()?;
+        tensors
+            .into_iter()
+            .find_map(|(name, _, data)| non_finite(data).map(|at| (name, at)))
+    }
+
+    /// The parameters and buffers of `model`, downloaded from `backend`, with the optimizer's
+    /// exported state and the trainer's `metadata`.
+    pub fn from_model<B: ModelOps<Elem = f32>>(
+        backend: &B,
+        model: &Model<B>,
+        optimizer: OptimizerState<f32>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Checkpoint, ModelError> {
+        let mut params = Vec::with_capacity(model.params().len());
+        for (spec, p) in model.param_specs().into_iter().zip(model.params()) {
+            let mut data = vec![0.0f32; spec.shape.len()];
+            backend.download(p, &mut data)?;
+            params.push(Tensor {
+                name: spec.name,
+                shape: spec.shape,
+                data,
+            });
+        }
+        Ok(Checkpoint {
+            metadata,
+            params,
+            buffers: model.buffers(backend)?,
+            optimizer,
+        })
+    }
+
+    /// Uploads the parameters and buffers into `model` after checking that they are the
+    /// model's: the same names, order and shapes. The optimizer state is the caller's to
+    /// import (`optimizer.import_state(backend, &checkpoint.optimizer)`).
+    pub fn restore_model<B: ModelOps<Elem = f32>>(
+        &self,
+        backend: &B,
+        model: &mut Model<B>,
+    ) -> Result<(), CheckpointError> {
+        let bad = |msg: String| Err(CheckpointError(msg));
+        let specs = model.param_specs();
+        if self.params.len() != specs.len() {
+            return bad(format!(
+                "it holds {} parameters, the model has {}",
+                self.params.len(),
+                specs.len()
+            ));
+        }
+        for (spec, t) in specs.iter().zip(&self.params) {
+            if t.name != spec.name {
+                return bad(format!(
+                    "found parameter `{}` where `{}` belongs",
+                    t.name, spec.name
+                ));
+            }
+            if t.shape != spec.shape {
+                return bad(format!(
+                    "parameter `{}` has shape {}, the model expects {}",
+                    t.name, t.shape, spec.shape
+                ));
+            }
+        }
+        let backend_error =
+            |e: &dyn fmt::Display| CheckpointError(format!("cannot load it into the model: {e}"));
+        let expected = model.buffers(backend).map_err(|e| backend_error(&e))?;
+        if expected.len() != self.buffers.len() {
+            return bad(format!(
+                "it holds {} model buffers, the model has {}",
+                self.buffers.len(),
+                expected.len()
+            ));
+        }
+        for (want, t) in expected.iter().zip(&self.buffers) {
+            if want.name != t.name || want.shape != t.shape {
+                return bad(format!(
+                    "buffer `{}` {} where the model has `{}` {}",
+                    t.name, t.shape, want.name, want.shape
+                ));
+            }
+        }
+        for (p, t) in model.params_mut().iter_mut().zip(&self.params) {
+            backend.upload(p, &t.data).map_err(|e| backend_error(&e))?;
+        }
+        model
+            .load_buffers(backend, &self.buffers)
+            .map_err(|e| backend_error(&e))
+    }
 }
 
 /// Saves a checkpoint atomically.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), CheckpointError> {
     let bytes = to_safetensors(ckpt)?;
-    write_atomic(path, &bytes)
+    files::write_atomic(path, &bytes)
         .map_err(|e| CheckpointError(format!("cannot write checkpoint {}: {e}", path.display())))
 }
 

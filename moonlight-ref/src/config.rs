@@ -249,12 +249,6 @@ impl ModelConfig {
                 self.vocab_size
             ));
         }
-        if !self.dim.is_multiple_of(self.n_heads) {
-            return Err(format!(
-                "n_heads {} does not divide dim {} (dim must be a multiple of the head count)",
-                self.n_heads, self.dim
-            ));
-        }
         match &self.attention {
             Attention::Mha => {
                 if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
@@ -475,7 +469,7 @@ mod tests {
             ),
             (
                 ModelConfig {
-                    n_heads: 5,
+                    n_heads: 0,
                     ..base.clone()
                 },
                 "n_heads",

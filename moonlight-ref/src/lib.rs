@@ -1,5 +1,11 @@
 //! moonlight-ref: a compact Moonlight-style (DeepSeek-V3 family) MoE language model and the
-//! trainer that pretrains it with muon-core's hybrid optimizer (issue 5; being written).
+//! trainer that pretrains it with muon-core's hybrid optimizer.
+//!
+//! Files are read and written by viewing memory as numbers (safetensors checkpoints, llm.c
+//! token shards, both little-endian), so the crate builds for little-endian targets only.
+
+#[cfg(target_endian = "big")]
+compile_error!("moonlight-ref reads and writes little-endian files by viewing memory; big-endian targets are not supported");
 
 // The model: configuration and presets, the backend ops the model needs beyond muon-core's
 // trait, their CPU implementation, and the layers with forward/backward passes.
@@ -10,6 +16,9 @@ pub mod ops;
 
 // The trainer: data, checkpoints, logging and the training loop.
 pub mod checkpoint;
+pub mod corpus;
 pub mod data;
+pub mod files;
 pub mod log;
+pub mod rng;
 pub mod train;

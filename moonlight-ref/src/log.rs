@@ -9,7 +9,7 @@
 //! ```
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -69,7 +69,7 @@ pub struct EvalRecord {
 pub struct Summary {
     /// `muon` or `adamw`.
     pub optimizer: String,
-    /// The preset name (or `custom`).
+    /// The preset name.
     pub preset: String,
     /// Steps taken in all (counting those before a resume).
     pub steps: u64,
@@ -96,42 +96,103 @@ pub struct Summary {
     pub svd_entropy_router: Option<f64>,
 }
 
-/// Appends records to a JSONL file, one line each, flushed per line so a crash loses nothing.
+/// Appends records to a JSONL file, one whole line each: a line is written with one call and,
+/// if that fails (a full disk), the file is cut back to where the line began, so the log never
+/// holds half a line. Nothing is buffered: a crash loses nothing written.
 pub struct RunLog {
-    out: BufWriter<File>,
+    file: File,
+    /// The file's length: where the next line begins.
+    len: u64,
+    /// The line being written, reused (a step allocates nothing here).
+    line: Vec<u8>,
 }
 
 impl RunLog {
-    /// Creates (or, with `append`, continues) the log at `path`.
-    pub fn open(path: &Path, append: bool) -> io::Result<RunLog> {
-        let file = if append {
-            OpenOptions::new().create(true).append(true).open(path)?
-        } else {
-            File::create(path)?
-        };
+    /// Creates the log at `path`, replacing any file there.
+    pub fn create(path: &Path) -> io::Result<RunLog> {
         Ok(RunLog {
-            out: BufWriter::new(file),
+            file: File::create(path)?,
+            len: 0,
+            line: Vec::with_capacity(512),
+        })
+    }
+
+    /// Continues the log at `path` after step `step`: the records of later steps (written
+    /// after the checkpoint a run resumes from) and a torn last line (a crash mid-write) are
+    /// dropped first, so that the resumed run's steps appear once. The file is rewritten
+    /// atomically; a missing log starts empty.
+    pub fn resume(path: &Path, step: u64) -> io::Result<RunLog> {
+        let text = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut kept = Vec::with_capacity(text.len());
+        for (i, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+            if !line.ends_with(b"\n") {
+                break; // the last line, torn by a crash mid-write
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let record: Record = serde_json::from_slice(line).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} line {} is not a log record: {e}", path.display(), i + 1),
+                )
+            })?;
+            if record.step() <= step {
+                kept.extend_from_slice(line);
+            }
+        }
+        crate::files::write_atomic(path, &kept)?;
+        let file = OpenOptions::new().append(true).open(path)?;
+        Ok(RunLog {
+            file,
+            len: kept.len() as u64,
+            line: Vec::with_capacity(512),
         })
     }
 
     /// Writes one record as a line.
     pub fn write(&mut self, record: &Record) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, record)?;
-        self.out.write_all(b"\n")?;
-        self.out.flush()
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, record)?;
+        self.line.push(b'\n');
+        if let Err(e) = self.file.write_all(&self.line) {
+            // Whatever part of the line reached the file goes again.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += self.line.len() as u64;
+        Ok(())
     }
 }
 
-/// Reads a JSONL log back; errors name the file and line.
+impl Record {
+    /// The step a record belongs to (a summary: the last step of its run).
+    pub fn step(&self) -> u64 {
+        match self {
+            Record::Step(r) => r.step,
+            Record::Eval(r) => r.step,
+            Record::Summary(r) => r.steps,
+        }
+    }
+}
+
+/// Reads a JSONL log back; errors name the file and line. A last line without its newline
+/// (a run writing right now, or a crash mid-write) is not a record yet and is skipped.
 pub fn read_log(path: &Path) -> Result<Vec<Record>, String> {
-    let file = File::open(path).map_err(|e| format!("cannot read log {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read log {}: {e}", path.display()))?;
     let mut records = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| format!("cannot read log {}: {e}", path.display()))?;
-        if line.trim().is_empty() {
+    for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        if !line.ends_with(b"\n") {
+            break; // the last line, not written whole yet
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let record = serde_json::from_str(&line)
+        let record = serde_json::from_slice(line)
             .map_err(|e| format!("{} line {}: not a log record: {e}", path.display(), i + 1))?;
         records.push(record);
     }
@@ -179,8 +240,15 @@ impl Curves {
 }
 
 /// Draws the training (lines) and validation (lines with dots) losses of several runs into an
-/// SVG file.
+/// SVG file, written atomically.
 pub fn plot_losses(runs: &[Curves], out: &Path) -> Result<(), String> {
+    let mut svg = String::new();
+    draw_losses(runs, &mut svg).map_err(|e| format!("cannot draw {}: {e}", out.display()))?;
+    crate::files::write_atomic(out, svg.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))
+}
+
+fn draw_losses(runs: &[Curves], svg: &mut String) -> Result<(), String> {
     use plotters::prelude::*;
     let points = || runs.iter().flat_map(|r| r.train.iter().chain(&r.val));
     let finite = |v: &f64| v.is_finite();
@@ -194,9 +262,9 @@ pub fn plot_losses(runs: &[Curves], out: &Path) -> Result<(), String> {
         return Err("no finite losses to plot".into());
     }
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
-    let err = |e: &dyn std::fmt::Display| format!("cannot draw {}: {e}", out.display());
+    let err = |e: &dyn std::fmt::Display| e.to_string();
 
-    let root = SVGBackend::new(out, (900, 560)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption("moonlight-ref: loss", ("sans-serif", 22))

@@ -7,15 +7,18 @@
 //! ```
 //! Errors go to stderr with a non-zero exit status.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::data::{DataFormat, DataSource};
 use moonlight_ref::log::{plot_losses, read_log, Curves};
-use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
-use muon_core::{LrSchedule, NewtonSchulz, UpdateScale};
+use moonlight_ref::train::{self, defaults, OptimizerChoice, RunSettings, TrainOptions};
+use muon_core::{MuonConfig, NewtonSchulz, UpdateScale};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,7 +48,7 @@ enum Command {
     /// Write N bytes of the embedded corpus's generator to a file (for --data): the embedded
     /// corpus continued with fresh text, for runs that must not repeat their data.
     Corpus {
-        /// How many bytes (at least 2 contexts' worth).
+        /// How many bytes (at least two contexts of the default --seq: 130).
         #[arg(long)]
         bytes: usize,
         /// The file to write.
@@ -103,22 +106,22 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value = "muon")]
     optimizer: OptimizerArg,
     /// Training steps.
-    #[arg(long, default_value_t = train::DEFAULT_STEPS)]
+    #[arg(long, default_value_t = defaults::STEPS)]
     steps: u64,
     /// Sequences per batch (B).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = defaults::BATCH)]
     batch: usize,
     /// Tokens per sequence (T).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::SEQ)]
     seq: usize,
     /// Peak learning rate, the same for Muon and AdamW.
-    #[arg(long, default_value_t = train::DEFAULT_LR)]
+    #[arg(long, default_value_t = defaults::LR)]
     lr: f64,
     /// Decoupled weight decay (both optimizers).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = MuonConfig::default().weight_decay)]
     wd: f64,
     /// Linear warm-up steps, then cosine decay to 0.1x at the last step.
-    #[arg(long, default_value_t = train::DEFAULT_WARMUP)]
+    #[arg(long, default_value_t = defaults::WARMUP)]
     warmup: u64,
     /// Muon's update scale: match-adamw[=RMS] (Moonlight, RMS 0.2), aspect-ratio, unit,
     /// custom=F.
@@ -128,10 +131,10 @@ struct TrainArgs {
     #[arg(long)]
     no_nesterov: bool,
     /// Muon's momentum coefficient.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = MuonConfig::default().momentum)]
     momentum: f64,
     /// Newton-Schulz iterations.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = MuonConfig::default().newton_schulz.steps)]
     ns_steps: usize,
     /// Newton-Schulz coefficient schedule.
     #[arg(long, value_enum, default_value = "quintic")]
@@ -147,13 +150,13 @@ struct TrainArgs {
     #[arg(long)]
     vocab: Option<usize>,
     /// Fixes the initialization and the data order.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults::SEED)]
     seed: u64,
     /// Evaluate on the held-out split every N steps (0: only at the end).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = defaults::EVAL_EVERY)]
     eval_every: u64,
     /// Batches per evaluation.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = defaults::EVAL_BATCHES)]
     eval_batches: usize,
     /// Output directory for log.jsonl and checkpoint.safetensors [default: runs/PRESET-OPTIMIZER].
     #[arg(long)]
@@ -162,12 +165,15 @@ struct TrainArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Save a checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = defaults::CHECKPOINT_EVERY)]
     checkpoint_every: u64,
     /// Stop after this step with a checkpoint, as if interrupted (--resume continues; the
     /// schedule still runs to --steps).
     #[arg(long)]
     stop_at: Option<u64>,
+    /// Start over in an --out that holds a run, replacing its checkpoint and log.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -221,7 +227,7 @@ impl TrainArgs {
         settings.seq = self.seq;
         settings.lr = self.lr;
         settings.seed = self.seed;
-        settings.schedule = LrSchedule::moonlight(self.warmup, self.steps);
+        settings.warmup = self.warmup;
         let muon = &mut settings.hybrid.muon;
         muon.weight_decay = self.wd;
         muon.momentum = self.momentum;
@@ -259,17 +265,83 @@ impl TrainArgs {
             checkpoint_every: self.checkpoint_every,
             stop_at: self.stop_at,
             progress: !self.quiet,
+            overwrite: self.overwrite,
+            interrupt: None,
         })
     }
 }
 
-fn run_train(args: &TrainArgs) -> Result<(), String> {
-    let opts = args.options()?;
-    let threads = match args.threads {
-        Some(0) => return Err("--threads must be at least 1".into()),
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+/// Why the program ends early.
+enum Exit {
+    /// An error, printed as `error: ...` (exit status 1).
+    Error(String),
+    /// A run stopped by a signal after saving what it had (exit status 130, as a shell
+    /// reports a Ctrl-C).
+    Interrupted(String),
+    /// Standard output is a closed pipe (`... | head -1`): the program ends quietly, as Unix
+    /// tools do (exit status 0).
+    ClosedPipe,
+}
+
+impl From<String> for Exit {
+    fn from(msg: String) -> Self {
+        Exit::Error(msg)
+    }
+}
+
+/// Prints a line on standard output. A closed pipe ends the program quietly; any other failure
+/// (`> /dev/full`) is an error that says so.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))
     };
+}
+
+fn write_stdout(line: std::fmt::Arguments) -> Result<(), Exit> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Exit::ClosedPipe),
+        Err(e) => Err(Exit::Error(format!("cannot write to standard output: {e}"))),
+    }
+}
+
+/// A warning on standard error, best effort (a terminal that went away does not stop a run).
+fn warn(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "warning: {msg}");
+}
+
+/// What signals do to a training run: SIGINT and SIGTERM stop it after the step in progress,
+/// with a checkpoint (a second one ends it at once); SIGHUP, a terminal that went away, is
+/// ignored, so the run finishes its files.
+fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    let err = |e: std::io::Error| format!("cannot install the signal handlers: {e}");
+    for signal in [SIGINT, SIGTERM] {
+        // The shutdown first: it fires on the second signal, once the flag is armed.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop)).map_err(err)?;
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(err)?;
+    }
+    signal_hook::flag::register(SIGHUP, Arc::new(AtomicBool::new(false))).map_err(err)?;
+    Ok(stop)
+}
+
+fn run_train(args: &TrainArgs) -> Result<(), Exit> {
+    let mut opts = args.options()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match args.threads {
+        Some(0) => return Err(Exit::Error("--threads must be at least 1".into())),
+        Some(n) if n > cores => {
+            warn(&format!(
+                "--threads {n} is more than the {cores} cores here; using {cores} (more threads than cores only wait on each other)"
+            ));
+            cores
+        }
+        Some(n) => n,
+        None => cores,
+    };
+    opts.interrupt = Some(stop_on_signals()?);
     // The model's own CPU ops run on rayon, the optimizer's on muon-faer's team. The loop runs
     // inside the rayon pool: its thread is one of the `threads` workers (no extra thread
     // waiting on the others), and each parallel op starts from a worker.
@@ -280,14 +352,17 @@ fn run_train(args: &TrainArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
     let result = pool
         .install(|| train::train(&backend, &opts))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            e @ train::TrainError::Interrupted { .. } => Exit::Interrupted(e.to_string()),
+            e => Exit::Error(e.to_string()),
+        })?;
     let s = &result.summary;
     let out = opts
         .out
         .as_ref()
         .map(|d| d.display().to_string())
         .unwrap_or_default();
-    println!(
+    out!(
         "{} {} steps: train loss {:.4}, val loss {}, {:.0} tokens/s, optimizer {:.1}% of step time ({:.1} s fwd+bwd, {:.1} s optimizer), SVD entropy {} hidden / {} router, {:.0} s; log {out}/{}",
         s.optimizer,
         s.steps,
@@ -301,11 +376,10 @@ fn run_train(args: &TrainArgs) -> Result<(), String> {
         s.svd_entropy_router.map_or("-".into(), |v| format!("{v:.3}")),
         s.wall_s,
         train::LOG_FILE,
-    );
-    Ok(())
+    )
 }
 
-fn run_params(preset: &str) -> Result<(), String> {
+fn run_params(preset: &str) -> Result<(), Exit> {
     let config = ModelConfig::preset(preset)?;
     config.validate()?;
     let c = config.param_counts();
@@ -318,23 +392,37 @@ fn run_params(preset: &str) -> Result<(), String> {
             format!("{:.1}K", n as f64 / 1e3)
         }
     };
-    println!("preset {preset}");
-    println!("total parameters   {:>16} ({})", c.total, human(c.total));
-    println!("active per token   {:>16} ({})", c.active, human(c.active));
     let without = c.active - c.embedding_and_head;
-    println!("  without emb+head {:>16} ({})", without, human(without));
-    println!(
+    out!("preset {preset}")?;
+    out!("total parameters   {:>16} ({})", c.total, human(c.total))?;
+    out!("active per token   {:>16} ({})", c.active, human(c.active))?;
+    out!("  without emb+head {:>16} ({})", without, human(without))?;
+    out!(
         "embedding + head   {:>16} ({})",
         c.embedding_and_head,
         human(c.embedding_and_head)
-    );
-    println!("attention          {:>16} ({})", c.attention, human(c.attention));
-    println!("dense FFN          {:>16} ({})", c.dense_ffn, human(c.dense_ffn));
-    println!("MoE                {:>16} ({})", c.moe, human(c.moe));
-    Ok(())
+    )?;
+    out!("attention          {:>16} ({})", c.attention, human(c.attention))?;
+    out!("dense FFN          {:>16} ({})", c.dense_ffn, human(c.dense_ffn))?;
+    out!("MoE                {:>16} ({})", c.moe, human(c.moe))
 }
 
-fn run_plot(logs: &[PathBuf], out: &Path, smooth: usize) -> Result<(), String> {
+/// Whether two paths name the same file (both existing), or the same path.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn run_plot(logs: &[PathBuf], out: &Path, smooth: usize) -> Result<(), Exit> {
+    if let Some(log) = logs.iter().find(|log| same_file(log, out)) {
+        return Err(Exit::Error(format!(
+            "--out {} is one of the logs to plot ({}): choose another file for the SVG",
+            out.display(),
+            log.display()
+        )));
+    }
     let mut runs = Vec::new();
     for path in logs {
         let records = read_log(path)?;
@@ -345,18 +433,71 @@ fn run_plot(logs: &[PathBuf], out: &Path, smooth: usize) -> Result<(), String> {
         runs.push(Curves::from_records(label, &records, smooth));
     }
     plot_losses(&runs, out)?;
-    println!("wrote {}", out.display());
-    Ok(())
+    out!("wrote {}", out.display())
 }
 
-fn run_corpus(bytes: usize, out: &Path) -> Result<(), String> {
-    if bytes == 0 {
-        return Err("--bytes must be at least 1".into());
+/// The fewest bytes `corpus` writes: two contexts of the default `--seq`, the least a run
+/// needs (one window to train on, one held out).
+const CORPUS_MIN_BYTES: usize = 2 * (defaults::SEQ + 1);
+
+fn run_corpus(bytes: usize, out: &Path) -> Result<(), Exit> {
+    if bytes < CORPUS_MIN_BYTES {
+        return Err(Exit::Error(format!(
+            "--bytes {bytes} is too few: a run needs at least {CORPUS_MIN_BYTES} (two contexts of --seq {})",
+            defaults::SEQ
+        )));
     }
-    let text = moonlight_ref::data::generated_corpus(bytes);
-    std::fs::write(out, &text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-    println!("wrote {} ({bytes} bytes)", out.display());
-    Ok(())
+    // Streamed into the file: any size needs a few KiB of memory, and a full disk or a Ctrl-C
+    // is an error that leaves no partial file.
+    let stop = stop_on_signals()?;
+    let written = moonlight_ref::files::write_atomic_with(out, |file| {
+        let mut file = std::io::BufWriter::new(StopOnSignal {
+            inner: file,
+            stop: &stop,
+        });
+        moonlight_ref::corpus::write_corpus(bytes, &mut file)?;
+        file.flush()
+    });
+    match written {
+        Ok(()) => out!("wrote {} ({bytes} bytes)", out.display()),
+        Err(e) if e.get_ref().is_some_and(|inner| inner.is::<Stopped>()) => Err(Exit::Interrupted(format!(
+            "interrupted; {} was not written",
+            out.display()
+        ))),
+        Err(e) => Err(Exit::Error(format!("cannot write {}: {e}", out.display()))),
+    }
+}
+
+/// The error a [`StopOnSignal`] writer fails with. (Not `ErrorKind::Interrupted`: `write_all`
+/// retries that one.)
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted by a signal")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// A writer that fails with [`Stopped`] once `stop` is set (by a signal).
+struct StopOnSignal<'a, W> {
+    inner: W,
+    stop: &'a AtomicBool,
+}
+
+impl<W: Write> Write for StopOnSignal<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other(Stopped));
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn main() -> ExitCode {
@@ -369,10 +510,14 @@ fn main() -> ExitCode {
         Some(Command::Corpus { bytes, out }) => run_corpus(*bytes, out),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("error: {msg}");
+        Ok(()) | Err(Exit::ClosedPipe) => ExitCode::SUCCESS,
+        Err(Exit::Error(msg)) => {
+            let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::FAILURE
+        }
+        Err(Exit::Interrupted(msg)) => {
+            let _ = writeln!(std::io::stderr(), "{msg}");
+            ExitCode::from(130)
         }
     }
 }
@@ -435,7 +580,7 @@ mod tests {
         let s = &o.settings;
         assert_eq!(s.optimizer, OptimizerChoice::AdamW);
         assert_eq!((s.steps, s.lr), (40, 0.02));
-        assert_eq!(s.schedule, LrSchedule::moonlight(4, 40));
+        assert_eq!(s.schedule(), muon_core::LrSchedule::moonlight(4, 40));
         assert_eq!(
             (s.hybrid.muon.weight_decay, s.hybrid.adamw.weight_decay),
             (0.05, 0.05)

@@ -42,14 +42,24 @@ use muon_core::{Backend, ParamRole, ParamSpec, Real, Shape, Transpose};
 
 use crate::config::ModelConfig;
 use crate::ops::ModelOps;
+use crate::rng::Rng;
 use attention::Attention;
 use ffn::{Moe, SwiGlu};
 
 /// A matrix stack of backend `B`.
 pub type Mat<B> = <B as Backend>::Matrix;
 
-/// A non-trained state tensor as checkpoints hold it: (name, shape, row-major host data).
-pub type Buffer<E> = (String, Shape, Vec<E>);
+/// A named tensor on the host, as checkpoints hold parameters, optimizer state and the model's
+/// buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor<E = f32> {
+    /// Its name (a parameter's as its `ParamSpec` says, `layers.1.attn.wq`).
+    pub name: String,
+    /// Its shape.
+    pub shape: Shape,
+    /// Row-major elements, `shape.len()` of them.
+    pub data: Vec<E>,
+}
 
 /// What went wrong in the model.
 #[derive(Debug)]
@@ -133,48 +143,6 @@ pub(crate) fn linear_backward<B: ModelOps>(
     )
 }
 
-/// A small deterministic generator (SplitMix64) for initialization and tests.
-#[derive(Clone, Debug)]
-pub struct SplitMix64 {
-    state: u64,
-    /// The second normal of the last Box-Muller pair, not handed out yet.
-    spare: Option<f64>,
-}
-
-impl SplitMix64 {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 {
-            state: seed,
-            spare: None,
-        }
-    }
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller, both of each pair used).
-    pub fn normal(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        let u1 = 1.0 - self.uniform(); // (0, 1]
-        let u2 = self.uniform();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (sin, cos) = (std::f64::consts::TAU * u2).sin_cos();
-        self.spare = Some(r * sin);
-        r * cos
-    }
-}
-
 /// Standard deviation of the initial weights (GPT-2 / DeepSeek `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
 
@@ -185,7 +153,7 @@ pub(crate) fn init_params<B: ModelOps>(
     specs: &[ParamSpec],
     seed: u64,
 ) -> Result<Vec<Mat<B>>, ModelError> {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = Rng::new(seed);
     let mut out = Vec::with_capacity(specs.len());
     for spec in specs {
         let mut m = b.zeros(spec.shape)?;
@@ -645,15 +613,19 @@ impl<B: ModelOps> Model<B> {
         format!("layers.{layer}.moe.router_bias")
     }
 
-    /// Non-trained state to checkpoint (the router selection biases): (name, shape, data).
-    pub fn buffers(&self, backend: &B) -> Result<Vec<Buffer<B::Elem>>, ModelError> {
+    /// Non-trained state to checkpoint: the router selection biases.
+    pub fn buffers(&self, backend: &B) -> Result<Vec<Tensor<B::Elem>>, ModelError> {
         let mut out = Vec::new();
         for (l, blk) in self.blocks.iter().enumerate() {
             if let Ffn::Moe(m) = &blk.ffn {
                 let shape = B::shape(&m.bias);
                 let mut host = vec![B::Elem::ZERO; shape.len()];
                 backend.download(&m.bias, &mut host)?;
-                out.push((Self::bias_name(l), shape, host));
+                out.push(Tensor {
+                    name: Self::bias_name(l),
+                    shape,
+                    data: host,
+                });
             }
         }
         Ok(out)
@@ -661,7 +633,7 @@ impl<B: ModelOps> Model<B> {
 
     /// Restores what [`buffers`](Self::buffers) returned; every buffer must be present with
     /// its shape, and no other.
-    pub fn load_buffers(&mut self, backend: &B, buffers: &[Buffer<B::Elem>]) -> Result<(), ModelError> {
+    pub fn load_buffers(&mut self, backend: &B, buffers: &[Tensor<B::Elem>]) -> Result<(), ModelError> {
         let expected = self
             .blocks
             .iter()
@@ -676,18 +648,19 @@ impl<B: ModelOps> Model<B> {
         for (l, blk) in self.blocks.iter_mut().enumerate() {
             if let Ffn::Moe(m) = &mut blk.ffn {
                 let name = Self::bias_name(l);
-                let (_, shape, data) = buffers
+                let t = buffers
                     .iter()
-                    .find(|(n, _, _)| *n == name)
+                    .find(|t| t.name == name)
                     .ok_or_else(|| ModelError::Input(format!("model buffer `{name}` is missing")))?;
                 let want = B::shape(&m.bias);
-                if *shape != want || data.len() != want.len() {
+                if t.shape != want || t.data.len() != want.len() {
                     return Err(ModelError::Input(format!(
-                        "model buffer `{name}` is {shape} with {} values, expected {want}",
-                        data.len()
+                        "model buffer `{name}` is {} with {} values, expected {want}",
+                        t.shape,
+                        t.data.len()
                     )));
                 }
-                backend.upload(&mut m.bias, data)?;
+                backend.upload(&mut m.bias, &t.data)?;
             }
         }
         Ok(())

@@ -124,7 +124,7 @@ fn corpus_writes_the_generator_text_and_trains_from_it() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let written = std::fs::read(&file).unwrap();
-    assert_eq!(written, moonlight_ref::data::generated_corpus(600_000));
+    assert_eq!(written, moonlight_ref::corpus::generated_corpus(600_000));
     let out = quick_train(&dir.join("run"))
         .arg("--data")
         .arg(&file)

@@ -60,11 +60,12 @@ fn run_allocations(optimizer: OptimizerChoice, steps: u64, out: &std::path::Path
     settings.steps = steps;
     settings.batch = 4;
     settings.seq = 32;
-    settings.schedule = muon_core::LrSchedule::moonlight(2, steps);
+    settings.warmup = 2;
     let mut opts = TrainOptions::new(settings);
     opts.eval_every = 0;
     opts.eval_batches = 1;
     opts.out = Some(out.to_path_buf());
+    opts.overwrite = true; // each run replaces the last one in `out`
     let backend = Faer::<f32>::with_threads(2);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let before = allocation_count();

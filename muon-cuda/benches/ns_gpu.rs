@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use muon_core::{newton_schulz, newton_schulz_generic, Backend, NewtonSchulz, NsWorkspace, Result, Shape};
+use muon_cuda::bench::gemm_seconds;
 use muon_cuda::{CudaBackend, Precision};
 
 /// `(batch, rows, cols)`: square sizes; rectangles up to 4096 x 11264 (the aspect of Moonlight's
@@ -45,12 +46,12 @@ fn shape_name(s: Shape) -> String {
     }
 }
 
-/// Seconds per Newton-Schulz run on `shape`, after warm-up (which also grows the backend's
-/// scratch, so the timed runs allocate nothing). Each run continues from the previous output,
-/// which is as good an input as any: it is renormalized first.
 /// A Newton-Schulz entry point: the backend's own or muon-core's generic one.
 type NsFn = fn(&CudaBackend, &NewtonSchulz, &mut NsWorkspace<CudaBackend>) -> Result<()>;
 
+/// Seconds per Newton-Schulz run on `shape`, after warm-up (which also grows the backend's
+/// scratch, so the timed runs allocate nothing). Each run continues from the previous output,
+/// which is as good an input as any: it is renormalized first.
 fn time_ns(gpu: &CudaBackend, newton_schulz: NsFn, config: &NewtonSchulz, shape: Shape) -> Result<f64> {
     let mut ws = NsWorkspace::new(gpu, shape)?;
     let input: Vec<f32> = (0..shape.len())
@@ -81,9 +82,9 @@ fn run() -> Result<()> {
     eprintln!("ns_gpu: {device}, quintic x{} steps", config.steps);
     for precision in Precision::ALL {
         gpu.set_precision(precision);
-        let probe = gpu.time_gemm(PEAK_N, 3)?;
+        let probe = gemm_seconds(&gpu, PEAK_N, 3)?;
         let iterations = ((TARGET_SECONDS / probe) as usize).clamp(5, 500);
-        let peak_seconds = gpu.time_gemm(PEAK_N, iterations)?;
+        let peak_seconds = gemm_seconds(&gpu, PEAK_N, iterations)?;
         let peak_tflops = 2.0 * (PEAK_N as f64).powi(3) / peak_seconds / 1e12;
         for (batch, rows, cols) in SHAPES {
             let shape = Shape::batched(batch, rows, cols);

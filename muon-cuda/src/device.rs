@@ -1,19 +1,24 @@
-//! The CUDA backend: device matrices, the stream, cuBLAS and the NVRTC kernels.
+//! The CUDA backend: device matrices, the stream, cuBLAS, and the modules of kernels loaded
+//! by name (the backend's own and anyone's).
 
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, PushKernelArg, ValidAsZeroBits,
+};
 use muon_core::{
-    check_shape, newton_schulz_folded, AdamWCoefficients, Backend, Error, NewtonSchulz, NsWorkspace, Result,
-    Shape, Transpose,
+    check_shape, check_slot, newton_schulz_folded, AdamWCoefficients, Backend, Error, NewtonSchulz,
+    NsWorkspace, Result, Shape, Transpose,
 };
 
-use crate::ffi::{self, GemmInput};
-use crate::kernels::{self, REDUCE_THREADS};
-use crate::layout::row_major_gemm;
-use crate::Precision;
+use crate::kernels::{self, KernelSource};
+use crate::launch::{sealed, KernelArg};
+use crate::layout::{row_major_gemm, ColumnMajorGemm};
+use crate::modules::ModuleCache;
+use crate::raw::ops::{self, REDUCE_THREADS};
+use crate::raw::{self, CudaKernel, GemmInput};
+use crate::{nvrtc, Precision};
 
 /// Most blocks one reduction gives a stack item; each thread then sums at least 4 elements
 /// before the block sum, and the partials scratch holds `batch * MAX_REDUCE_BLOCKS` doubles.
@@ -24,7 +29,7 @@ const MAX_BATCH: usize = 65535;
 /// Whether a CUDA GPU can be used: the driver library loads and reports at least one device.
 /// Never panics, also on machines without any CUDA library.
 pub fn is_available() -> bool {
-    ffi::driver_library_present() && CudaContext::device_count().is_ok_and(|n| n > 0)
+    raw::driver_library_present() && CudaContext::device_count().is_ok_and(|n| n > 0)
 }
 
 fn backend_error(what: &str, e: impl core::fmt::Display) -> Error {
@@ -58,19 +63,20 @@ impl CudaMatrix {
     }
 }
 
-/// The NVRTC kernels, loaded once per backend from a CUBIN compiled once per process.
-struct Kernels {
-    axpby: CudaFunction,
-    momentum_nesterov: CudaFunction,
-    apply_update: CudaFunction,
-    adamw_direction: CudaFunction,
-    sumsq_partials: CudaFunction,
-    sumsq_finish: CudaFunction,
-    norm_finish: CudaFunction,
-    scale_items: CudaFunction,
-    cast_bf16: CudaFunction,
-    add_diagonal: CudaFunction,
-    widen_bf16: CudaFunction,
+/// A matrix as a kernel argument: its device pointer, `float*`.
+impl sealed::Sealed for &CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a CudaMatrix {
+    fn push(self, builder: &mut LaunchArgs<'a>) {
+        builder.arg(&self.data);
+    }
+}
+
+/// A matrix the kernel writes as a kernel argument: its device pointer, `float*`.
+impl sealed::Sealed for &mut CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a mut CudaMatrix {
+    fn push(self, builder: &mut LaunchArgs<'a>) {
+        builder.arg(&mut self.data);
+    }
 }
 
 /// Device scratch reused by every call: it grows to the largest size seen (warm-up), then a
@@ -99,34 +105,16 @@ pub(crate) fn ensure<T: DeviceRepr + ValidAsZeroBits>(
     Ok(())
 }
 
-/// NVRTC compilations of the kernel module so far in this process (a test checks the cache).
-static MODULE_COMPILATIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// The CUBIN of the kernel module for `arch` (`"sm_90"`), compiled at most once per process.
-fn module_cubin(arch: &str) -> Result<Vec<u8>> {
-    /// `(architecture, CUBIN)` pairs compiled so far.
-    type Compiled = Vec<(String, Vec<u8>)>;
-    static CACHE: OnceLock<Mutex<Compiled>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
-    let mut cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some((_, cubin)) = cache.iter().find(|(a, _)| a == arch) {
-        return Ok(cubin.clone());
-    }
-    let cubin = kernels::compile_cubin(&kernels::module_source(), arch).map_err(Error::Backend)?;
-    MODULE_COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    cache.push((arch.to_string(), cubin.clone()));
-    Ok(cubin)
-}
-
 /// The GPU backend: one CUDA context and stream, a cuBLAS handle bound to that stream, the
-/// NVRTC kernels, and the reduction and bf16 scratch.
+/// modules of kernels it has loaded, and the reduction and bf16 scratch.
 ///
 /// All work is queued on the one stream in call order; only [`Backend::download`] (and
 /// [`synchronize`](Self::synchronize)) wait for it. Elements are `f32`; GEMMs run in the
-/// backend's [`Precision`].
+/// backend's [`Precision`]. Kernels, the backend's own and yours, load by name on first use
+/// ([`get_or_load_func`](Self::get_or_load_func)).
 pub struct CudaBackend {
     precision: Precision,
-    kernels: Kernels,
+    modules: ModuleCache,
     scratch: Mutex<Scratch>,
     blas: CudaBlas,
     stream: Arc<CudaStream>,
@@ -147,14 +135,14 @@ impl core::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal` (0 for the first), compiles the kernels with NVRTC for its
-    /// architecture (once per process) and creates the stream and the cuBLAS handle. GEMMs
-    /// start in [`Precision::F32`].
+    /// Opens GPU `ordinal` (0 for the first) and creates the stream and the cuBLAS handle.
+    /// GEMMs start in [`Precision::F32`]. The kernels are compiled for the GPU's architecture
+    /// when first used (once per process).
     ///
     /// Errors, never panics, when the CUDA driver, cuBLAS or NVRTC library cannot be loaded,
-    /// when there is no such device, or when the kernels do not compile (with NVRTC's log).
+    /// or when there is no such device.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if !ffi::driver_library_present() {
+        if !raw::driver_library_present() {
             return Err(Error::Backend(
                 "no CUDA driver library (libcuda.so) could be loaded: muon-cuda needs an NVIDIA GPU and driver"
                     .into(),
@@ -166,44 +154,25 @@ impl CudaBackend {
                 "CUDA device {ordinal} requested, but the driver reports {devices} device(s)"
             )));
         }
-        if !ffi::cublas_library_present() {
+        if !raw::cublas_library_present() {
             return Err(Error::Backend(
                 "the cuBLAS library (libcublas.so.12) could not be loaded: install the CUDA toolkit \
                  or `pip install nvidia-cublas-cu12` and add its lib directory to LD_LIBRARY_PATH"
                     .into(),
             ));
         }
+        // Checked here, not at the first kernel: the common setup mistake fails early.
+        if !nvrtc::is_available() {
+            return Err(Error::Backend(crate::NO_NVRTC.into()));
+        }
         let ctx = CudaContext::new(ordinal).map_err(|e| backend_error("creating the context", e))?;
-        ffi::disable_event_tracking(&ctx);
+        raw::disable_event_tracking(&ctx);
         let capability = ctx
             .compute_capability()
             .map_err(|e| backend_error("reading the compute capability", e))?;
         let name = ctx
             .name()
             .map_err(|e| backend_error("reading the device name", e))?;
-        let arch = format!("sm_{}{}", capability.0, capability.1);
-        let cubin = module_cubin(&arch)?;
-        let module = ctx
-            .load_module(Ptx::from_binary(cubin))
-            .map_err(|e| backend_error(&format!("loading the {arch} kernels"), e))?;
-        let load = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| backend_error(&format!("loading kernel {name}"), e))
-        };
-        let kernels = Kernels {
-            axpby: load("muon_axpby")?,
-            momentum_nesterov: load("muon_momentum_nesterov")?,
-            apply_update: load("muon_apply_update")?,
-            adamw_direction: load("muon_adamw_direction")?,
-            sumsq_partials: load("muon_sumsq_partials")?,
-            sumsq_finish: load("muon_sumsq_finish")?,
-            norm_finish: load("muon_norm_finish")?,
-            scale_items: load("muon_scale_items")?,
-            cast_bf16: load("muon_cast_bf16")?,
-            add_diagonal: load("muon_add_diagonal")?,
-            widen_bf16: load("muon_widen_bf16")?,
-        };
         let stream = ctx
             .new_stream()
             .map_err(|e| backend_error("creating the stream", e))?;
@@ -216,9 +185,10 @@ impl CudaBackend {
             bf16_a: stream.alloc_zeros(1).map_err(alloc_err)?,
             bf16_b: stream.alloc_zeros(1).map_err(alloc_err)?,
         };
+        let arch = format!("sm_{}{}", capability.0, capability.1);
         Ok(CudaBackend {
             precision: Precision::F32,
-            kernels,
+            modules: ModuleCache::new(stream.clone(), arch),
             scratch: Mutex::new(scratch),
             blas,
             stream,
@@ -249,15 +219,67 @@ impl CudaBackend {
         format!("{} (sm_{}{})", self.name, self.capability.0, self.capability.1)
     }
 
+    /// The kernel `function` of the CUDA C module `module`, which is compiled from `source`
+    /// on the first request for `module` on this backend and then served from the backend's
+    /// cache: this is how code outside the crate (a model's own kernels) runs on the backend,
+    /// through the same compile cache and launch path as the backend's kernels.
+    ///
+    /// The first request for a module compiles `source` with NVRTC to a CUBIN for this GPU's
+    /// architecture (at most once per process for each source and architecture, whichever
+    /// backend asks) and loads it into the backend's context. Later requests, for any of its
+    /// kernels, compile and load nothing: a look-up by name. Kernels must be `extern "C"`.
+    /// The sources are `'static` (a `const`, or a string built once and leaked), so a request
+    /// checks its source against the loaded one without copying it.
+    ///
+    /// Launch the kernel with [`CudaKernel::launch`] (`unsafe`: the argument list must match
+    /// the kernel's signature); see the crate docs, "Your own kernels".
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the source does not compile (naming the module, with NVRTC's
+    /// log), when `module` was loaded before from another source (or is the backend's own
+    /// [`kernels::MODULE`]), or when the module has no kernel `function`.
+    pub fn get_or_load_func(&self, module: &str, source: &'static str, function: &str) -> Result<CudaKernel> {
+        if module == kernels::MODULE && !nvrtc::same_source(source, kernels::module_source()) {
+            return Err(Error::Backend(format!(
+                "the CUDA module name `{module}` is the backend's own: give your module another name"
+            )));
+        }
+        self.modules.get_or_load(module, source, function)
+    }
+
+    /// One of the backend's own kernels.
+    fn kernel(&self, k: KernelSource) -> Result<CudaKernel> {
+        self.modules
+            .get_or_load(kernels::MODULE, kernels::module_source(), k.name)
+    }
+
     /// `y[..x.len()] = bf16 bits of x` (round to nearest even), on the stream.
     pub(crate) fn cast_to_bf16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> Result<()> {
-        ffi::cast_bf16(&self.stream, &self.kernels.cast_bf16, x, y).map_err(|e| backend_error("bf16 cast", e))
+        ops::cast_bf16(&self.kernel(kernels::CAST_BF16)?, x, y)
     }
 
     /// `y = x[..y.len()]` widened from bf16 bits to `f32`, on the stream.
     pub(crate) fn widen_from_bf16(&self, x: &CudaSlice<u16>, y: &mut CudaSlice<f32>) -> Result<()> {
-        ffi::widen_bf16(&self.stream, &self.kernels.widen_bf16, x, y)
-            .map_err(|e| backend_error("bf16 widening", e))
+        ops::widen_bf16(&self.kernel(kernels::WIDEN_BF16)?, x, y)
+    }
+
+    /// The cuBLAS call `g` on operands already in the precision's input type (see
+    /// [`raw::gemm`]), in the backend's precision, into `c`.
+    pub(crate) fn cublas_gemm(
+        &self,
+        g: &ColumnMajorGemm,
+        alpha: f32,
+        (a, b): (GemmInput<'_>, GemmInput<'_>),
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // cuBLAS runs in the calling thread's current context; kernel launches and copies bind
+        // it themselves (cudarc), raw cuBLAS calls do not.
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| backend_error("binding the CUDA context", e))?;
+        raw::gemm(&self.blas, &self.stream, g, self.precision, alpha, a, b, beta, c)
     }
 
     /// The stream all of the backend's work is queued on.
@@ -270,62 +292,6 @@ impl CudaBackend {
         self.stream
             .synchronize()
             .map_err(|e| backend_error("synchronizing", e))
-    }
-
-    /// Seconds per `n x n x n` cuBLAS GEMM in the backend's precision, averaged over
-    /// `iterations` after two warm-up runs, on operands already in the precision's input type
-    /// (no cast timed): the GEMM peak benchmarks compare Newton-Schulz against.
-    pub fn time_gemm(&self, n: usize, iterations: usize) -> Result<f64> {
-        let shape = Shape::matrix(n, n);
-        let host: Vec<f32> = (0..shape.len())
-            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| backend_error("binding the CUDA context", e))?;
-        let mut a = self.zeros(shape)?;
-        self.upload(&mut a, &host)?;
-        let mut c = self.zeros(shape)?;
-        let g = row_major_gemm(shape, shape, Transpose::No, shape, Transpose::No)?;
-        let bf16 = if self.precision == Precision::Bf16 {
-            let mut y: CudaSlice<u16> = self
-                .stream
-                .alloc_zeros(shape.len())
-                .map_err(|e| backend_error("allocating", e))?;
-            ffi::cast_bf16(&self.stream, &self.kernels.cast_bf16, &a.data, &mut y)
-                .map_err(|e| backend_error("casting to bf16", e))?;
-            Some(y)
-        } else {
-            None
-        };
-        let run = |c: &mut CudaMatrix| {
-            let input = match &bf16 {
-                Some(y) => GemmInput::Bf16(y),
-                None => GemmInput::F32(&a.data),
-            };
-            ffi::gemm(
-                &self.blas,
-                &self.stream,
-                &g,
-                self.precision,
-                1.0,
-                input,
-                input,
-                0.0,
-                &mut c.data,
-            )
-            .map_err(|e| backend_error("cuBLAS GEMM", e))
-        };
-        for _ in 0..2 {
-            run(&mut c)?;
-        }
-        self.synchronize()?;
-        let start = std::time::Instant::now();
-        for _ in 0..iterations.max(1) {
-            run(&mut c)?;
-        }
-        self.synchronize()?;
-        Ok(start.elapsed().as_secs_f64() / iterations.max(1) as f64)
     }
 
     /// Bytes of device scratch the backend holds (reduction partials, inverse norms, bf16
@@ -414,105 +380,41 @@ impl Backend for CudaBackend {
         beta: f32,
     ) -> Result<()> {
         let g = row_major_gemm(dst.shape, a.shape, ta, b.shape, tb)?;
-        // cuBLAS runs in the calling thread's current context; kernel launches and copies bind
-        // it themselves (cudarc), raw cuBLAS calls do not.
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| backend_error("binding the CUDA context", e))?;
-        let blas_err = |e| backend_error("cuBLAS GEMM", e);
         if self.precision != Precision::Bf16 {
-            let (x, y) = (GemmInput::F32(&a.data), GemmInput::F32(&b.data));
-            return ffi::gemm(
-                &self.blas,
-                &self.stream,
-                &g,
-                self.precision,
-                alpha,
-                x,
-                y,
-                beta,
-                &mut dst.data,
-            )
-            .map_err(blas_err);
+            let operands = (GemmInput::F32(&a.data), GemmInput::F32(&b.data));
+            return self.cublas_gemm(&g, alpha, operands, beta, &mut dst.data);
         }
         // bf16: round the operands into scratch (once when both are the same matrix, as in
         // the Gram products of Newton-Schulz); the product accumulates and lands in f32.
-        let cast_err = |e| backend_error("casting to bf16", e);
         let mut scratch = self.scratch();
         let scratch = &mut *scratch;
         ensure(&self.stream, &mut scratch.bf16_a, a.data.len())?;
-        ffi::cast_bf16(
-            &self.stream,
-            &self.kernels.cast_bf16,
-            &a.data,
-            &mut scratch.bf16_a,
-        )
-        .map_err(cast_err)?;
+        self.cast_to_bf16(&a.data, &mut scratch.bf16_a)?;
         let same = std::ptr::eq(a, b);
         if !same {
             ensure(&self.stream, &mut scratch.bf16_b, b.data.len())?;
-            ffi::cast_bf16(
-                &self.stream,
-                &self.kernels.cast_bf16,
-                &b.data,
-                &mut scratch.bf16_b,
-            )
-            .map_err(cast_err)?;
+            self.cast_to_bf16(&b.data, &mut scratch.bf16_b)?;
         }
         let x = GemmInput::Bf16(&scratch.bf16_a);
         let y = if same { x } else { GemmInput::Bf16(&scratch.bf16_b) };
-        ffi::gemm(
-            &self.blas,
-            &self.stream,
-            &g,
-            self.precision,
-            alpha,
-            x,
-            y,
-            beta,
-            &mut dst.data,
-        )
-        .map_err(blas_err)
+        self.cublas_gemm(&g, alpha, (x, y), beta, &mut dst.data)
     }
 
     fn axpby(&self, dst: &mut CudaMatrix, alpha: f32, x: &CudaMatrix, beta: f32) -> Result<()> {
         check_shape("axpby source", dst.shape, x.shape)?;
-        ffi::axpby(
-            &self.stream,
-            &self.kernels.axpby,
-            &mut dst.data,
-            alpha,
-            &x.data,
-            beta,
-        )
-        .map_err(|e| backend_error("axpby kernel", e))
+        ops::axpby(&self.kernel(kernels::AXPBY)?, &mut dst.data, alpha, &x.data, beta)
     }
 
     fn sum_squares(&self, x: &CudaMatrix, out: &mut CudaMatrix, index: usize) -> Result<()> {
-        let err = |e| backend_error("sum-of-squares kernel", e);
+        check_slot("sum_squares", out.shape, index)?;
         let len = x.shape.len();
         let blocks = reduce_blocks(len);
         let mut scratch = self.scratch();
         ensure(&self.stream, &mut scratch.partials, blocks)?;
-        ffi::sumsq_partials(
-            &self.stream,
-            &self.kernels.sumsq_partials,
-            &x.data,
-            len,
-            1,
-            blocks,
-            &mut scratch.partials,
-        )
-        .map_err(err)?;
-        ffi::sumsq_finish(
-            &self.stream,
-            &self.kernels.sumsq_finish,
-            &scratch.partials,
-            blocks,
-            &mut out.data,
-            index,
-        )
-        .map_err(err)
+        let partials = self.kernel(kernels::SUMSQ_PARTIALS)?;
+        ops::sumsq_partials(&partials, &x.data, len, 1, blocks, &mut scratch.partials)?;
+        let finish = self.kernel(kernels::SUMSQ_FINISH)?;
+        ops::sumsq_finish(&finish, &scratch.partials, blocks, &mut out.data, index)
     }
 
     fn normalize_frobenius(&self, x: &mut CudaMatrix, norm_scale: f32, eps: f32) -> Result<()> {
@@ -525,44 +427,25 @@ impl Backend for CudaBackend {
                 "normalize_frobenius: a stack of {batch} matrices exceeds the {MAX_BATCH} the kernels support"
             )));
         }
-        let err = |e| backend_error("Frobenius normalization kernel", e);
         let blocks = reduce_blocks(item_len);
         let mut scratch = self.scratch();
         let scratch = &mut *scratch;
         ensure(&self.stream, &mut scratch.partials, blocks * batch)?;
         ensure(&self.stream, &mut scratch.inv, batch)?;
-        let k = &self.kernels;
-        ffi::sumsq_partials(
-            &self.stream,
-            &k.sumsq_partials,
-            &x.data,
-            item_len,
-            batch,
-            blocks,
-            &mut scratch.partials,
-        )
-        .map_err(err)?;
-        ffi::norm_finish(
-            &self.stream,
-            &k.norm_finish,
+        let partials = self.kernel(kernels::SUMSQ_PARTIALS)?;
+        ops::sumsq_partials(&partials, &x.data, item_len, batch, blocks, &mut scratch.partials)?;
+        let finish = self.kernel(kernels::NORM_FINISH)?;
+        ops::norm_finish(
+            &finish,
             &scratch.partials,
             blocks,
             batch,
             norm_scale,
             eps,
             &mut scratch.inv,
-        )
-        .map_err(err)?;
-        ffi::scale_items(
-            &self.stream,
-            &k.scale_items,
-            &mut x.data,
-            item_len,
-            batch,
-            blocks,
-            &scratch.inv,
-        )
-        .map_err(err)
+        )?;
+        let scale = self.kernel(kernels::SCALE_ITEMS)?;
+        ops::scale_items(&scale, &mut x.data, item_len, batch, blocks, &scratch.inv)
     }
 
     fn adamw_direction(
@@ -576,17 +459,8 @@ impl Backend for CudaBackend {
         check_shape("adamw direction", grad.shape, dir.shape)?;
         check_shape("adamw first moment", grad.shape, m.shape)?;
         check_shape("adamw second moment", grad.shape, v.shape)?;
-        let k = &self.kernels.adamw_direction;
-        ffi::adamw_direction(
-            &self.stream,
-            k,
-            &mut dir.data,
-            &grad.data,
-            &mut m.data,
-            &mut v.data,
-            c,
-        )
-        .map_err(|e| backend_error("AdamW kernel", e))
+        let k = self.kernel(kernels::ADAMW_DIRECTION)?;
+        ops::adamw_direction(&k, &mut dir.data, &grad.data, &mut m.data, &mut v.data, c)
     }
 
     fn copy(&self, dst: &mut CudaMatrix, x: &CudaMatrix) -> Result<()> {
@@ -609,9 +483,9 @@ impl Backend for CudaBackend {
     /// GEMM of each step overwrites its destination (`beta = 0`).
     fn newton_schulz(&self, config: &NewtonSchulz, ws: &mut NsWorkspace<Self>) -> Result<()> {
         let m = ws.shape().min_side();
+        let add_diagonal = self.kernel(kernels::ADD_DIAGONAL)?;
         newton_schulz_folded(self, config, ws, |p, a| {
-            ffi::add_diagonal(&self.stream, &self.kernels.add_diagonal, &mut p.data, m, a)
-                .map_err(|e| backend_error("add-diagonal kernel", e))
+            ops::add_diagonal(&add_diagonal, &mut p.data, m, a)
         })
     }
 
@@ -625,63 +499,22 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_shape("momentum", grad.shape, momentum.shape)?;
         check_shape("momentum output", grad.shape, out.shape)?;
-        let k = &self.kernels.momentum_nesterov;
-        ffi::momentum_nesterov(
-            &self.stream,
-            k,
-            &mut momentum.data,
-            &grad.data,
-            mu,
-            nesterov,
-            &mut out.data,
-        )
-        .map_err(|e| backend_error("momentum kernel", e))
+        let k = self.kernel(kernels::MOMENTUM_NESTEROV)?;
+        ops::momentum_nesterov(&k, &mut momentum.data, &grad.data, mu, nesterov, &mut out.data)
     }
 
     fn apply_update(&self, param: &mut CudaMatrix, update: &CudaMatrix, step: f32, decay: f32) -> Result<()> {
         check_shape("update", param.shape, update.shape)?;
         // `1 - decay` rounded in f32 on the host, as the trait's default computes it.
         let keep = 1.0f32 - decay;
-        ffi::apply_update(
-            &self.stream,
-            &self.kernels.apply_update,
-            &mut param.data,
-            &update.data,
-            step,
-            keep,
-        )
-        .map_err(|e| backend_error("update kernel", e))
+        let k = self.kernel(kernels::APPLY_UPDATE)?;
+        ops::apply_update(&k, &mut param.data, &update.data, step, keep)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
-
-    #[test]
-    fn the_kernel_module_is_compiled_once_per_process_and_architecture() {
-        if !kernels::nvrtc_available() {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-            assert!(!ci, "CI=true but NVRTC is missing: {}", crate::NO_NVRTC);
-            eprintln!(
-                "the_kernel_module_is_compiled_once...: skipped: {}",
-                crate::NO_NVRTC
-            );
-            return;
-        }
-        // sm_86 is used by no other test, so the counter moves only here.
-        let before = MODULE_COMPILATIONS.load(Ordering::Relaxed);
-        let first = module_cubin("sm_86").unwrap();
-        let second = module_cubin("sm_86").unwrap();
-        assert_eq!(first, second);
-        assert_eq!(&first[..4], b"\x7fELF", "a CUBIN is an ELF image");
-        assert_eq!(
-            MODULE_COMPILATIONS.load(Ordering::Relaxed) - before,
-            1,
-            "compiled twice"
-        );
-    }
 
     #[test]
     fn reductions_use_enough_blocks_and_no_more_than_the_scratch_holds() {
@@ -693,7 +526,7 @@ mod tests {
 
     #[test]
     fn without_a_driver_is_available_is_false_and_new_errors() {
-        if ffi::driver_library_present() {
+        if raw::driver_library_present() {
             return; // covered by the GPU tests
         }
         assert!(!is_available());

@@ -7,6 +7,7 @@
 
 use muon_core::{AdamWCoefficients, Backend, Collective, Error, Result, Shape, Transpose};
 
+use crate::launch::{sealed, KernelArg, KernelArgs, LaunchConfig};
 use crate::Precision;
 
 /// No value: the type of a backend that was not compiled.
@@ -33,6 +34,27 @@ pub struct CudaMatrix {
 impl CudaMatrix {
     /// The shape of the stack.
     pub fn shape(&self) -> Shape {
+        match self.never {}
+    }
+}
+
+// The trait has a method in the `cuda` build, where this module is compiled (and linted)
+// too: there the method exists and, as no value of the type exists, is never called.
+
+/// A matrix as a kernel argument (see the `cuda` build).
+impl sealed::Sealed for &CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a CudaMatrix {
+    #[cfg(feature = "cuda")]
+    fn push(self, _: &mut cudarc::driver::LaunchArgs<'a>) {
+        match self.never {}
+    }
+}
+
+/// A matrix the kernel writes as a kernel argument (see the `cuda` build).
+impl sealed::Sealed for &mut CudaMatrix {}
+impl<'a> KernelArg<'a> for &'a mut CudaMatrix {
+    #[cfg(feature = "cuda")]
+    fn push(self, _: &mut cudarc::driver::LaunchArgs<'a>) {
         match self.never {}
     }
 }
@@ -76,10 +98,56 @@ impl CudaBackend {
         match self.never {}
     }
 
-    /// Seconds per `n x n x n` GEMM in the backend's precision (see the `cuda` build).
-    pub fn time_gemm(&self, n: usize, iterations: usize) -> Result<f64> {
-        let _ = (n, iterations);
+    /// The kernel `function` of the CUDA C module `module` (see the `cuda` build).
+    pub fn get_or_load_func(&self, module: &str, source: &'static str, function: &str) -> Result<CudaKernel> {
+        let _ = (module, source, function);
         match self.never {}
+    }
+}
+
+/// A kernel loaded on a backend (none can exist in this build).
+#[derive(Clone, Debug)]
+pub struct CudaKernel {
+    never: Never,
+}
+
+impl CudaKernel {
+    /// The kernel's name.
+    pub fn name(&self) -> &str {
+        match self.never {}
+    }
+
+    /// The name of the module it was loaded from.
+    pub fn module(&self) -> &str {
+        match self.never {}
+    }
+
+    /// Launches the kernel (see the `cuda` build).
+    ///
+    /// # Safety
+    ///
+    /// As in the `cuda` build; no value of this type exists, so it is never called.
+    // `unsafe` to keep the contract of the `cuda` build; there is no unsafe operation here.
+    #[allow(unsafe_code)]
+    pub unsafe fn launch<'a>(&'a self, config: LaunchConfig, args: impl KernelArgs<'a>) -> Result<()> {
+        let _ = (config, args);
+        match self.never {}
+    }
+}
+
+/// NVRTC, which this build cannot use: see the `cuda` build.
+pub mod nvrtc {
+    use muon_core::{Error, Result};
+
+    /// Always `false` without the `cuda` feature.
+    pub fn is_available() -> bool {
+        false
+    }
+
+    /// Always an error in this build: muon-cuda was built without the `cuda` feature.
+    pub fn compile_cubin(module: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
+        let _ = (module, source, arch);
+        Err(Error::Backend(crate::NOT_COMPILED.into()))
     }
 }
 
@@ -223,5 +291,11 @@ mod tests {
         );
         let id = NcclId::from_bytes([7; 128]);
         assert_eq!(id.as_bytes(), [7; 128]);
+        assert!(!nvrtc::is_available());
+        let err = nvrtc::compile_cubin("m", "", "sm_90").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            Error::Backend(crate::NOT_COMPILED.into()).to_string()
+        );
     }
 }

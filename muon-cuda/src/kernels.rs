@@ -1,5 +1,6 @@
-//! The fused elementwise and reduction kernels, as CUDA C sources compiled at run time with
-//! NVRTC (once per process and GPU architecture; `compile` does it in the `cuda` build).
+//! The backend's fused elementwise and reduction kernels, as CUDA C sources: the module
+//! [`MODULE`] that the backend compiles with NVRTC and loads by name on first use, through the
+//! same cache as anyone's kernels ([`CudaBackend::get_or_load_func`](crate::CudaBackend::get_or_load_func)).
 //!
 //! Every kernel is `extern "C"` (no name mangling), works on `f32` data, takes its element
 //! counts as `long long`, and walks its range with a grid-stride loop, so any launch size is
@@ -8,15 +9,27 @@
 //! order of the additions.
 //!
 //! The sources are plain strings and this module needs no GPU and no CUDA library: the
-//! kernel-compile test builds each of them to PTX for `sm_80` and `sm_90` on any machine that
-//! has NVRTC (the `nvidia-cuda-nvrtc-cu12` wheel is enough).
+//! kernel-compile test builds the module, and each kernel on its own, to a CUBIN for `sm_80`
+//! and `sm_90` on any machine that has NVRTC (the `nvidia-cuda-nvrtc-cu12` wheel is enough).
+
+use std::sync::LazyLock;
+
+/// One kernel: its entry point and its CUDA C source (which compiles after [`COMMON`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSource {
+    /// The `extern "C"` name of the kernel, the function to load from the module.
+    pub name: &'static str,
+    /// Its CUDA C definition.
+    pub source: &'static str,
+}
+
+/// The name of the backend's module: the key of its cache entry and NVRTC's program name
+/// (`muon_kernels.cu` in compile logs).
+pub const MODULE: &str = "muon_kernels";
 
 /// Helpers shared by the kernels: the index type and a block-wide `double` sum.
 pub const COMMON: &str = r#"
 typedef long long i64;
-
-// Threads per block of every reduction kernel (the launch code uses the same number).
-#define MUON_REDUCE_THREADS 256
 
 __device__ __forceinline__ double muon_warp_sum(double v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -47,7 +60,9 @@ __device__ double muon_block_sum(double v) {
 
 /// `dst = alpha * x + beta * dst`; with `beta == 0` the destination is overwritten, never read
 /// (BLAS convention: NaN in uninitialized memory must not leak through).
-pub const AXPBY: &str = r#"
+pub const AXPBY: KernelSource = KernelSource {
+    name: "muon_axpby",
+    source: r#"
 extern "C" __global__ void muon_axpby(float* dst, const float* x, float alpha, float beta, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -55,11 +70,14 @@ extern "C" __global__ void muon_axpby(float* dst, const float* x, float alpha, f
         dst[i] = (beta == 0.0f) ? ax : ax + beta * dst[i];
     }
 }
-"#;
+"#,
+};
 
 /// The Muon momentum step and its Nesterov look-ahead in one pass:
 /// `m = mu m + g; out = nesterov ? mu m + g : m`.
-pub const MOMENTUM_NESTEROV: &str = r#"
+pub const MOMENTUM_NESTEROV: KernelSource = KernelSource {
+    name: "muon_momentum_nesterov",
+    source: r#"
 extern "C" __global__ void muon_momentum_nesterov(float* momentum, const float* grad, float* out,
                                                   float mu, int nesterov, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
@@ -70,11 +88,14 @@ extern "C" __global__ void muon_momentum_nesterov(float* momentum, const float* 
         out[i] = nesterov ? mu * m + g : m;
     }
 }
-"#;
+"#,
+};
 
 /// The decoupled update `param = keep * param - step * update`, `keep = 1 - lr * wd`
 /// (computed on the host in `f32`, as the portable backend does).
-pub const APPLY_UPDATE: &str = r#"
+pub const APPLY_UPDATE: KernelSource = KernelSource {
+    name: "muon_apply_update",
+    source: r#"
 extern "C" __global__ void muon_apply_update(float* param, const float* update, float step,
                                              float keep, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
@@ -82,11 +103,14 @@ extern "C" __global__ void muon_apply_update(float* param, const float* update, 
         param[i] = -step * update[i] + keep * param[i];
     }
 }
-"#;
+"#,
+};
 
 /// AdamW's moments and direction:
 /// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; dir = (m / bc1) / (sqrt(v / bc2) + eps)`.
-pub const ADAMW_DIRECTION: &str = r#"
+pub const ADAMW_DIRECTION: KernelSource = KernelSource {
+    name: "muon_adamw_direction",
+    source: r#"
 extern "C" __global__ void muon_adamw_direction(float* dir, const float* grad, float* m, float* v,
                                                 float beta1, float beta2, float eps,
                                                 float bias_correction1, float bias_correction2,
@@ -101,11 +125,14 @@ extern "C" __global__ void muon_adamw_direction(float* dir, const float* grad, f
         dir[i] = (mi / bias_correction1) / (sqrtf(vi / bias_correction2) + eps);
     }
 }
-"#;
+"#,
+};
 
 /// First pass of every reduction: block `(bx, item)` writes the sum of squares of its share of
 /// stack item `item` (in `double`) to `partials[item * gridDim.x + bx]`.
-pub const SUMSQ_PARTIALS: &str = r#"
+pub const SUMSQ_PARTIALS: KernelSource = KernelSource {
+    name: "muon_sumsq_partials",
+    source: r#"
 extern "C" __global__ void muon_sumsq_partials(const float* x, i64 item_len, double* partials) {
     const float* item = x + (i64)blockIdx.y * item_len;
     const i64 stride = (i64)gridDim.x * blockDim.x;
@@ -119,11 +146,14 @@ extern "C" __global__ void muon_sumsq_partials(const float* x, i64 item_len, dou
         partials[(i64)blockIdx.y * gridDim.x + blockIdx.x] = acc;
     }
 }
-"#;
+"#,
+};
 
 /// Second pass of `sum_squares`: one block adds the `count` partials and writes the total, as
 /// `f32` (Inf when it overflows), to `out[index]`.
-pub const SUMSQ_FINISH: &str = r#"
+pub const SUMSQ_FINISH: KernelSource = KernelSource {
+    name: "muon_sumsq_finish",
+    source: r#"
 extern "C" __global__ void muon_sumsq_finish(const double* partials, int count, float* out,
                                              i64 index) {
     double acc = 0.0;
@@ -135,11 +165,14 @@ extern "C" __global__ void muon_sumsq_finish(const double* partials, int count, 
         out[index] = (float)acc;
     }
 }
-"#;
+"#,
+};
 
 /// Second pass of the Frobenius normalization: block `item` adds that item's partials and
 /// writes `inv[item] = 1 / (norm_scale * sqrt(sum) + eps)`, computed in `double`.
-pub const NORM_FINISH: &str = r#"
+pub const NORM_FINISH: KernelSource = KernelSource {
+    name: "muon_norm_finish",
+    source: r#"
 extern "C" __global__ void muon_norm_finish(const double* partials, int blocks_per_item,
                                             float norm_scale, float eps, float* inv) {
     const double* p = partials + (i64)blockIdx.x * blocks_per_item;
@@ -152,10 +185,13 @@ extern "C" __global__ void muon_norm_finish(const double* partials, int blocks_p
         inv[blockIdx.x] = (float)(1.0 / ((double)norm_scale * sqrt(acc) + (double)eps));
     }
 }
-"#;
+"#,
+};
 
 /// Third pass of the Frobenius normalization: scales stack item `blockIdx.y` by `inv[item]`.
-pub const SCALE_ITEMS: &str = r#"
+pub const SCALE_ITEMS: KernelSource = KernelSource {
+    name: "muon_scale_items",
+    source: r#"
 extern "C" __global__ void muon_scale_items(float* x, i64 item_len, const float* inv) {
     float* item = x + (i64)blockIdx.y * item_len;
     const float s = inv[blockIdx.y];
@@ -164,11 +200,14 @@ extern "C" __global__ void muon_scale_items(float* x, i64 item_len, const float*
         item[i] *= s;
     }
 }
-"#;
+"#,
+};
 
 /// `f32 -> bf16` with round-to-nearest-even (NaN stays NaN), for the bf16 GEMM operands. The
 /// bits go out as `unsigned short`, so no `cuda_bf16.h` is needed.
-pub const CAST_BF16: &str = r#"
+pub const CAST_BF16: KernelSource = KernelSource {
+    name: "muon_cast_bf16",
+    source: r#"
 extern "C" __global__ void muon_cast_bf16(const float* x, unsigned short* y, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -181,22 +220,28 @@ extern "C" __global__ void muon_cast_bf16(const float* x, unsigned short* y, i64
         }
     }
 }
-"#;
+"#,
+};
 
 /// `bf16 -> f32`, exact (a bf16 is the high half of an f32): the way back from a bf16
 /// all-gather of Muon's `N_t`. Reads `x[0..n]`, writes `y[0..n]`.
-pub const WIDEN_BF16: &str = r#"
+pub const WIDEN_BF16: KernelSource = KernelSource {
+    name: "muon_widen_bf16",
+    source: r#"
 extern "C" __global__ void muon_widen_bf16(const unsigned short* x, float* y, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         y[i] = __uint_as_float(((unsigned int)x[i]) << 16);
     }
 }
-"#;
+"#,
+};
 
 /// `p_e += a I` for each `m x m` matrix `e` of a stack of `batch`: Newton-Schulz folds its
 /// `a_k X` term into the product `(a_k I + P) X` with it, instead of copying `X` every step.
-pub const ADD_DIAGONAL: &str = r#"
+pub const ADD_DIAGONAL: KernelSource = KernelSource {
+    name: "muon_add_diagonal",
+    source: r#"
 extern "C" __global__ void muon_add_diagonal(float* p, i64 m, i64 batch, float a) {
     const i64 n = m * batch;
     const i64 stride = (i64)gridDim.x * blockDim.x;
@@ -206,86 +251,43 @@ extern "C" __global__ void muon_add_diagonal(float* p, i64 m, i64 batch, float a
         p[item * m * m + j * (m + 1)] += a;
     }
 }
-"#;
+"#,
+};
 
-/// Every kernel: its entry-point name and its source (each compiles on its own after
-/// [`COMMON`]).
-pub const KERNELS: [(&str, &str); 11] = [
-    ("muon_axpby", AXPBY),
-    ("muon_momentum_nesterov", MOMENTUM_NESTEROV),
-    ("muon_apply_update", APPLY_UPDATE),
-    ("muon_adamw_direction", ADAMW_DIRECTION),
-    ("muon_sumsq_partials", SUMSQ_PARTIALS),
-    ("muon_sumsq_finish", SUMSQ_FINISH),
-    ("muon_norm_finish", NORM_FINISH),
-    ("muon_scale_items", SCALE_ITEMS),
-    ("muon_cast_bf16", CAST_BF16),
-    ("muon_add_diagonal", ADD_DIAGONAL),
-    ("muon_widen_bf16", WIDEN_BF16),
+/// Every kernel of [`MODULE`].
+pub const KERNELS: [KernelSource; 11] = [
+    AXPBY,
+    MOMENTUM_NESTEROV,
+    APPLY_UPDATE,
+    ADAMW_DIRECTION,
+    SUMSQ_PARTIALS,
+    SUMSQ_FINISH,
+    NORM_FINISH,
+    SCALE_ITEMS,
+    CAST_BF16,
+    ADD_DIAGONAL,
+    WIDEN_BF16,
 ];
 
-/// Threads per block of the reduction kernels (`MUON_REDUCE_THREADS` in [`COMMON`]).
-pub const REDUCE_THREADS: u32 = 256;
-
 /// The source of one kernel as NVRTC compiles it on its own: [`COMMON`] then the kernel.
-pub fn single_kernel_source(kernel: &str) -> String {
-    let mut src = String::with_capacity(COMMON.len() + kernel.len());
+pub fn single_kernel_source(kernel: KernelSource) -> String {
+    let mut src = String::with_capacity(COMMON.len() + kernel.source.len());
     src.push_str(COMMON);
-    src.push_str(kernel);
+    src.push_str(kernel.source);
     src
 }
 
-/// The whole module the backend loads: [`COMMON`] then every kernel of [`KERNELS`].
-pub fn module_source() -> String {
-    let mut src = String::from(COMMON);
-    for (_, kernel) in KERNELS {
-        src.push_str(kernel);
-    }
-    src
-}
-
-/// Compiles `source` to PTX with NVRTC for `arch` (`"sm_90"`, `"compute_80"`, ...).
-///
-/// Errors carry NVRTC's log, so a kernel that does not compile says why. Needs the NVRTC
-/// library (`libnvrtc.so.12`) on the loader's path; check [`nvrtc_available`] first, since
-/// cudarc panics when the library is missing.
-#[cfg(feature = "cuda")]
-pub fn compile(source: &str, arch: &str) -> Result<String, String> {
-    use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
-    if !nvrtc_available() {
-        return Err(crate::NO_NVRTC.to_string());
-    }
-    let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++14".to_string()],
-        name: Some("muon_kernels.cu".to_string()),
-        ..Default::default()
-    };
-    match compile_ptx_with_opts(source, opts) {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(CompileError::CompileError { nvrtc, options, log }) => Err(format!(
-            "NVRTC failed to compile the muon-cuda kernels for {arch} ({nvrtc:?}, options {options:?}):\n{}",
-            log.to_string_lossy()
-        )),
-        Err(other) => Err(format!("NVRTC error compiling for {arch}: {other:?}")),
-    }
-}
-
-/// Compiles `source` with NVRTC to a CUBIN for the real architecture `arch` (`"sm_90"`): what
-/// the backend loads, since a CUBIN needs no driver JIT and so runs on any CUDA 12 driver,
-/// where PTX from a newer NVRTC would need a driver at least as new. Errors carry NVRTC's log.
-#[cfg(feature = "cuda")]
-pub fn compile_cubin(source: &str, arch: &str) -> Result<Vec<u8>, String> {
-    if !nvrtc_available() {
-        return Err(crate::NO_NVRTC.to_string());
-    }
-    crate::ffi::nvrtc_cubin(source, arch, &["--std=c++14".to_string()])
-}
-
-/// Whether the NVRTC library can be loaded (`libnvrtc.so.12` or a name cudarc tries on the
-/// dynamic loader's path, e.g. `LD_LIBRARY_PATH`).
-#[cfg(feature = "cuda")]
-pub fn nvrtc_available() -> bool {
-    crate::ffi::nvrtc_library_present()
+/// The source of [`MODULE`], what the backend compiles and loads: [`COMMON`] then every kernel
+/// of [`KERNELS`]. Built once per process; `'static`, as the module cache wants its sources.
+pub fn module_source() -> &'static str {
+    static SOURCE: LazyLock<String> = LazyLock::new(|| {
+        let mut src = String::from(COMMON);
+        for kernel in KERNELS {
+            src.push_str(kernel.source);
+        }
+        src
+    });
+    &SOURCE
 }
 
 #[cfg(test)]
@@ -295,20 +297,19 @@ mod tests {
     #[test]
     fn every_kernel_defines_its_entry_point_once() {
         let module = module_source();
-        for (name, src) in KERNELS {
-            let signature = format!("void {name}(");
-            assert_eq!(src.matches(&signature).count(), 1, "{name} in its own source");
+        for kernel in KERNELS {
+            let signature = format!("void {}(", kernel.name);
+            let name = kernel.name;
+            assert_eq!(
+                kernel.source.matches(&signature).count(),
+                1,
+                "{name} in its own source"
+            );
             assert_eq!(module.matches(&signature).count(), 1, "{name} in the module");
             assert!(
-                src.contains("extern \"C\" __global__"),
+                kernel.source.contains("extern \"C\" __global__"),
                 "{name} must be unmangled"
             );
         }
-    }
-
-    #[test]
-    fn reduce_threads_match_the_cuda_define() {
-        assert!(COMMON.contains(&format!("#define MUON_REDUCE_THREADS {REDUCE_THREADS}")));
-        assert_eq!(REDUCE_THREADS % 32, 0, "the block sum needs whole warps");
     }
 }

@@ -17,7 +17,7 @@ use cudarc::nccl::{Comm, Id, ReduceOp};
 use muon_core::{shard_capacity, shard_range, Collective, Error, Result};
 
 use crate::device::{ensure, CudaBackend, CudaMatrix};
-use crate::{ffi, NO_NCCL};
+use crate::{raw, NO_NCCL};
 
 fn nccl_error(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
     Error::Collective(format!("NCCL: {what} failed: {:?}", e.0))
@@ -36,12 +36,12 @@ pub struct NcclId(Id);
 impl NcclId {
     /// The id's bytes, to send to the other ranks.
     pub fn as_bytes(&self) -> [u8; 128] {
-        self.0.internal().map(|c| c as u8)
+        bytemuck::cast(*self.0.internal())
     }
 
     /// An id received from rank 0.
     pub fn from_bytes(bytes: [u8; 128]) -> Self {
-        NcclId(Id::uninit(bytes.map(|b| b as core::ffi::c_char)))
+        NcclId(Id::uninit(bytemuck::cast(bytes)))
     }
 }
 
@@ -72,7 +72,7 @@ impl NcclGroup {
     /// A new group identity, made once by rank 0 (see [`NcclId`]). Errors when NCCL cannot
     /// be loaded.
     pub fn unique_id() -> Result<NcclId> {
-        if !ffi::nccl_library_present() {
+        if !raw::nccl_library_present() {
             return Err(Error::Collective(NO_NCCL.into()));
         }
         Id::new()
@@ -88,7 +88,7 @@ impl NcclGroup {
                 "NCCL rank {rank} of a group of {world}"
             )));
         }
-        if !ffi::nccl_library_present() {
+        if !raw::nccl_library_present() {
             return Err(Error::Collective(NO_NCCL.into()));
         }
         let stream = backend.stream().clone();
@@ -257,12 +257,13 @@ impl Collective<CudaBackend> for NcclGroup {
         ensure(&self.stream, own, cap)?;
         ensure(&self.stream, all, cap * world)?;
         backend.cast_to_bf16(shard.as_cuda_slice(), own)?;
+        let what = "bf16 all-gather";
         self.comm
             .all_gather(
-                &ffi::bf16_bytes(own, cap),
-                &mut ffi::bf16_bytes_mut(all, cap * world),
+                &raw::bytes(what, own, cap)?,
+                &mut raw::bytes_mut(what, all, cap * world)?,
             )
-            .map_err(|e| nccl_error("bf16 all-gather", e))?;
+            .map_err(|e| nccl_error(what, e))?;
         backend.widen_from_bf16(all, full.as_cuda_slice_mut())
     }
 }

@@ -1,1 +1,2 @@
-//! Holds no code: the tests live in `tests/tests/`.
+//! Holds no code: the cross-crate tests live in `tests/tests/` and the no_std proof in
+//! `tests/no-std-proof/`. Each crate's own tests live beside it.

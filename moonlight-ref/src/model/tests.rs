@@ -36,14 +36,14 @@ fn rel_err(a: f64, fd: f64) -> f64 {
     (a - fd).abs() / a.abs().max(fd.abs()).max(FLOOR)
 }
 
-fn random_matrix(shape: Shape, rng: &mut SplitMix64, std: f64) -> HostMatrix<f64> {
+fn random_matrix(shape: Shape, rng: &mut Rng, std: f64) -> HostMatrix<f64> {
     HostMatrix::from_vec(shape, (0..shape.len()).map(|_| std * rng.normal()).collect()).unwrap()
 }
 
 /// Parameters for a gradient check: larger than the training init so that every term of the
 /// backward matters (with std 0.02 the attention would be nearly uniform and the MoE gates
 /// nearly constant); norm gains near 1.
-fn random_params(specs: &[ParamSpec], rng: &mut SplitMix64) -> Vec<HostMatrix<f64>> {
+fn random_params(specs: &[ParamSpec], rng: &mut Rng) -> Vec<HostMatrix<f64>> {
     specs
         .iter()
         .map(|s| match s.role {
@@ -104,7 +104,7 @@ fn grad_check<S>(
     names: &[String],
     analytic: &[HostMatrix<f64>],
     samples: usize,
-    rng: &mut SplitMix64,
+    rng: &mut Rng,
     loss: &mut LossFn<'_, S>,
 ) -> Report {
     let (_, routing) = loss(state, tensors);
@@ -162,7 +162,7 @@ fn names(specs: &[ParamSpec], extra: &[&str]) -> Vec<String> {
 #[test]
 fn rmsnorm_backward_matches_finite_differences() {
     let b = B64::new();
-    let mut rng = SplitMix64::new(1);
+    let mut rng = Rng::new(1);
     let (n, w) = (5, 7);
     let mut ts = vec![
         random_matrix(Shape::matrix(n, w), &mut rng, 1.0),
@@ -191,7 +191,7 @@ fn rmsnorm_backward_matches_finite_differences() {
 #[test]
 fn rope_backward_matches_finite_differences_and_inverts() {
     let b = B64::new();
-    let mut rng = SplitMix64::new(2);
+    let mut rng = Rng::new(2);
     let (m, t, d, col, rd) = (3, 6, 10, 4, 6);
     let mut table = HostMatrix::zeros(Shape::matrix(t, rd));
     b.rope_table(&mut table, 10_000.0).unwrap();
@@ -237,7 +237,7 @@ fn rope_backward_matches_finite_differences_and_inverts() {
 #[test]
 fn causal_softmax_and_swiglu_backward_match_finite_differences() {
     let b = B64::new();
-    let mut rng = SplitMix64::new(3);
+    let mut rng = Rng::new(3);
     let (m, t) = (2, 5);
     let mut ts = vec![random_matrix(Shape::batched(m, t, t), &mut rng, 1.0)];
     let r = random_matrix(Shape::batched(m, t, t), &mut rng, 1.0);
@@ -289,7 +289,7 @@ fn causal_softmax_and_swiglu_backward_match_finite_differences() {
 #[test]
 fn embedding_and_cross_entropy_backward_match_finite_differences() {
     let b = B64::new();
-    let mut rng = SplitMix64::new(4);
+    let mut rng = Rng::new(4);
     let (v, c) = (7, 3);
     let tokens: Vec<u32> = vec![1, 4, 1, 6, 0, 1]; // repeats: the backward must accumulate
     let n = tokens.len();
@@ -354,7 +354,7 @@ fn embedding_and_cross_entropy_backward_match_finite_differences() {
 fn router_gates_backward_matches_finite_differences() {
     // L = <gates, r> as a function of the router logits, the selection held fixed.
     let b = B64::new();
-    let mut rng = SplitMix64::new(5);
+    let mut rng = Rng::new(5);
     let (n, e, k, scaling) = (6, 5, 2, 2.446);
     let mut ts = vec![random_matrix(Shape::matrix(n, e), &mut rng, 1.5)];
     let bias = random_matrix(Shape::vector(e), &mut rng, 0.3);
@@ -405,7 +405,7 @@ fn sequence_balance_loss_matches_a_direct_evaluation_and_finite_differences() {
     // its value against a direct evaluation of the formula, its gradient against central
     // differences.
     let b = B64::new();
-    let mut rng = SplitMix64::new(6);
+    let mut rng = Rng::new(6);
     let (batch, seq, e, k, alpha) = (3, 4, 5, 2, 0.3);
     let n = batch * seq;
     let mut ts = vec![random_matrix(Shape::matrix(n, e), &mut rng, 1.5)];
@@ -485,7 +485,7 @@ fn sequence_balance_loss_matches_a_direct_evaluation_and_finite_differences() {
 #[test]
 fn grouped_gemm_matches_per_expert_dense_products() {
     let b = B64::new();
-    let mut rng = SplitMix64::new(6);
+    let mut rng = Rng::new(6);
     // Expert 1 gets no rows.
     let offsets: Vec<u32> = vec![0, 3, 3, 7];
     let (r, kk, nn) = (7, 4, 5);
@@ -564,7 +564,7 @@ fn attention_case(kind: AttentionKind, label: &str) {
     let n = batch * seq;
     let mut specs = Vec::new();
     let mut attn = Attention::new(&b, &mut specs, "attn", &cfg, batch, seq).unwrap();
-    let mut rng = SplitMix64::new(7);
+    let mut rng = Rng::new(7);
     let mut ts = random_params(&specs, &mut rng);
     ts.push(random_matrix(Shape::matrix(n, cfg.dim), &mut rng, 1.0));
     let r = random_matrix(Shape::matrix(n, cfg.dim), &mut rng, 1.0);
@@ -599,7 +599,7 @@ fn mha_is_causal() {
     let cfg = layer_config(AttentionKind::Mha);
     let mut specs = Vec::new();
     let mut attn = Attention::new(&b, &mut specs, "attn", &cfg, 1, 4).unwrap();
-    let mut rng = SplitMix64::new(8);
+    let mut rng = Rng::new(8);
     let p = random_params(&specs, &mut rng);
     let mut x = random_matrix(Shape::matrix(4, cfg.dim), &mut rng, 1.0);
     let mut out1 = HostMatrix::zeros(Shape::matrix(4, cfg.dim));
@@ -618,7 +618,7 @@ fn swiglu_layer_backward_matches_finite_differences() {
     let (n, c, f) = (6, 5, 7);
     let mut specs = Vec::new();
     let mut layer = SwiGlu::new(&b, &mut specs, "ffn", c, f, n).unwrap();
-    let mut rng = SplitMix64::new(9);
+    let mut rng = Rng::new(9);
     let mut ts = random_params(&specs, &mut rng);
     ts.push(random_matrix(Shape::matrix(n, c), &mut rng, 1.0));
     let r = random_matrix(Shape::matrix(n, c), &mut rng, 1.0);
@@ -647,7 +647,7 @@ fn moe_case(n_shared: usize, aux_loss_alpha: f64, label: &str) {
     let n = batch * seq;
     let mut specs = Vec::new();
     let mut moe = Moe::new(&b, &mut specs, "moe", &cfg, batch, seq).unwrap();
-    let mut rng = SplitMix64::new(10);
+    let mut rng = Rng::new(10);
     moe.bias = random_matrix(Shape::vector(cfg.n_routed_experts), &mut rng, 0.1);
     let mut ts = random_params(&specs, &mut rng);
     ts.push(random_matrix(Shape::matrix(n, cfg.dim), &mut rng, 1.0));
@@ -703,7 +703,7 @@ fn moe_forward_equals_a_direct_per_token_evaluation() {
     let (n, c, f) = (5, cfg.dim, cfg.expert_width);
     let mut specs = Vec::new();
     let mut moe = Moe::new(&b, &mut specs, "moe", &cfg, 1, n).unwrap();
-    let mut rng = SplitMix64::new(11);
+    let mut rng = Rng::new(11);
     let p = random_params(&specs, &mut rng);
     let x = random_matrix(Shape::matrix(n, c), &mut rng, 1.0);
     let mut out = HostMatrix::zeros(Shape::matrix(n, c));
@@ -750,7 +750,7 @@ fn moe_forward_equals_a_direct_per_token_evaluation() {
 
 // ----- the whole model -----
 
-fn set_params(b: &B64, model: &mut Model<B64>, rng: &mut SplitMix64) {
+fn set_params(b: &B64, model: &mut Model<B64>, rng: &mut Rng) {
     let specs = model.param_specs();
     let values = random_params(&specs, rng);
     for (m, v) in model.params_mut().iter_mut().zip(values) {
@@ -760,12 +760,9 @@ fn set_params(b: &B64, model: &mut Model<B64>, rng: &mut SplitMix64) {
         .buffers(b)
         .unwrap()
         .into_iter()
-        .map(|(name, shape, _)| {
-            (
-                name,
-                shape,
-                (0..shape.len()).map(|_| 0.05 * rng.normal()).collect(),
-            )
+        .map(|t| Tensor {
+            data: (0..t.shape.len()).map(|_| 0.05 * rng.normal()).collect(),
+            ..t
         })
         .collect();
     model.load_buffers(b, &bufs).unwrap();
@@ -789,7 +786,7 @@ fn model_case(kind: AttentionKind, aux_loss_alpha: f64, samples: usize, label: &
     };
     let (batch, seq) = (2, 5);
     let mut model = Model::new(&b, cfg.clone(), batch, seq, 1).unwrap();
-    let mut rng = SplitMix64::new(12);
+    let mut rng = Rng::new(12);
     set_params(&b, &mut model, &mut rng);
     let n = batch * seq;
     let tokens: Vec<u32> = (0..n)
@@ -958,7 +955,15 @@ fn router_bias_moves_toward_balance_and_round_trips() {
     model.update_router_bias(&b).unwrap();
     let bufs = model.buffers(&b).unwrap();
     assert_eq!(bufs.len(), cfg.moe_layers());
-    for ((name, shape, bias), load) in bufs.iter().zip(&loads) {
+    for (
+        Tensor {
+            name,
+            shape,
+            data: bias,
+        },
+        load,
+    ) in bufs.iter().zip(&loads)
+    {
         assert!(name.ends_with("moe.router_bias"), "{name}");
         assert_eq!(*shape, Shape::vector(cfg.n_routed_experts));
         let mean = load.iter().sum::<u32>() as f64 / load.len() as f64;
@@ -1071,13 +1076,13 @@ fn forward_matches_the_numpy_reference() {
             b.upload(m, &data)
                 .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
         }
-        let bufs: Vec<Buffer<f64>> = model
+        let bufs: Vec<Tensor<f64>> = model
             .buffers(&b)
             .unwrap()
             .into_iter()
-            .map(|(name, shape, _)| {
-                let data = floats(&case["buffers"][&name]);
-                (name, shape, data)
+            .map(|t| Tensor {
+                data: floats(&case["buffers"][&t.name]),
+                ..t
             })
             .collect();
         model.load_buffers(&b, &bufs).unwrap();
@@ -1117,20 +1122,4 @@ fn a_model_too_big_for_memory_is_refused_with_an_error() {
         }
         other => eprintln!("skipped: available memory {other:?} is not below {need} bytes"),
     }
-}
-
-#[test]
-fn splitmix_normals_have_unit_variance() {
-    let mut rng = SplitMix64::new(123);
-    let n = 200_000;
-    let xs: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
-    let mean = xs.iter().sum::<f64>() / n as f64;
-    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
-    // Standard errors: 1/sqrt(n) = 2.2e-3 for the mean, sqrt(2/n) = 3.2e-3 for the variance.
-    assert!(
-        mean.abs() < 0.01 && (var - 1.0).abs() < 0.015,
-        "mean {mean}, variance {var}"
-    );
-    let mut again = SplitMix64::new(123);
-    assert!(xs.iter().take(100).all(|&x| x == again.normal()));
 }

@@ -87,15 +87,15 @@ fn a_failed_write_leaves_the_old_checkpoint_and_a_good_one_leaves_no_temp_file()
     let dir = scratch("atomic");
     let path = dir.join("c.safetensors");
     checkpoint::save(&path, &sample(1.0)).unwrap();
-    assert!(!checkpoint::temp_path(&path).exists());
+    assert!(!moonlight_ref::files::temp_path(&path).exists());
     let first = std::fs::read(&path).unwrap();
 
     // Block the temporary file's name: the save must fail before touching the checkpoint.
-    std::fs::create_dir(checkpoint::temp_path(&path)).unwrap();
+    std::fs::create_dir(moonlight_ref::files::temp_path(&path)).unwrap();
     let err = checkpoint::save(&path, &sample(2.0)).unwrap_err().to_string();
     assert!(err.contains("cannot write checkpoint"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), first);
-    std::fs::remove_dir(checkpoint::temp_path(&path)).unwrap();
+    std::fs::remove_dir(moonlight_ref::files::temp_path(&path)).unwrap();
 
     checkpoint::save(&path, &sample(2.0)).unwrap();
     assert_eq!(checkpoint::load(&path).unwrap(), {
@@ -167,4 +167,95 @@ fn corrupt_checkpoints_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("cannot read checkpoint"), "{err}");
+}
+
+/// The byte range of tensor `name`'s data inside a safetensors file.
+fn tensor_bytes(file: &[u8], name: &str) -> std::ops::Range<usize> {
+    let header = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(file).unwrap();
+    let info = meta.info(name).unwrap_or_else(|| panic!("no tensor {name}"));
+    8 + header + info.data_offsets.0..8 + header + info.data_offsets.1
+}
+
+#[test]
+fn a_flipped_bit_or_an_edited_field_is_refused_by_name() {
+    let dir = scratch("integrity");
+    let mut ckpt = sample(0.25);
+    ckpt.metadata.insert("sampler_state".into(), "12345".into());
+    let good = checkpoint::to_safetensors(&ckpt).unwrap();
+    let path = dir.join("c.safetensors");
+    // One bit of one value, in a weight, a momentum buffer, an AdamW moment and a router bias.
+    for (tensor, bit) in [
+        ("param.layers.0.attn.wq", 0),
+        ("optim.layers.1.moe.experts.w_up.momentum", 13),
+        ("optim.layers.0.attn_norm.v", 31),
+        ("buffer.layers.1.moe.router_bias", 7),
+    ] {
+        let mut bytes = good.clone();
+        let at = tensor_bytes(&bytes, tensor).start + 4; // the second value
+        bytes[at + bit / 8] ^= 1 << (bit % 8);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = checkpoint::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("tensor `{tensor}` fails its checksum")),
+            "{tensor}: {err}"
+        );
+    }
+    // Edited metadata, the same length so the file still parses.
+    for (from, to) in [("\"7\"", "\"8\""), ("12345", "12346")] {
+        std::fs::write(&path, patch(&good, from, to)).unwrap();
+        let err = checkpoint::load(&path).unwrap_err().to_string();
+        assert!(err.contains("its metadata fails its checksum"), "{from}: {err}");
+    }
+    std::fs::write(&path, &good).unwrap();
+    assert_eq!(checkpoint::load(&path).unwrap().params, ckpt.params);
+}
+
+#[test]
+fn nothing_non_finite_is_saved_or_loaded() {
+    let dir = scratch("finite");
+    for (bad, what) in [
+        (f32::NAN, "NaN"),
+        (f32::INFINITY, "inf"),
+        (f32::NEG_INFINITY, "-inf"),
+    ] {
+        let mut ckpt = sample(1.5);
+        ckpt.optimizer.params[0].buffers[0][5] = bad;
+        let err = checkpoint::save(&dir.join("c.safetensors"), &ckpt)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tensor `optim.layers.0.attn.wq.momentum` is not finite")
+                && err.contains(&format!("{what} at element 5")),
+            "{err}"
+        );
+        assert!(!dir.join("c.safetensors").exists());
+    }
+    // A file without checksums (the earlier format) holding a NaN is read, checked, refused.
+    let ckpt = sample(1.5);
+    let mut bytes = checkpoint::to_safetensors(&ckpt).unwrap();
+    let at = tensor_bytes(&bytes, "param.layers.0.attn_norm").start + 8;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut old: std::collections::HashMap<String, String> = meta.metadata().clone().unwrap();
+    old.insert("format".into(), checkpoint::FORMAT_WITHOUT_CHECKSUMS.into());
+    old.remove("checksums");
+    old.remove("metadata_checksum");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rewrite = |tensors: &safetensors::SafeTensors, metadata| {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors.tensors();
+        safetensors::serialize(views, Some(metadata)).unwrap()
+    };
+    let path = dir.join("old.safetensors");
+    std::fs::write(&path, rewrite(&tensors, old.clone())).unwrap();
+    let err = checkpoint::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("tensor `param.layers.0.attn_norm` is not finite (NaN at element 2)"),
+        "{err}"
+    );
+    // ...and one without a NaN still loads: older checkpoints keep working.
+    let good = checkpoint::to_safetensors(&ckpt).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&good).unwrap();
+    std::fs::write(&path, rewrite(&tensors, old)).unwrap();
+    assert_eq!(checkpoint::load(&path).unwrap().params, ckpt.params);
 }

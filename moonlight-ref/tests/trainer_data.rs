@@ -164,7 +164,7 @@ fn embedded_corpus_loads_with_byte_vocab() {
     assert!(data.train.len() > 300_000);
     assert_eq!(
         data.train.len() + data.val.len(),
-        moonlight_ref::data::EMBEDDED_BYTES
+        moonlight_ref::corpus::EMBEDDED_BYTES
     );
     // Deterministic: the same fingerprint each time.
     assert_eq!(

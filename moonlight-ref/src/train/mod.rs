@@ -1,0 +1,339 @@
+//! The training loop: data, model, optimizer, schedule, evaluation, logging, checkpoints.
+//!
+//! One step, as llm.c writes it:
+//! ```text
+//! sampler.next_batch(train, tokens, targets)     B random windows of T+1 tokens
+//! loss = model.forward(tokens, targets)          mean cross-entropy; stop if not finite
+//! model.backward()                               grads = d loss / d params
+//! optimizer.step(params, grads, lr(step))        Muon for hidden matrices, AdamW for the rest
+//! model.update_router_bias()                     auxiliary-loss-free balancing
+//! ```
+//!
+//! Around it: [`settings`] (what a run is, and the defaults the CLI shares), `report` (the
+//! bar, the log, the checkpoints and the summary) and `resume` (which run a checkpoint belongs
+//! to). Everything that fixes the arithmetic of a run is a [`RunSettings`]; a checkpoint stores
+//! it, with the parameters, the optimizer state, the router biases and the sampler's state, and
+//! `--resume` refuses a checkpoint whose settings differ, so a resumed run takes, step for
+//! step, the same losses as one that never stopped.
+
+mod report;
+mod resume;
+mod run_dir;
+pub mod settings;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use muon_core::{HybridOptimizer, ParamRole};
+
+use crate::checkpoint::{self, Checkpoint, CheckpointError};
+use crate::data::{BatchSampler, DataError, Dataset};
+use crate::log::Summary;
+use crate::model::{Model, ModelError};
+use crate::ops::ModelOps;
+use report::{Reporter, StepFigures};
+use run_dir::RunDir;
+
+pub use run_dir::LOCK_FILE;
+
+pub use settings::{defaults, with_attention, OptimizerChoice, RunSettings, TrainOptions};
+
+/// Why a run stopped early.
+#[derive(Debug)]
+pub enum TrainError {
+    /// Options that cannot work.
+    Config(String),
+    /// The data.
+    Data(DataError),
+    /// A checkpoint that cannot be read or does not fit this run.
+    Checkpoint(CheckpointError),
+    /// The model refused its input or its backend failed.
+    Model(ModelError),
+    /// The optimizer refused its input.
+    Optimizer(muon_core::Error),
+    /// A file could not be written.
+    Io(String),
+    /// The loss or a gradient went NaN or infinite at `step`; the run stopped there, nothing
+    /// was saved after the last good step.
+    NonFinite {
+        /// The step (from 1) whose loss or gradient was not finite.
+        step: u64,
+        /// What was not finite.
+        what: String,
+        /// The last checkpoint written, and its step, if any.
+        last_checkpoint: Option<(PathBuf, u64)>,
+    },
+    /// [`TrainOptions::interrupt`] was set: the run stopped after `step`.
+    Interrupted {
+        /// The last step taken.
+        step: u64,
+        /// The checkpoint written there (none without an output directory).
+        checkpoint: Option<PathBuf>,
+    },
+}
+
+impl fmt::Display for TrainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrainError::Config(msg) => write!(f, "invalid configuration: {msg}"),
+            TrainError::Data(e) => write!(f, "data: {e}"),
+            TrainError::Checkpoint(e) => write!(f, "checkpoint: {e}"),
+            TrainError::Model(e) => write!(f, "model: {e}"),
+            TrainError::Optimizer(e) => write!(f, "optimizer: {e}"),
+            TrainError::Io(msg) => f.write_str(msg),
+            TrainError::NonFinite {
+                step,
+                what,
+                last_checkpoint,
+            } => {
+                write!(f, "{what} is not finite at step {step}; training stopped")?;
+                match last_checkpoint {
+                    Some((path, s)) => write!(
+                        f,
+                        "; the last good checkpoint is {} (step {s}), untouched",
+                        path.display()
+                    ),
+                    None => write!(f, "; no checkpoint was written"),
+                }
+            }
+            TrainError::Interrupted { step, checkpoint } => {
+                write!(f, "interrupted after step {step}")?;
+                match checkpoint {
+                    Some(path) => write!(f, "; continue with --resume {}", path.display()),
+                    None => write!(f, "; nothing was saved (no output directory)"),
+                }
+            }
+        }
+    }
+}
+
+impl std::error::Error for TrainError {}
+
+impl From<DataError> for TrainError {
+    fn from(e: DataError) -> Self {
+        TrainError::Data(e)
+    }
+}
+impl From<CheckpointError> for TrainError {
+    fn from(e: CheckpointError) -> Self {
+        TrainError::Checkpoint(e)
+    }
+}
+impl From<ModelError> for TrainError {
+    fn from(e: ModelError) -> Self {
+        TrainError::Model(e)
+    }
+}
+impl From<muon_core::Error> for TrainError {
+    fn from(e: muon_core::Error) -> Self {
+        TrainError::Optimizer(e)
+    }
+}
+
+/// The file names inside `--out`.
+pub const LOG_FILE: &str = "log.jsonl";
+/// The checkpoint inside `--out`, overwritten atomically at each save.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// What a finished run returns: its summary and every step's loss (this process's steps).
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// The summary line of the log.
+    pub summary: Summary,
+    /// `(step, loss)` for each step this process took.
+    pub losses: Vec<(u64, f64)>,
+    /// `(step, val_loss)` for each evaluation.
+    pub val_losses: Vec<(u64, f64)>,
+}
+
+/// Salt that separates the evaluation batches' seed from the training seed.
+const EVAL_SEED_SALT: u64 = 0x5eed_0fe7_a100_0000;
+
+/// Mean cross-entropy over `batches` fixed batches of the held-out split.
+pub fn evaluate<B: ModelOps<Elem = f32>>(
+    backend: &B,
+    model: &mut Model<B>,
+    val: &[u16],
+    settings: &RunSettings,
+    batches: usize,
+    tokens: &mut [u32],
+    targets: &mut [u32],
+) -> Result<f64, TrainError> {
+    // A fresh sampler each time: every evaluation sees the same windows, and the training
+    // sampler is not touched.
+    let mut sampler = BatchSampler::new(settings.seed ^ EVAL_SEED_SALT, settings.batch, settings.seq);
+    let mut sum = 0.0;
+    for _ in 0..batches.max(1) {
+        sampler.next_batch(val, tokens, targets);
+        sum += model.forward(backend, tokens, targets)?;
+    }
+    Ok(sum / batches.max(1) as f64)
+}
+
+/// Trains a model as `opts` says, on `backend`. Returns the summary and the losses.
+pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Result<RunResult, TrainError> {
+    let settings = &opts.settings;
+    opts.validate()?;
+    let run_dir = match &opts.out {
+        Some(dir) => Some(RunDir::claim(dir, opts.resume.is_some(), opts.overwrite)?),
+        None => None,
+    };
+    let (b, t) = (settings.batch, settings.seq);
+    let data = Dataset::load(&opts.data, t, settings.model.vocab_size)?;
+    let mut model = Model::new(backend, settings.model.clone(), b, t, settings.seed)?;
+    let specs = settings.optimizer_specs(model.param_specs());
+    let mut optimizer = HybridOptimizer::new(backend, specs, settings.hybrid.clone())?;
+    let mut sampler = BatchSampler::new(settings.seed, b, t);
+    let start = match &opts.resume {
+        Some(path) => resume(
+            backend,
+            path,
+            settings,
+            &data,
+            &mut model,
+            &mut optimizer,
+            &mut sampler,
+        )?,
+        None => 0,
+    };
+    let end = opts.stop_at.unwrap_or(settings.steps);
+    if end <= start {
+        return Err(TrainError::Config(format!(
+            "--stop-at {end} is not past the checkpoint's step {start}"
+        )));
+    }
+    let mut report = Reporter::new(opts, run_dir, &data, &model, &optimizer, start, end)?;
+    let schedule = settings.schedule();
+    let (mut tokens, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
+    // Thread-local kernel workspaces now, so that no training step allocates them.
+    crate::cpu::warm_up_threads();
+
+    for step in start..end {
+        let number = step + 1; // the step being taken, from 1
+        sampler.next_batch(&data.train, &mut tokens, &mut targets);
+        let clock = Instant::now();
+        let loss = model.forward(backend, &tokens, &targets)?;
+        if !loss.is_finite() {
+            return Err(report.non_finite(number, format!("the loss ({loss})")));
+        }
+        model.backward(backend)?;
+        let fwd_bwd = clock.elapsed();
+        let lr = schedule.lr(settings.lr, step);
+        let (params, grads) = model.params_and_grads();
+        let update = optimizer
+            .step(backend, params, grads, lr)
+            .map_err(|e| report.refused(number, e))?;
+        model.update_router_bias(backend)?;
+        let figures = StepFigures {
+            number,
+            loss,
+            lr,
+            grad_norm: update.grad_norm,
+            fwd_bwd,
+            optimizer: clock.elapsed() - fwd_bwd,
+        };
+        report.step(backend, &model, &mut optimizer, figures)?;
+
+        let due = |every: u64| number == end || (every > 0 && number % every == 0);
+        if due(opts.eval_every) {
+            let val_loss = evaluate(
+                backend,
+                &mut model,
+                &data.val,
+                settings,
+                opts.eval_batches,
+                &mut tokens,
+                &mut targets,
+            )?;
+            if !val_loss.is_finite() {
+                return Err(report.non_finite(number, format!("the validation loss ({val_loss})")));
+            }
+            report.eval(number, loss, val_loss)?;
+        }
+        let interrupted = opts.interrupted() && number < end;
+        if report.saves_checkpoints() && (due(opts.checkpoint_every) || interrupted) {
+            let metadata = resume::run_metadata(settings, &data, number, &sampler);
+            let ckpt = Checkpoint::from_model(backend, &model, optimizer.export_state(backend)?, metadata)?;
+            // Only finite parameters and state are saved: the last checkpoint stays the last
+            // good one.
+            if let Some((name, at)) = ckpt.non_finite() {
+                return Err(report.non_finite(number, format!("`{name}` after the update ({at})")));
+            }
+            report.checkpoint(number, &ckpt)?;
+        }
+        if interrupted {
+            return Err(report.interrupted(number));
+        }
+    }
+    report.finish(opts, end, svd_entropies(backend, &model)?)
+}
+
+/// Loads the checkpoint at `path` into the model, the optimizer and the sampler, after
+/// checking it belongs to this run. Returns the step it was taken at.
+fn resume<B: ModelOps<Elem = f32>>(
+    backend: &B,
+    path: &Path,
+    settings: &RunSettings,
+    data: &Dataset,
+    model: &mut Model<B>,
+    optimizer: &mut HybridOptimizer<B>,
+    sampler: &mut BatchSampler,
+) -> Result<u64, TrainError> {
+    let ckpt = checkpoint::load(path)?;
+    let at = resume::check_run(&ckpt, path, settings, data)?;
+    if at.step >= settings.steps {
+        return Err(TrainError::Config(format!(
+            "checkpoint {} is at step {}, the run has {} steps: nothing left to train",
+            path.display(),
+            at.step,
+            settings.steps
+        )));
+    }
+    optimizer
+        .import_state(backend, &ckpt.optimizer)
+        .map_err(|e| resume::bad(path, e.to_string()))?;
+    ckpt.restore_model(backend, model)
+        .map_err(|e| resume::bad(path, e.to_string()))?;
+    *sampler = BatchSampler::new(at.sampler_state, settings.batch, settings.seq);
+    Ok(at.step)
+}
+
+pub(crate) fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Mean normalized SVD entropy (docs/DESIGN.md §5) of the trained hidden matrices, every matrix of
+/// an expert stack on its own, and of the routers alone. Runs once, after training.
+fn svd_entropies<B: ModelOps<Elem = f32>>(
+    backend: &B,
+    model: &Model<B>,
+) -> Result<(Option<f64>, Option<f64>), TrainError> {
+    let (mut hidden, mut router) = (Vec::new(), Vec::new());
+    for (spec, param) in model.param_specs().iter().zip(model.params()) {
+        if spec.role != ParamRole::Hidden || !spec.shape.is_matrix() {
+            continue;
+        }
+        let mut host = vec![0.0f32; spec.shape.len()];
+        backend.download(param, &mut host)?;
+        let (rows, cols) = (spec.shape.rows, spec.shape.cols);
+        for item in host.chunks_exact(rows * cols) {
+            let matrix = faer::Mat::<f64>::from_fn(rows, cols, |i, j| item[i * cols + j] as f64);
+            // An SVD that does not converge only leaves this matrix out of a diagnostic.
+            let Some(h) = matrix
+                .singular_values()
+                .ok()
+                .and_then(|s| muon_core::svd_entropy(&s))
+            else {
+                continue;
+            };
+            if spec.name.ends_with(".router") {
+                router.push(h);
+            } else {
+                hidden.push(h);
+            }
+        }
+    }
+    Ok((mean(hidden.into_iter()), mean(router.into_iter())))
+}
