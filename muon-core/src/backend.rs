@@ -4,7 +4,7 @@
 //! primitives below. The design fits a GPU whose matrices never leave the device:
 //!
 //! - Matrices are opaque handles (`Self::Matrix`); the generic code never reads an element.
-//! - Reductions do not return numbers to the host. [`Backend::sum_squares`] writes into a slot
+//! - Reductions do not return numbers to the host. [`Backend::frobenius_norm`] writes into a slot
 //!   of a small device-side matrix, and [`Backend::normalize_frobenius`] divides by the norm
 //!   on the device. The optimizer reads one small vector back per step (the gradients' squared
 //!   norms, to refuse a non-finite step before anything changes).
@@ -45,7 +45,7 @@ pub struct AdamWCoefficients<T> {
 ///
 /// Shapes are checked, never assumed: a method given operands of the wrong shapes returns
 /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) naming the operand (or, for a
-/// `sum_squares` slot out of range, [`Error::Backend`](crate::Error::Backend)) and changes
+/// `frobenius_norm` slot out of range, [`Error::Backend`](crate::Error::Backend)) and changes
 /// nothing. [`gemm_dims`](crate::gemm_dims), [`check_shape`](crate::check_shape) and
 /// [`check_slot`](crate::check_slot) implement the checks; a backend calls them before it
 /// launches any work. The generic code in this crate only issues well-formed calls, so the
@@ -92,11 +92,13 @@ pub trait Backend {
         beta: Self::Elem,
     ) -> Result<()>;
 
-    /// Writes the sum of the squares of all elements of `x` (over the whole stack) into
-    /// element `index` of `out`, leaving `out`'s other elements alone. Accumulate in at
-    /// least `f64`-like precision where cheap; a sum that overflows the element type becomes
-    /// Inf, which the optimizer reports as a non-finite gradient.
-    fn sum_squares(&self, x: &Self::Matrix, out: &mut Self::Matrix, index: usize) -> Result<()>;
+    /// Writes the Frobenius norm `sqrt(sum of squares)` of all elements of `x` (over the
+    /// whole stack) into element `index` of `out`, leaving `out`'s other elements alone.
+    /// Accumulate the squares in `f64` (or scaled): the norm of finite elements is then finite
+    /// unless it exceeds the element type's range itself (an `f32` gradient with an entry of
+    /// 1e20 has a squared norm past `f32::MAX` but a norm of 1e20). NaN or Inf in `x` gives a
+    /// non-finite norm, which the optimizer reports as a non-finite gradient.
+    fn frobenius_norm(&self, x: &Self::Matrix, out: &mut Self::Matrix, index: usize) -> Result<()>;
 
     /// Scales each matrix `x_e` of the stack to `x_e / (norm_scale * ||x_e||_F + eps)`,
     /// without leaving the device.

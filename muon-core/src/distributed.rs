@@ -122,7 +122,7 @@ struct ShardScratch<B: Backend> {
     param: B::Matrix,
 }
 
-/// Per-parameter squared norms: this rank's shard sums, every rank's, and their host copy.
+/// Per-parameter norms: this rank's shard norms, every rank's, and their host copy.
 struct RankSums<B: Backend> {
     local: B::Matrix,
     gathered: B::Matrix,
@@ -144,9 +144,15 @@ impl<B: Backend> RankSums<B> {
         backend.download(&self.gathered, &mut self.host)
     }
 
-    /// Parameter `i`'s total over ranks, summed in rank order so every rank gets the same bits.
-    fn total(&self, i: usize, params: usize) -> f64 {
-        self.host.iter().skip(i).step_by(params).map(|s| s.to_f64()).sum()
+    /// Parameter `i`'s squared norm over ranks, from each rank's shard norm, summed in rank
+    /// order so every rank gets the same bits.
+    fn total_sq(&self, i: usize, params: usize) -> f64 {
+        self.host
+            .iter()
+            .skip(i)
+            .step_by(params)
+            .map(|s| s.to_f64() * s.to_f64())
+            .sum()
     }
 }
 
@@ -222,8 +228,8 @@ pub struct DistributedOptimizer<B: Backend, C: Collective<B>> {
     workspaces: Vec<NsWorkspace<B>>,
     scratch: Vec<ShardScratch<B>>,
     step: u64,
-    grad_sq: RankSums<B>,
-    update_sq: RankSums<B>,
+    grad_norm: RankSums<B>,
+    update_norm: RankSums<B>,
     /// Gather `N_t` with [`Collective::all_gather_bf16`].
     bf16_gather: bool,
 }
@@ -286,8 +292,8 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
         }
         let n = specs.len();
         Ok(DistributedOptimizer {
-            grad_sq: RankSums::new(backend, n, world)?,
-            update_sq: RankSums::new(backend, n, world)?,
+            grad_norm: RankSums::new(backend, n, world)?,
+            update_norm: RankSums::new(backend, n, world)?,
             collective,
             config,
             specs,
@@ -414,16 +420,16 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
     ) -> Result<StepReport> {
         check_step_inputs::<B>(&self.specs, params, grads, lr)?;
         let c = &self.collective;
-        // 1. The mean gradients' shards, and the one read to the host: their squared norms.
+        // 1. The mean gradients' shards, and the one read to the host: their norms.
         for (i, (grad, shard)) in grads.iter().zip(&mut self.grad_shards).enumerate() {
             c.reduce_scatter_mean(backend, grad, shard)?;
-            backend.sum_squares(shard, &mut self.grad_sq.local, i)?;
+            backend.frobenius_norm(shard, &mut self.grad_norm.local, i)?;
         }
-        self.grad_sq.gather(backend, c)?;
+        self.grad_norm.gather(backend, c)?;
         let n = self.specs.len();
         let mut total = 0.0;
         for i in 0..n {
-            let sq = self.grad_sq.total(i, n);
+            let sq = self.grad_norm.total_sq(i, n);
             if !sq.is_finite() {
                 return Err(Error::NonFiniteGradient {
                     index: i,
@@ -440,9 +446,9 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
         let rank = c.rank();
         // The update's shard lands in the parameter's scratch `update`; this applies it (steps
         // 5-6): update this rank's slice of the parameter, then share it.
-        let update_sq = &mut self.update_sq.local;
+        let update_norm = &mut self.update_norm.local;
         let mut apply = |s: &mut ShardScratch<B>, param: &mut B::Matrix, (step, decay): (f64, f64), i| {
-            backend.sum_squares(&s.update, update_sq, i)?;
+            backend.frobenius_norm(&s.update, update_norm, i)?;
             c.copy_shard(backend, param, &mut s.param)?;
             backend.apply_update(&mut s.param, &s.update, e(step), e(decay))?;
             c.all_gather(backend, &s.param, param)
@@ -523,7 +529,7 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
     /// The per-parameter L2 norms of the last step's mean gradients (host values).
     pub fn grad_norms(&self) -> impl Iterator<Item = f64> + '_ {
         let n = self.specs.len();
-        (0..n).map(move |i| libm::sqrt(self.grad_sq.total(i, n)))
+        (0..n).map(move |i| libm::sqrt(self.grad_norm.total_sq(i, n)))
     }
 
     /// The RMS of each parameter's last update before the learning rate, as
@@ -538,9 +544,9 @@ impl<B: Backend, C: Collective<B>> DistributedOptimizer<B, C> {
                 found: out.len(),
             });
         }
-        self.update_sq.gather(backend, &self.collective)?;
+        self.update_norm.gather(backend, &self.collective)?;
         for (i, (o, spec)) in out.iter_mut().zip(&self.specs).enumerate() {
-            *o = update_rms(&self.config, spec, self.update_sq.total(i, n));
+            *o = update_rms(&self.config, spec, libm::sqrt(self.update_norm.total_sq(i, n)));
         }
         Ok(())
     }

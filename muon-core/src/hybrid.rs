@@ -118,12 +118,12 @@ pub struct HybridOptimizer<B: Backend> {
     workspaces: Vec<NsWorkspace<B>>,
     scratch: Vec<B::Matrix>,
     step: u64,
-    /// Per-parameter squared gradient norms (device) and their host copy.
-    grad_sq: B::Matrix,
-    grad_sq_host: Vec<B::Elem>,
-    /// Per-parameter squared norms of the update direction (device), read on demand.
-    update_sq: B::Matrix,
-    update_sq_host: Vec<B::Elem>,
+    /// Per-parameter gradient norms (device) and their host copy.
+    grad_norm: B::Matrix,
+    grad_norm_host: Vec<B::Elem>,
+    /// Per-parameter norms of the update direction (device), read on demand.
+    update_norm: B::Matrix,
+    update_norm_host: Vec<B::Elem>,
 }
 
 impl<B: Backend> HybridOptimizer<B> {
@@ -176,10 +176,10 @@ impl<B: Backend> HybridOptimizer<B> {
             workspaces,
             scratch,
             step: 0,
-            grad_sq: backend.zeros(Shape::vector(n))?,
-            grad_sq_host: vec![B::Elem::ZERO; n],
-            update_sq: backend.zeros(Shape::vector(n))?,
-            update_sq_host: vec![B::Elem::ZERO; n],
+            grad_norm: backend.zeros(Shape::vector(n))?,
+            grad_norm_host: vec![B::Elem::ZERO; n],
+            update_norm: backend.zeros(Shape::vector(n))?,
+            update_norm_host: vec![B::Elem::ZERO; n],
             specs,
         })
     }
@@ -211,20 +211,20 @@ impl<B: Backend> HybridOptimizer<B> {
         lr: f64,
     ) -> Result<StepReport> {
         check_step_inputs::<B>(&self.specs, params, grads, lr)?;
-        // The step's one device-to-host read: every gradient's squared norm.
+        // The step's one device-to-host read: every gradient's norm.
         for (i, grad) in grads.iter().enumerate() {
-            backend.sum_squares(grad, &mut self.grad_sq, i)?;
+            backend.frobenius_norm(grad, &mut self.grad_norm, i)?;
         }
-        backend.download(&self.grad_sq, &mut self.grad_sq_host)?;
+        backend.download(&self.grad_norm, &mut self.grad_norm_host)?;
         let mut total = 0.0;
-        for (i, sq) in self.grad_sq_host.iter().enumerate() {
-            if !sq.is_finite() {
+        for (i, norm) in self.grad_norm_host.iter().enumerate() {
+            if !norm.is_finite() {
                 return Err(Error::NonFiniteGradient {
                     index: i,
                     name: self.specs[i].name.clone(),
                 });
             }
-            total += sq.to_f64();
+            total += norm.to_f64() * norm.to_f64();
         }
 
         self.step += 1;
@@ -233,12 +233,12 @@ impl<B: Backend> HybridOptimizer<B> {
                 Slot::Muon { momentum, workspace } => {
                     let ws = &mut self.workspaces[*workspace];
                     muon_step(backend, param, grad, momentum, ws, &self.config.muon, lr)?;
-                    backend.sum_squares(&ws.x, &mut self.update_sq, i)?;
+                    backend.frobenius_norm(&ws.x, &mut self.update_norm, i)?;
                 }
                 Slot::AdamW { m, v, scratch } => {
                     let dir = &mut self.scratch[*scratch];
                     adamw_step(backend, param, grad, m, v, dir, &self.config.adamw, self.step, lr)?;
-                    backend.sum_squares(dir, &mut self.update_sq, i)?;
+                    backend.frobenius_norm(dir, &mut self.update_norm, i)?;
                 }
             }
         }
@@ -250,7 +250,7 @@ impl<B: Backend> HybridOptimizer<B> {
 
     /// The per-parameter gradient L2 norms of the last step (host values, no device work).
     pub fn grad_norms(&self) -> impl Iterator<Item = f64> + '_ {
-        self.grad_sq_host.iter().map(|s| libm::sqrt(s.to_f64()))
+        self.grad_norm_host.iter().map(|s| s.to_f64())
     }
 
     /// The RMS of each parameter's last update, before the learning rate: `scale * RMS(O)`
@@ -265,9 +265,9 @@ impl<B: Backend> HybridOptimizer<B> {
                 found: out.len(),
             });
         }
-        backend.download(&self.update_sq, &mut self.update_sq_host)?;
-        for ((o, sq), spec) in out.iter_mut().zip(&self.update_sq_host).zip(&self.specs) {
-            *o = update_rms(&self.config, spec, sq.to_f64());
+        backend.download(&self.update_norm, &mut self.update_norm_host)?;
+        for ((o, norm), spec) in out.iter_mut().zip(&self.update_norm_host).zip(&self.specs) {
+            *o = update_rms(&self.config, spec, norm.to_f64());
         }
         Ok(())
     }
@@ -366,14 +366,14 @@ pub(crate) fn check_step_inputs<B: Backend>(
     Ok(())
 }
 
-/// The RMS of a parameter's update before the learning rate, from the squared norm of its
-/// direction (`O` for Muon, AdamW's direction).
-pub(crate) fn update_rms(config: &HybridConfig, spec: &ParamSpec, direction_sq: f64) -> f64 {
+/// The RMS of a parameter's update before the learning rate, from the norm of its direction
+/// (`O` for Muon, AdamW's direction).
+pub(crate) fn update_rms(config: &HybridConfig, spec: &ParamSpec, direction_norm: f64) -> f64 {
     let scale = match spec.optimizer() {
         OptimizerKind::Muon => config.muon.scale(spec.shape),
         OptimizerKind::AdamW => 1.0,
     };
-    scale * libm::sqrt(direction_sq / spec.shape.len() as f64)
+    scale * direction_norm / libm::sqrt(spec.shape.len() as f64)
 }
 
 /// Checks that saved state fits `specs` (names, shapes, optimizer kinds, buffer lengths).

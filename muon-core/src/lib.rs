@@ -73,8 +73,8 @@
 //!         }
 //!         Ok(())
 //!     }
-//!     fn sum_squares(&self, x: &Tensor, out: &mut Tensor, i: usize) -> Result<()> {
-//!         out.data[i] = x.data.iter().map(|v| v * v).sum();
+//!     fn frobenius_norm(&self, x: &Tensor, out: &mut Tensor, i: usize) -> Result<()> {
+//!         out.data[i] = x.data.iter().map(|v| v * v).sum::<f64>().sqrt();
 //!         Ok(())
 //!     }
 //!     fn normalize_frobenius(&self, x: &mut Tensor, scale: f64, eps: f64) -> Result<()> {

@@ -133,17 +133,18 @@ impl<T: Real + RealField> Backend for Nalgebra<T> {
         Ok(())
     }
 
-    fn sum_squares(&self, x: &Self::Matrix, out: &mut Self::Matrix, index: usize) -> Result<()> {
+    fn frobenius_norm(&self, x: &Self::Matrix, out: &mut Self::Matrix, index: usize) -> Result<()> {
         let sum: f64 = x
             .items
             .iter()
             .flat_map(|m| m.iter())
             .map(|v| v.to_f64() * v.to_f64())
             .sum();
-        check_slot("sum_squares", out.shape, index)?;
+        check_slot("frobenius_norm", out.shape, index)?;
         let cols = out.shape.cols;
         out.items[index / out.shape.batch_stride()]
-            [(index % out.shape.batch_stride() / cols, index % cols)] = <T as Real>::from_f64(sum);
+            [(index % out.shape.batch_stride() / cols, index % cols)] =
+            <T as Real>::from_f64(libm::sqrt(sum));
         Ok(())
     }
 

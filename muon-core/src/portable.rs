@@ -209,10 +209,10 @@ impl<T: Real> Backend for Portable<T> {
         Ok(())
     }
 
-    fn sum_squares(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
+    fn frobenius_norm(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
         let sum: f64 = x.data.iter().map(|v| v.to_f64() * v.to_f64()).sum();
-        check_slot("sum_squares", out.shape, index)?;
-        out.data[index] = T::from_f64(sum);
+        check_slot("frobenius_norm", out.shape, index)?;
+        out.data[index] = T::from_f64(libm::sqrt(sum));
         Ok(())
     }
 

@@ -131,7 +131,7 @@ pub fn check_shape(what: &str, expected: Shape, found: Shape) -> Result<()> {
 }
 
 /// Checks that `index` is an element of a stack of shape `out` (the slot
-/// [`Backend::sum_squares`](crate::Backend::sum_squares) writes).
+/// [`Backend::frobenius_norm`](crate::Backend::frobenius_norm) writes).
 pub fn check_slot(what: &str, out: Shape, index: usize) -> Result<()> {
     if index < out.len() {
         Ok(())

@@ -413,6 +413,44 @@ fn a_non_finite_gradient_is_refused_and_nothing_changes() {
 }
 
 #[test]
+fn an_f32_gradient_whose_squared_norm_overflows_f32_is_stepped() {
+    // One entry of 1e20: its square (1e40) is past f32::MAX (3.4e38), its norm is not. The
+    // norm is computed in f64 and stored as a norm, so the step is taken; Muon normalizes the
+    // momentum and AdamW divides by sqrt(v), so the parameters stay finite.
+    let backend = muon_core::Portable::<f32>::new();
+    let specs = vec![
+        ParamSpec::new("w", Shape::matrix(8, 6), ParamRole::Hidden),
+        ParamSpec::new("norm", Shape::vector(6), ParamRole::Norm),
+    ];
+    let mut opt = HybridOptimizer::new(&backend, specs.clone(), HybridConfig::default()).unwrap();
+    let mut params: Vec<HostMatrix<f32>> = specs.iter().map(|s| HostMatrix::zeros(s.shape)).collect();
+    let mut grads: Vec<HostMatrix<f32>> = specs
+        .iter()
+        .map(|s| HostMatrix::from_vec(s.shape, vec![0.5; s.shape.len()]).unwrap())
+        .collect();
+    grads[0].as_mut_slice()[3] = 1e20;
+    grads[1].as_mut_slice()[0] = -1e20;
+    let report = opt.step(&backend, &mut params, &grads, 0.01).unwrap();
+    let want = (2.0f64 * 1e40).sqrt();
+    assert!(
+        (report.grad_norm - want).abs() < 1e-6 * want,
+        "grad norm {}",
+        report.grad_norm
+    );
+    assert!(params.iter().all(|p| p.as_slice().iter().all(|v| v.is_finite())));
+    // A norm past f32's range is still refused, with the parameter named.
+    grads[0].as_mut_slice().fill(3e38);
+    let err = opt.step(&backend, &mut params, &grads, 0.01).unwrap_err();
+    assert_eq!(
+        err,
+        Error::NonFiniteGradient {
+            index: 0,
+            name: "w".into()
+        }
+    );
+}
+
+#[test]
 fn bad_input_gets_a_clear_error() {
     let backend = P64::new();
     let mut rng = Rng::new(15);
@@ -597,9 +635,9 @@ fn portable_and_nalgebra_backends_agree_on_every_primitive() {
         HostMatrix::zeros(Shape::vector(3)),
         n.zeros(Shape::vector(3)).unwrap(),
     );
-    p.sum_squares(&x1, &mut s1, 2).unwrap();
-    n.sum_squares(&x2, &mut s2, 2).unwrap();
-    check(&s1, &s2, "sum_squares");
+    p.frobenius_norm(&x1, &mut s1, 2).unwrap();
+    n.frobenius_norm(&x2, &mut s2, 2).unwrap();
+    check(&s1, &s2, "frobenius_norm");
     let (mut m1, mut m2) = both(shape);
     let (mut v1, mut v2) = both(shape);
     // The second moment is non-negative: use x^2.

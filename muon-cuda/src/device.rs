@@ -405,8 +405,8 @@ impl Backend for CudaBackend {
         ops::axpby(&self.kernel(kernels::AXPBY)?, &mut dst.data, alpha, &x.data, beta)
     }
 
-    fn sum_squares(&self, x: &CudaMatrix, out: &mut CudaMatrix, index: usize) -> Result<()> {
-        check_slot("sum_squares", out.shape, index)?;
+    fn frobenius_norm(&self, x: &CudaMatrix, out: &mut CudaMatrix, index: usize) -> Result<()> {
+        check_slot("frobenius_norm", out.shape, index)?;
         let len = x.shape.len();
         let blocks = reduce_blocks(len);
         let mut scratch = self.scratch();

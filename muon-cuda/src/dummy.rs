@@ -188,7 +188,7 @@ impl Backend for CudaBackend {
         match self.never {}
     }
 
-    fn sum_squares(&self, _x: &CudaMatrix, _out: &mut CudaMatrix, _index: usize) -> Result<()> {
+    fn frobenius_norm(&self, _x: &CudaMatrix, _out: &mut CudaMatrix, _index: usize) -> Result<()> {
         match self.never {}
     }
 

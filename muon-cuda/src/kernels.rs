@@ -149,8 +149,9 @@ extern "C" __global__ void muon_sumsq_partials(const float* x, i64 item_len, dou
 "#,
 };
 
-/// Second pass of `sum_squares`: one block adds the `count` partials and writes the total, as
-/// `f32` (Inf when it overflows), to `out[index]`.
+/// Second pass of `frobenius_norm`: one block adds the `count` partials and writes the square
+/// root of the total, as `f32`, to `out[index]` (the squares summed in `double` cannot
+/// overflow where the norm itself fits in `f32`).
 pub const SUMSQ_FINISH: KernelSource = KernelSource {
     name: "muon_sumsq_finish",
     source: r#"
@@ -162,7 +163,7 @@ extern "C" __global__ void muon_sumsq_finish(const double* partials, int count, 
     }
     acc = muon_block_sum(acc);
     if (threadIdx.x == 0) {
-        out[index] = (float)acc;
+        out[index] = (float)sqrt(acc);
     }
 }
 "#,

@@ -125,8 +125,8 @@ impl Backend for EmulatedGpu {
     fn axpby(&self, dst: &mut HostMatrix<f32>, alpha: f32, x: &HostMatrix<f32>, beta: f32) -> Result<()> {
         CPU.axpby(dst, alpha, x, beta)
     }
-    fn sum_squares(&self, x: &HostMatrix<f32>, out: &mut HostMatrix<f32>, index: usize) -> Result<()> {
-        CPU.sum_squares(x, out, index)
+    fn frobenius_norm(&self, x: &HostMatrix<f32>, out: &mut HostMatrix<f32>, index: usize) -> Result<()> {
+        CPU.frobenius_norm(x, out, index)
     }
     fn normalize_frobenius(&self, x: &mut HostMatrix<f32>, norm_scale: f32, eps: f32) -> Result<()> {
         CPU.normalize_frobenius(x, norm_scale, eps)

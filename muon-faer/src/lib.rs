@@ -241,9 +241,10 @@ impl<T: Elem> Backend for Faer<T> {
         Ok(())
     }
 
-    fn sum_squares(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
-        check_slot("sum_squares", out.shape(), index)?;
-        out.as_mut_slice()[index] = T::from_f64(elementwise::sum_squares(&self.team, x.as_slice()));
+    fn frobenius_norm(&self, x: &HostMatrix<T>, out: &mut HostMatrix<T>, index: usize) -> Result<()> {
+        check_slot("frobenius_norm", out.shape(), index)?;
+        let sum = elementwise::sum_squares(&self.team, x.as_slice());
+        out.as_mut_slice()[index] = T::from_f64(sum.sqrt());
         Ok(())
     }
 

@@ -286,16 +286,16 @@ pub fn reductions_match_portable_and_write_only_their_slot<D: Device>(gpu: &D) {
         let xg = to_gpu(gpu, &x);
         let slots = HostMatrix::from_vec(Shape::vector(4), vec![7.0; 4]).unwrap();
         let (mut want, mut got) = (slots.clone(), to_gpu(gpu, &slots));
-        CPU.sum_squares(&x, &mut want, 2).unwrap();
-        gpu.sum_squares(&xg, &mut got, 2).unwrap();
+        CPU.frobenius_norm(&x, &mut want, 2).unwrap();
+        gpu.frobenius_norm(&xg, &mut got, 2).unwrap();
         let got = to_host(gpu, &got);
         assert_eq!(
             [got[0], got[1], got[3]],
             [7.0; 3],
-            "sum_squares wrote outside slot 2"
+            "frobenius_norm wrote outside slot 2"
         );
         assert_close(
-            &format!("sum_squares {shape}"),
+            &format!("frobenius_norm {shape}"),
             &got,
             want.as_slice(),
             ELEMENTWISE_TOL,
@@ -310,20 +310,25 @@ pub fn reductions_match_portable_and_write_only_their_slot<D: Device>(gpu: &D) {
         }
     }
 
-    // Non-finite sums stay non-finite: NaN propagates, an f32 overflow becomes Inf.
+    // Squares past f32's range, of a norm within it, give the norm (accumulated in double);
+    // a norm past f32's range becomes Inf; NaN propagates.
     let shape = Shape::matrix(4, 300);
-    let mut out = gpu.zeros(Shape::vector(2)).unwrap();
+    let mut out = gpu.zeros(Shape::vector(3)).unwrap();
     let mut data = vec![1e30f32; shape.len()];
     let mut m = gpu.zeros(shape).unwrap();
     gpu.upload(&mut m, &data).unwrap();
-    gpu.sum_squares(&m, &mut out, 0).unwrap();
+    gpu.frobenius_norm(&m, &mut out, 0).unwrap();
+    data.fill(3e38);
+    gpu.upload(&mut m, &data).unwrap();
+    gpu.frobenius_norm(&m, &mut out, 1).unwrap();
     data[123] = f32::NAN;
     gpu.upload(&mut m, &data).unwrap();
-    gpu.sum_squares(&m, &mut out, 1).unwrap();
+    gpu.frobenius_norm(&m, &mut out, 2).unwrap();
     let out = to_host(gpu, &out);
+    let want = 1e30 * (shape.len() as f64).sqrt();
     assert!(
-        out[0].is_infinite() && out[1].is_nan(),
-        "sum_squares of huge/NaN input: {out:?}"
+        ((out[0] as f64 - want) / want).abs() < 1e-6 && out[1].is_infinite() && out[2].is_nan(),
+        "frobenius_norm of huge/NaN input: {out:?}"
     );
 }
 
