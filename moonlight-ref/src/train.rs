@@ -585,7 +585,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
 
     let mut model = Model::new(backend, settings.model.clone(), b, t, settings.seed)?;
     // Thread-local kernel workspaces now, so that no training step allocates them.
-    crate::cpu::warm_up_threads();
+    backend.warm_up().map_err(ModelError::Backend)?;
     let specs = optimizer_specs(model.param_specs(), settings.optimizer);
     let mut optimizer = HybridOptimizer::new(backend, specs, settings.hybrid.clone())?;
     let mut sampler = BatchSampler::new(settings.seed, b, t);
