@@ -36,9 +36,9 @@ impl<T: muon_faer::Elem + CpuReal> HostBackend for muon_faer::Faer<T> {}
 /// `f32` uses its own inlined exponential ([`exp_f32`]) rather than libm's `expf`: the SwiGLU
 /// sigmoids and softmax exponentials dominate the non-GEMM time, and an inlined polynomial
 /// neither pays a call per element nor depends on the thread's AVX state (after a faer
-/// product leaves the AVX upper halves dirty, libm's `expf` ran ~25x slower on x86-64 (an AMD
-/// EPYC, Zen 4), 4 ns -> 100+ ns per call, which once made the softmax the bottleneck; every
-/// faer product here is now followed by `muon_faer::clear_avx_upper_state`).
+/// product leaves the AVX upper halves dirty, libm's `expf` ran ~25x slower on x86-64, 4 ns ->
+/// 100+ ns per call, which once made the softmax the bottleneck; every faer product here is
+/// now followed by `muon_faer::clear_avx_upper_state`).
 pub trait CpuReal: Real {
     /// Softmax outputs below this are stored as exact zeros (1e-30 in f32, 1e-300 in f64):
     /// near-subnormal probabilities make later products with them (the LM head's and
