@@ -4,9 +4,17 @@
 //! The model never reads an element: activations, parameters and gradients are opaque
 //! `Self::Matrix` stacks, integer data (token ids, routing choices, expert offsets) opaque
 //! `Self::Indices` buffers. Every matrix product goes through [`Backend::gemm`] (dense, batched,
-//! transpose flags) or [`ModelOps::grouped_gemm`] / [`ModelOps::grouped_gemm_weight_grad`]
+//! transpose flags) or [`FfnOps::grouped_gemm`] / [`FfnOps::grouped_gemm_weight_grad`]
 //! (the per-expert products on row ranges of one stack, which a GPU runs as a grouped GEMM).
 //! The remaining ops are elementwise or row-wise and map one-to-one to small CUDA kernels.
+//!
+//! The ops come in families, one trait each, as the model's files use them: [`BaseOps`]
+//! (index buffers, fill, memory, warm-up), [`TokenOps`] (embedding, RMSNorm, cross-entropy),
+//! [`AttentionOps`] (column and head layout, RoPE, causal softmax) and [`FfnOps`] (SwiGLU and
+//! the MoE layer). [`ModelOps`] is their union, implemented for every backend that has them
+//! all; the model's code asks for `B: ModelOps`. A backend implements each family in its own
+//! file (the host backends: `cpu/`). Code that calls an op on a concrete backend imports the
+//! op's family trait.
 //!
 //! Conventions (row-major throughout, see [`muon_core::Shape`]):
 //! - Dimension letters: `N = B*T` tokens (row `b*T + t`), `C` model width, `V` vocabulary,
@@ -15,13 +23,19 @@
 //! - Heads layout: a `[B*H, T, D]` stack, matrix `b*H + h` holding head `h` of sequence `b`;
 //!   this is the layout batched GEMMs of attention work on.
 //! - Ops named `*_backward` with an "accumulate" note add into their gradient outputs
-//!   (`+=`); all others overwrite. Ops check shapes and panic on a violation (a caller bug:
-//!   the model only issues well-formed calls and checks user input itself).
+//!   (`+=`); all others overwrite.
+//! - Ops check their operands like muon-core's [`Backend`] methods: a wrong shape is an
+//!   [`Error::ShapeMismatch`](muon_core::Error::ShapeMismatch) naming the operand, an index
+//!   buffer of the wrong length an [`Error::CountMismatch`](muon_core::Error::CountMismatch);
+//!   they never panic on a caller's mistake. The host backends also check every index they
+//!   read (a token outside the vocabulary, an expert, a row) and write nothing when a check
+//!   fails; a GPU cannot check index values without reading them back, so the model validates
+//!   the token ids it is given itself.
 
 use muon_core::{Backend, Result};
 
-/// Operations the Moonlight-style model needs from a backend, beyond [`Backend`].
-pub trait ModelOps: Backend {
+/// Index buffers, fills and what a backend says about itself: the base of every op family.
+pub trait BaseOps: Backend {
     /// A buffer of `u32` on the backend (token ids, expert choices, offsets).
     type Indices;
 
@@ -43,11 +57,22 @@ pub trait ModelOps: Backend {
         None
     }
 
+    /// Prepares the backend for allocation-free steps: whatever it creates lazily on first use
+    /// (the host: faer's per-thread workspaces on every thread of the current rayon pool) is
+    /// created now, so that no training step allocates it. Call it once before the first step.
+    fn warm_up(&self) -> Result<()> {
+        Ok(())
+    }
+
     // ----- elementwise -----
 
     /// Sets every element of `dst` to `value`.
     fn fill(&self, dst: &mut Self::Matrix, value: Self::Elem) -> Result<()>;
+}
 
+/// The ops on token rows at the ends of the network and around each sub-layer: the embedding
+/// lookup, RMSNorm, and the softmax cross-entropy of the LM head.
+pub trait TokenOps: BaseOps {
     // ----- embedding -----
 
     /// `out[n] = table[tokens[n]]`. out: `[N, C]`, table: `[V, C]`, tokens: `[N]`.
@@ -91,6 +116,31 @@ pub trait ModelOps: Backend {
         rstd: &Self::Matrix,
     ) -> Result<()>;
 
+    // ----- loss -----
+
+    /// Softmax cross-entropy: `probs = softmax(logits)` per row and `loss[0] = mean_n
+    /// -log probs[n, targets[n]]`. probs, logits: `[N, V]`, loss: `[1, 1]`.
+    fn cross_entropy_forward(
+        &self,
+        probs: &mut Self::Matrix,
+        loss: &mut Self::Matrix,
+        logits: &Self::Matrix,
+        targets: &Self::Indices,
+    ) -> Result<()>;
+    /// `dlogits = scale * (probs - onehot(targets))`, overwriting; `scale = dL/dloss / N` for a
+    /// mean.
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Self::Matrix,
+        probs: &Self::Matrix,
+        targets: &Self::Indices,
+        scale: f64,
+    ) -> Result<()>;
+}
+
+/// The ops of causal self-attention ([`crate::model::attention`]): column blocks and the
+/// token-rows/heads layouts, RoPE, the causal softmax.
+pub trait AttentionOps: BaseOps {
     // ----- layout -----
 
     /// Copies (or with `accumulate` adds) the column block `src[:, src_col..src_col+width]`
@@ -161,7 +211,11 @@ pub trait ModelOps: Backend {
     /// In place: `grad` holds dL/dP on entry and dL/dS on exit,
     /// `dS[i,j] = P[i,j] * (dP[i,j] - sum_k P[i,k] dP[i,k])`. grad, probs: `[M, T, T]`.
     fn causal_softmax_backward(&self, grad: &mut Self::Matrix, probs: &Self::Matrix) -> Result<()>;
+}
 
+/// The ops of the feed-forward halves ([`crate::model::ffn`]): SwiGLU, and the MoE layer's
+/// router, balance loss, dispatch to experts, grouped products and combination.
+pub trait FfnOps: BaseOps {
     // ----- SwiGLU -----
 
     /// `out = silu(gate) * up`, elementwise on `[R, F]`.
@@ -303,25 +357,10 @@ pub trait ModelOps: Backend {
     ) -> Result<()>;
     /// Auxiliary-loss-free balancing: `bias[e] += rate * sign(mean(counts) - counts[e])`.
     fn router_bias_update(&self, bias: &mut Self::Matrix, counts: &Self::Indices, rate: f64) -> Result<()>;
-
-    // ----- loss -----
-
-    /// Softmax cross-entropy: `probs = softmax(logits)` per row and `loss[0] = mean_n
-    /// -log probs[n, targets[n]]`. probs, logits: `[N, V]`, loss: `[1, 1]`.
-    fn cross_entropy_forward(
-        &self,
-        probs: &mut Self::Matrix,
-        loss: &mut Self::Matrix,
-        logits: &Self::Matrix,
-        targets: &Self::Indices,
-    ) -> Result<()>;
-    /// `dlogits = scale * (probs - onehot(targets))`, overwriting; `scale = dL/dloss / N` for a
-    /// mean.
-    fn cross_entropy_backward(
-        &self,
-        dlogits: &mut Self::Matrix,
-        probs: &Self::Matrix,
-        targets: &Self::Indices,
-        scale: f64,
-    ) -> Result<()>;
 }
+
+/// Every operation the Moonlight-style model needs from a backend, beyond [`Backend`]: the
+/// union of the op families, implemented for every backend that implements them all.
+pub trait ModelOps: BaseOps + TokenOps + AttentionOps + FfnOps {}
+
+impl<B: BaseOps + TokenOps + AttentionOps + FfnOps> ModelOps for B {}

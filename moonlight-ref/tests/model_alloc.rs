@@ -18,6 +18,7 @@
 
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::model::Model;
+use moonlight_ref::ops::BaseOps;
 use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
 use muon_faer::Faer;
 use muon_test_support::{allocation_count, assert_counting, CountingAllocator};
@@ -37,7 +38,7 @@ fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
         model.update_router_bias(&b).unwrap();
     };
     // faer's per-thread workspaces on every rayon worker, whichever gets work first.
-    moonlight_ref::cpu::warm_up_threads();
+    b.warm_up().unwrap();
     for _ in 0..3 {
         step(&mut model);
     }

@@ -17,7 +17,8 @@
 //! - faer's x86 kernels leave the upper halves of the AVX registers dirty, which slows every
 //!   later SSE instruction on the thread (glibc's `expf` ran ~30x slower); the backend issues
 //!   `vzeroupper` after each product. Code that calls faer directly should call
-//!   [`clear_avx_upper_state`] after it too.
+//!   [`clear_avx_upper_state`] after it too; [`view`] and [`view_mut`] give it faer views of
+//!   row-major storage.
 //! - `X^T X` of a tall input with a Gram side of 768 or more goes through a transposed copy
 //!   in a scratch buffer the backend keeps (faer reads the strided original at half speed).
 //!
@@ -91,6 +92,7 @@ use crate::matmul::Product;
 use crate::team::Team;
 
 pub use crate::collective::{ThreadGroup, Traffic};
+pub use crate::matmul::{view, view_mut};
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
 
 mod sealed {

@@ -29,8 +29,10 @@ const PARALLEL_MIN_FLOPS: f64 = 4.0e6;
 /// A single matrix product is split across threads only above this many flops.
 const SPLIT_MIN_FLOPS: f64 = 8.0e6;
 
-/// A row-major matrix (one item of a stack) as a faer view, transposed if asked.
-pub(crate) fn view<T>(data: &[T], rows: usize, cols: usize, op: Transpose) -> MatRef<'_, T> {
+/// A row-major `rows x cols` matrix (one item of a stack) as a faer view, transposed if asked:
+/// how code calling faer's kernels directly on [`HostMatrix`](muon_core::HostMatrix) storage
+/// hands them its operands.
+pub fn view<T>(data: &[T], rows: usize, cols: usize, op: Transpose) -> MatRef<'_, T> {
     let m = MatRef::from_row_major_slice(data, rows, cols);
     match op {
         Transpose::No => m,
@@ -38,8 +40,8 @@ pub(crate) fn view<T>(data: &[T], rows: usize, cols: usize, op: Transpose) -> Ma
     }
 }
 
-/// A mutable row-major matrix as a faer view.
-pub(crate) fn view_mut<T>(data: &mut [T], rows: usize, cols: usize) -> MatMut<'_, T> {
+/// A mutable row-major `rows x cols` matrix as a faer view (the destination of a product).
+pub fn view_mut<T>(data: &mut [T], rows: usize, cols: usize) -> MatMut<'_, T> {
     MatMut::from_row_major_slice_mut(data, rows, cols)
 }
 

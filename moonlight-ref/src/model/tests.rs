@@ -25,6 +25,7 @@ use muon_core::{HostMatrix, Portable};
 
 use super::*;
 use crate::config::Attention as AttentionKind;
+use crate::ops::{AttentionOps, BaseOps, FfnOps, TokenOps};
 
 type B64 = Portable<f64>;
 
@@ -1003,7 +1004,7 @@ fn pass_f32<B: ModelOps<Elem = f32, Matrix = HostMatrix<f32>>>(
 
 #[test]
 fn faer_and_portable_f32_agree() {
-    // The two backends share the model ops (cpu.rs) and differ in their GEMMs (faer's blocked
+    // The two backends share the model ops (cpu/) and differ in their GEMMs (faer's blocked
     // kernels vs a naive loop), so results differ by f32 rounding of sums of ~C..4C terms:
     // relative ~1e-7..1e-6 per product. Measured: every gradient tensor within 8e-7 of its
     // largest element; the bound 1e-5 leaves a margin for other inputs, and a real

@@ -207,7 +207,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
     let schedule = settings.schedule();
     let (mut tokens, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
     // Thread-local kernel workspaces now, so that no training step allocates them.
-    crate::cpu::warm_up_threads();
+    backend.warm_up().map_err(ModelError::Backend)?;
 
     for step in start..end {
         let number = step + 1; // the step being taken, from 1

@@ -1,0 +1,248 @@
+//! Column blocks, the token-rows/heads layouts, RoPE and the causal softmax on the host.
+
+use muon_core::{check_shape, Error, HostMatrix, Real, Result, Shape};
+use rayon::prelude::*;
+
+use super::{dims, f, floored, same, t, CpuReal, HostBackend, MIN_ROWS};
+use crate::ops::AttentionOps;
+
+/// Checks that the column block `col..col + width` lies inside `cols` columns.
+fn check_columns(what: &str, col: usize, width: usize, cols: usize) -> Result<()> {
+    if col.checked_add(width).is_some_and(|end| end <= cols) {
+        Ok(())
+    } else {
+        Err(Error::Backend(format!(
+            "{what}: columns {col}..{col}+{width} do not fit in {cols}"
+        )))
+    }
+}
+
+/// `(B, T, H)` of a heads stack `[B*H, T, D]` against a token matrix `[B*T, S]`.
+fn head_dims<T: CpuReal>(
+    what: &str,
+    heads: &HostMatrix<T>,
+    tokens: &HostMatrix<T>,
+) -> Result<(usize, usize, usize)> {
+    let hs = heads.shape();
+    let (n, _) = dims(tokens, what)?;
+    if hs.cols == 0 {
+        return Err(Error::EmptyMatrix { what: what.into() });
+    }
+    let seq = hs.rows;
+    if seq == 0 || !n.is_multiple_of(seq) {
+        return Err(Error::Backend(format!(
+            "{what}: heads {hs} do not tile {n} token rows"
+        )));
+    }
+    let b = n / seq;
+    if b == 0 || hs.batch == 0 || !hs.batch.is_multiple_of(b) {
+        return Err(Error::Backend(format!(
+            "{what}: heads {hs} do not tile {b} sequences"
+        )));
+    }
+    Ok((b, seq, hs.batch / b))
+}
+
+/// The side `T` of a stack of square `[M, T, T]` score matrices.
+fn square_side(what: &str, s: Shape) -> Result<usize> {
+    check_shape(what, Shape::batched(s.batch, s.rows, s.rows), s)?;
+    if s.rows == 0 {
+        return Err(Error::EmptyMatrix { what: what.into() });
+    }
+    Ok(s.rows)
+}
+
+impl<B: HostBackend> AttentionOps for B {
+    fn copy_columns(
+        &self,
+        dst: &mut Self::Matrix,
+        dst_col: usize,
+        src: &Self::Matrix,
+        src_col: usize,
+        width: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (n, wd) = dims(dst, "copy_columns dst")?;
+        let (_, ws) = dims(src, "copy_columns src")?;
+        check_shape("copy_columns src", Shape::matrix(n, ws), src.shape())?;
+        check_columns("copy_columns dst", dst_col, width, wd)?;
+        check_columns("copy_columns src", src_col, width, ws)?;
+        dst.as_mut_slice()
+            .par_chunks_mut(wd)
+            .with_min_len(MIN_ROWS)
+            .zip(src.as_slice().par_chunks(ws))
+            .for_each(|(d, s)| {
+                let (d, s) = (&mut d[dst_col..dst_col + width], &s[src_col..src_col + width]);
+                if accumulate {
+                    d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
+                } else {
+                    d.copy_from_slice(s);
+                }
+            });
+        Ok(())
+    }
+
+    fn split_heads(
+        &self,
+        dst: &mut Self::Matrix,
+        dst_col: usize,
+        src: &Self::Matrix,
+        src_col: usize,
+        head_stride: usize,
+        width: usize,
+    ) -> Result<()> {
+        let (_, seq, h) = head_dims("split_heads", dst, src)?;
+        let dd = dst.shape().cols;
+        let s_cols = src.shape().cols;
+        check_columns("split_heads dst", dst_col, width, dd)?;
+        let last_head = (h - 1).saturating_mul(head_stride).saturating_add(src_col);
+        check_columns("split_heads src (last head)", last_head, width, s_cols)?;
+        let s = src.as_slice();
+        dst.as_mut_slice()
+            .par_chunks_mut(seq * dd)
+            .enumerate()
+            .for_each(|(bh, m)| {
+                let (b, hh) = (bh / h, bh % h);
+                let c0 = hh * head_stride + src_col;
+                for (ti, row) in m.chunks_exact_mut(dd).enumerate() {
+                    let sr = &s[(b * seq + ti) * s_cols..][c0..c0 + width];
+                    row[dst_col..dst_col + width].copy_from_slice(sr);
+                }
+            });
+        Ok(())
+    }
+
+    fn merge_heads(
+        &self,
+        dst: &mut Self::Matrix,
+        dst_col: usize,
+        head_stride: usize,
+        src: &Self::Matrix,
+        src_col: usize,
+        width: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (_, seq, h) = head_dims("merge_heads", src, dst)?;
+        let ds = src.shape().cols;
+        let d_cols = dst.shape().cols;
+        check_columns("merge_heads src", src_col, width, ds)?;
+        let last_head = (h - 1).saturating_mul(head_stride).saturating_add(dst_col);
+        check_columns("merge_heads dst (last head)", last_head, width, d_cols)?;
+        let s = src.as_slice();
+        let blocks = if head_stride == 0 { 1 } else { h };
+        dst.as_mut_slice()
+            .par_chunks_mut(d_cols)
+            .with_min_len(MIN_ROWS)
+            .enumerate()
+            .for_each(|(n, row)| {
+                let (b, ti) = (n / seq, n % seq);
+                if !accumulate {
+                    for hh in 0..blocks {
+                        let c0 = hh * head_stride + dst_col;
+                        row[c0..c0 + width].fill(Self::Elem::ZERO);
+                    }
+                }
+                for hh in 0..h {
+                    let c0 = hh * head_stride + dst_col;
+                    let sr = &s[((b * h + hh) * seq + ti) * ds..][src_col..src_col + width];
+                    row[c0..c0 + width].iter_mut().zip(sr).for_each(|(d, &v)| *d += v);
+                }
+            });
+        Ok(())
+    }
+
+    fn rope_table(&self, table: &mut Self::Matrix, theta: f64) -> Result<()> {
+        let (_, d) = dims(table, "rope_table table")?;
+        if d % 2 != 0 {
+            return Err(Error::Backend(format!("rope_table: width {d} must be even")));
+        }
+        let half = d / 2;
+        for (pos, row) in table.as_mut_slice().chunks_exact_mut(d).enumerate() {
+            for i in 0..half {
+                let freq = theta.powf(-2.0 * i as f64 / d as f64);
+                let angle = pos as f64 * freq;
+                row[i] = t(angle.cos());
+                row[half + i] = t(angle.sin());
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Self::Matrix, col: usize, table: &Self::Matrix, inverse: bool) -> Result<()> {
+        let xs = x.shape();
+        let (tr, d) = dims(table, "rope table")?;
+        if xs.rows > tr || col.checked_add(d).is_none_or(|end| end > xs.cols) {
+            return Err(Error::Backend(format!(
+                "rope: x {xs}, table {tr}x{d}, col {col}: needs a table row per position and \
+                 the rotated columns inside x"
+            )));
+        }
+        let half = d / 2;
+        let tab = table.as_slice();
+        let (seq, cols) = (xs.rows, xs.cols);
+        let sign = if inverse { -1.0 } else { 1.0 };
+        x.as_mut_slice()
+            .par_chunks_mut(cols)
+            .with_min_len(MIN_ROWS)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let pos = r % seq;
+                let (cos, sin) = tab[pos * d..(pos + 1) * d].split_at(half);
+                let v = &mut row[col..col + d];
+                for i in 0..half {
+                    let (a, b) = (f(v[i]), f(v[half + i]));
+                    let (c, s) = (f(cos[i]), sign * f(sin[i]));
+                    v[i] = t(a * c - b * s);
+                    v[half + i] = t(a * s + b * c);
+                }
+            });
+        Ok(())
+    }
+
+    fn causal_softmax_forward(&self, scores: &mut Self::Matrix) -> Result<()> {
+        let seq = square_side("causal_softmax_forward scores", scores.shape())?;
+        scores
+            .as_mut_slice()
+            .par_chunks_mut(seq)
+            .with_min_len(MIN_ROWS)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let i = r % seq;
+                let (live, masked) = row.split_at_mut(i + 1);
+                let max = live
+                    .iter()
+                    .copied()
+                    .fold(live[0], |m, v| if v > m { v } else { m });
+                let mut sum = 0.0;
+                for v in live.iter_mut() {
+                    let e = (*v - max).exp();
+                    sum += f(e);
+                    *v = e;
+                }
+                let inv: Self::Elem = t(1.0 / sum);
+                live.iter_mut().for_each(|v| *v = floored(*v * inv));
+                masked.fill(Self::Elem::ZERO);
+            });
+        Ok(())
+    }
+
+    fn causal_softmax_backward(&self, grad: &mut Self::Matrix, probs: &Self::Matrix) -> Result<()> {
+        same("causal_softmax_backward grad", probs, grad)?;
+        let seq = square_side("causal_softmax_backward probs", probs.shape())?;
+        grad.as_mut_slice()
+            .par_chunks_mut(seq)
+            .with_min_len(MIN_ROWS)
+            .zip(probs.as_slice().par_chunks(seq))
+            .enumerate()
+            .for_each(|(r, (g, p))| {
+                // Row i has probabilities only up to i; past it P = 0 and so is dS.
+                let i = r % seq;
+                let (live, masked) = g.split_at_mut(i + 1);
+                let dot: f64 = live.iter().zip(p).map(|(&g, &p)| f(g) * f(p)).sum();
+                let dot: Self::Elem = t(dot);
+                live.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
+                masked.fill(Self::Elem::ZERO);
+            });
+        Ok(())
+    }
+}

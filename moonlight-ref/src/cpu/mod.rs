@@ -1,0 +1,228 @@
+//! [`ModelOps`](crate::ops::ModelOps) on the CPU, for every backend whose matrices are host
+//! slices ([`HostMatrix`]): [`Portable`] (any [`CpuReal`], f64 for gradient checks) and
+//! [`muon_faer::Faer`] (f32 for training, f64 too). Both are a [`HostBackend`], and each op
+//! family of [`crate::ops`] is implemented once for every host backend, in one file per family:
+//! `base.rs` (index buffers, fill, memory, warm-up), `token.rs` (embedding, RMSNorm,
+//! cross-entropy), `attention.rs` (column and head layout, RoPE, causal softmax) and `ffn.rs`
+//! (SwiGLU and the MoE layer).
+//!
+//! Row-wise work runs on rayon (rows of attention scores over batch x heads, token rows,
+//! expert row ranges); every reduction runs serially inside one task, so results do not
+//! depend on the thread count. Transcendentals and row reductions are computed in `f64`.
+//!
+//! Every op checks its operands before touching them: a wrong shape is an
+//! [`Error::ShapeMismatch`] naming the operand, an index buffer of the wrong length an
+//! [`Error::CountMismatch`], an index out of range (a token outside the vocabulary, an
+//! expert, a row) an [`Error::Backend`] naming the buffer and the position; nothing is
+//! written then. The checks allocate nothing unless they fail.
+
+mod attention;
+mod base;
+mod ffn;
+mod token;
+
+use muon_core::{check_shape, Backend, Error, HostMatrix, Portable, Real, Result, Shape, Transpose};
+
+/// A backend whose matrices are [`HostMatrix`] stacks of a [`CpuReal`]: every op family is
+/// implemented once for all of them.
+pub trait HostBackend: Backend<Elem: CpuReal, Matrix = HostMatrix<<Self as Backend>::Elem>> {}
+
+impl<T: CpuReal> HostBackend for Portable<T> {}
+impl<T: muon_faer::Elem + CpuReal> HostBackend for muon_faer::Faer<T> {}
+
+/// The element types of the host kernels: [`Real`] plus the exponential in the element's own
+/// precision and a single-threaded faer product.
+///
+/// `f32` uses its own inlined exponential ([`exp_f32`]) rather than libm's `expf`: the SwiGLU
+/// sigmoids and softmax exponentials dominate the non-GEMM time, and an inlined polynomial
+/// neither pays a call per element nor depends on the thread's AVX state (after a faer
+/// product leaves the AVX upper halves dirty, libm's `expf` ran ~25x slower on x86-64, 4 ns ->
+/// 100+ ns per call, which once made the softmax the bottleneck; every faer product here is
+/// now followed by `muon_faer::clear_avx_upper_state`).
+pub trait CpuReal: Real {
+    /// Softmax outputs below this are stored as exact zeros (1e-30 in f32, 1e-300 in f64):
+    /// near-subnormal probabilities make later products with them (the LM head's and
+    /// attention's GEMMs, forward and backward) subnormal, and each subnormal result takes a
+    /// microcode assist on x86; a long run without weight decay slowed 4x as its predictions
+    /// sharpened. A probability that small changes no sum it enters.
+    const PROB_FLOOR: Self;
+
+    /// `e^self`.
+    fn exp(self) -> Self;
+
+    /// One single-threaded product on row-major slices, with faer's kernels:
+    /// `c = alpha * op(a) op(b)` (or `c += ...` with `accumulate`), where `a` is stored
+    /// `a_rows x a_cols`, `b` `b_rows x b_cols`, and `c` is `m x n`.
+    fn matmul(
+        c: &mut [Self],
+        m: usize,
+        n: usize,
+        a: (&[Self], usize, usize, Transpose),
+        b: (&[Self], usize, usize, Transpose),
+        alpha: Self,
+        accumulate: bool,
+    );
+}
+
+macro_rules! impl_cpu_real {
+    ($t:ty, $exp:path, $floor:expr) => {
+        impl CpuReal for $t {
+            const PROB_FLOOR: Self = $floor;
+
+            #[inline]
+            fn exp(self) -> Self {
+                $exp(self)
+            }
+
+            fn matmul(
+                c: &mut [Self],
+                m: usize,
+                n: usize,
+                a: (&[Self], usize, usize, Transpose),
+                b: (&[Self], usize, usize, Transpose),
+                alpha: Self,
+                accumulate: bool,
+            ) {
+                let accum = if accumulate {
+                    faer::Accum::Add
+                } else {
+                    faer::Accum::Replace
+                };
+                faer::linalg::matmul::matmul(
+                    muon_faer::view_mut(c, m, n),
+                    accum,
+                    muon_faer::view(a.0, a.1, a.2, a.3),
+                    muon_faer::view(b.0, b.1, b.2, b.3),
+                    alpha,
+                    faer::Par::Seq,
+                );
+                // faer's x86 kernels return with the AVX upper halves dirty, which makes
+                // legacy-SSE code on this thread (libm among it) pay a transition penalty.
+                muon_faer::clear_avx_upper_state();
+            }
+        }
+    };
+}
+impl_cpu_real!(f32, exp_f32, 1e-30);
+impl_cpu_real!(f64, f64::exp, 1e-300);
+
+/// `e^x` in `f32` (Cephes `expf`: range reduction by `ln 2` in two parts, a degree-6
+/// polynomial; within 2 ulp of the exact value on `[-87, 88]`). Below -87.3 it returns
+/// ~1e-38 instead of a subnormal (the callers add it to 1 or normalize by a sum that includes
+/// `e^0`), above 88 it saturates near `f32::MAX`; NaN stays NaN.
+#[inline]
+pub fn exp_f32(x: f32) -> f32 {
+    // `clamp` passes NaN through (unlike min/max).
+    let x = x.clamp(-87.3, 88.0);
+    // round(x / ln 2) without `floor` (a libm call on baseline x86-64): truncate, then step
+    // down where truncation rounded a negative value up.
+    let t = x * std::f32::consts::LOG2_E + 0.5;
+    let n = t as i32;
+    let n = (if n as f32 > t { n - 1 } else { n }) as f32;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+// ----- shared by the families -----
+
+/// Rows handed to one rayon task at least: keeps tiny problems on one thread.
+const MIN_ROWS: usize = 16;
+
+#[inline]
+fn f<T: CpuReal>(x: T) -> f64 {
+    x.to_f64()
+}
+#[inline]
+fn t<T: CpuReal>(x: f64) -> T {
+    T::from_f64(x)
+}
+
+/// A probability, or zero below [`CpuReal::PROB_FLOOR`]; NaN stays NaN.
+#[inline]
+fn floored<T: CpuReal>(p: T) -> T {
+    if p < T::PROB_FLOOR {
+        T::ZERO
+    } else {
+        p
+    }
+}
+
+/// `(rows, cols)` of a plain (batch 1) matrix with at least one column: the row-wise loops cut
+/// the storage into rows.
+fn dims<T: CpuReal>(m: &HostMatrix<T>, what: &str) -> Result<(usize, usize)> {
+    let s = m.shape();
+    check_shape(what, Shape::matrix(s.rows, s.cols), s)?;
+    if s.cols == 0 {
+        return Err(Error::EmptyMatrix { what: what.into() });
+    }
+    Ok((s.rows, s.cols))
+}
+
+/// Checks that `found` has the shape of `expected`.
+fn same<T: CpuReal>(what: &str, expected: &HostMatrix<T>, found: &HostMatrix<T>) -> Result<()> {
+    check_shape(what, expected.shape(), found.shape())
+}
+
+/// Checks the length of an index buffer.
+fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(Error::CountMismatch {
+            what,
+            expected,
+            found,
+        })
+    }
+}
+
+/// Checks that every index in `idx` is below `bound` (a vocabulary, an expert count, a row
+/// count).
+fn check_indices(what: &str, idx: &[u32], bound: usize) -> Result<()> {
+    // The largest index (a reduction the compiler vectorizes); the position only on failure.
+    if (idx.iter().copied().fold(0, u32::max) as usize) < bound {
+        return Ok(());
+    }
+    match idx.iter().position(|&i| i as usize >= bound) {
+        None => Ok(()),
+        Some(p) => Err(Error::Backend(format!(
+            "{what}[{p}] = {} is out of range: it must be below {bound}",
+            idx[p]
+        ))),
+    }
+}
+
+/// `dst[r] = src[rows[r]]`: the body of both `FfnOps::gather_rows` and
+/// `TokenOps::embedding_forward` (a lookup is a gather of table rows). `names` names the
+/// operands in errors: `(dst, src, rows)`.
+fn gather_rows<T: CpuReal>(
+    dst: &mut HostMatrix<T>,
+    src: &HostMatrix<T>,
+    rows: &[u32],
+    names: (&str, &str, &'static str),
+) -> Result<()> {
+    use rayon::prelude::*;
+    let (r, c) = dims(dst, names.0)?;
+    let (n, _) = dims(src, names.1)?;
+    check_shape(names.1, Shape::matrix(n, c), src.shape())?;
+    check_len(names.2, r, rows.len())?;
+    check_indices(names.2, rows, n)?;
+    let s = src.as_slice();
+    dst.as_mut_slice()
+        .par_chunks_mut(c)
+        .with_min_len(MIN_ROWS)
+        .zip(rows)
+        .for_each(|(d, &i)| {
+            let i = i as usize;
+            d.copy_from_slice(&s[i * c..(i + 1) * c]);
+        });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
