@@ -20,6 +20,9 @@
 //!   [`clear_avx_upper_state`] after it too.
 //! - `X^T X` of a tall input with a Gram side of 768 or more goes through a transposed copy
 //!   in a scratch buffer the backend keeps (faer reads the strided original at half speed).
+//! - With [`Precision::Bf16`] ([`Faer::with_precision`]) the products of a `Faer<f32>` round
+//!   their inputs to bf16 and accumulate in f32 on the CPU's matrix units: Intel AMX or
+//!   AVX512-BF16, detected at run time ([`Bf16Kernel`]); the f32 kernels where it has neither.
 //!
 //! ## Example
 //!

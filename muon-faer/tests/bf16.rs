@@ -539,3 +539,185 @@ fn a_hybrid_step_in_bf16_tracks_f32() {
         );
     }
 }
+
+/// The symmetric products in bf16 on every kernel: `gram` both ways and `symmetric_square`,
+/// against the exact product with the GEMM bound above, and exactly symmetric (one triangle,
+/// mirrored). The shapes reach the team's row bands (2 threads) and stacks.
+#[test]
+fn bf16_symmetric_products_match_the_exact_ones() {
+    for kernel in [
+        Bf16Kernel::Amx,
+        Bf16Kernel::Avx512Bf16,
+        Bf16Kernel::AmxModel,
+        Bf16Kernel::Avx512Bf16Model,
+    ] {
+        let Some(cpu) = backend(kernel, 2) else { continue };
+        let mut rng = Rng::new(14);
+        let data = |rng: &mut Rng, n: usize| -> Vec<f32> { rng.vec(n).iter().map(|&v| v as f32).collect() };
+        // (batch, rows, cols) of X for the Gram products; S is m x m from the same list.
+        for (batch, r, c) in [
+            (1, 1, 40),
+            (1, 17, 129),
+            (1, 129, 17),
+            (3, 64, 100),
+            (1, 260, 190),
+            (1, 300, 520),
+        ] {
+            for op in [Transpose::No, Transpose::Yes] {
+                let shape = Shape::batched(batch, r, c);
+                let x = data(&mut rng, shape.len());
+                let (m, k) = shape.op(op);
+                let mut g = HostMatrix::zeros(Shape::batched(batch, m, m));
+                cpu.gram(&mut g, &HostMatrix::from_vec(shape, x.clone()).unwrap(), op)
+                    .unwrap();
+                let (alpha, beta) = (1.0, 0.0);
+                let exact = |e: usize, i: usize, j: usize| {
+                    let xe = &x[e * shape.batch_stride()..];
+                    (0..k).fold((0.0, 0.0), |(s, a), kk| {
+                        let (u, v) = (at(xe, c, op, i, kk) as f64, at(xe, c, op, j, kk) as f64);
+                        (s + u * v, a + (u * v).abs())
+                    })
+                };
+                let g = g.as_slice();
+                for e in 0..batch {
+                    for i in 0..m {
+                        for j in 0..m {
+                            let got = g[(e * m + i) * m + j];
+                            assert_eq!(
+                                got,
+                                g[(e * m + j) * m + i],
+                                "{kernel} gram {shape} {op:?}: not symmetric"
+                            );
+                            let (want, abs) = exact(e, i, j);
+                            let r = k + k.div_ceil(256) + 2;
+                            let bound =
+                                (2.0 * U_B + U_B * U_B + (1.0 + U_B).powi(2) * gamma(r)) * abs + 1e-35;
+                            assert!(
+                                (got as f64 * alpha + beta - want).abs() <= bound,
+                                "{kernel} gram {shape} {op:?} ({e}, {i}, {j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for (batch, m) in [(1, 15), (2, 33), (1, 129), (1, 300)] {
+            let shape = Shape::batched(batch, m, m);
+            let symmetric = |rng: &mut Rng| {
+                let v = data(rng, shape.len());
+                let mut s = v.clone();
+                for e in 0..batch {
+                    for i in 0..m {
+                        for j in 0..i {
+                            s[(e * m + j) * m + i] = v[(e * m + i) * m + j];
+                        }
+                    }
+                }
+                s
+            };
+            let (s, c0) = (symmetric(&mut rng), symmetric(&mut rng));
+            let (alpha, beta) = (2.0315f32, -4.775f32);
+            let mut d = HostMatrix::from_vec(shape, c0.clone()).unwrap();
+            cpu.symmetric_square(
+                &mut d,
+                alpha,
+                &HostMatrix::from_vec(shape, s.clone()).unwrap(),
+                beta,
+            )
+            .unwrap();
+            let d = d.as_slice();
+            for e in 0..batch {
+                for i in 0..m {
+                    for j in 0..m {
+                        let idx = (e * m + i) * m + j;
+                        assert_eq!(
+                            d[idx],
+                            d[(e * m + j) * m + i],
+                            "{kernel} symmetric_square: not symmetric"
+                        );
+                        let (mut want, mut abs) = (0.0f64, 0.0f64);
+                        for kk in 0..m {
+                            let p = s[(e * m + i) * m + kk] as f64 * s[(e * m + kk) * m + j] as f64;
+                            want += p;
+                            abs += p.abs();
+                        }
+                        let want = alpha as f64 * want + beta as f64 * c0[idx] as f64;
+                        let r = m + m.div_ceil(256) + 2;
+                        let bound = (alpha as f64).abs()
+                            * (2.0 * U_B + U_B * U_B + (1.0 + U_B).powi(2) * gamma(r))
+                            * abs
+                            + gamma(2) * (beta as f64 * c0[idx] as f64).abs()
+                            + 1e-35;
+                        assert!(
+                            (d[idx] as f64 - want).abs() <= bound,
+                            "{kernel} symmetric_square {shape} ({e}, {i}, {j}): {} vs {want}",
+                            d[idx]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What each precision runs as. `Tf32` as `F32` and `Bf16` on `Faer<f64>` as f64, bit for bit
+/// (no bf16 kernel reported); `Bf16` on `Faer<f32>` on the kernel `Auto` detects (or f32 where
+/// there is none). Forcing a kernel the machine lacks is an error naming what is missing.
+#[test]
+fn what_each_precision_runs_as() {
+    let mut rng = Rng::new(15);
+    let shape = Shape::matrix(70, 90);
+    let (a, b) = (rng.vec(shape.len()), rng.vec(shape.len()));
+    fn product<T: muon_faer::Elem>(cpu: &Faer<T>, a: &[f64], b: &[f64], shape: Shape) -> Vec<f64> {
+        let m = |d: &[f64]| HostMatrix::from_vec(shape, d.iter().map(|&v| T::from_f64(v)).collect()).unwrap();
+        let mut c = HostMatrix::zeros(Shape::matrix(shape.rows, shape.rows));
+        cpu.gemm(
+            &mut c,
+            T::ONE,
+            &m(a),
+            Transpose::No,
+            &m(b),
+            Transpose::Yes,
+            T::ZERO,
+        )
+        .unwrap();
+        host(cpu, &c)
+    }
+    let f32s = Faer::<f32>::with_threads(2);
+    assert_eq!(f32s.precision(), Precision::F32, "the default");
+    let tf32 = f32s.clone().with_precision(Precision::Tf32);
+    assert_eq!((tf32.precision(), tf32.bf16_kernel()), (Precision::Tf32, None));
+    assert_eq!(
+        product(&tf32, &a, &b, shape),
+        product(&f32s, &a, &b, shape),
+        "TF32 runs as F32"
+    );
+    let f64s = Faer::<f64>::with_threads(2);
+    let mut f64_bf16 = f64s.clone();
+    f64_bf16.set_precision(Precision::Bf16);
+    assert_eq!(
+        (f64_bf16.precision(), f64_bf16.bf16_kernel()),
+        (Precision::Bf16, None)
+    );
+    assert_eq!(
+        product(&f64_bf16, &a, &b, shape),
+        product(&f64s, &a, &b, shape),
+        "bf16 on f64 runs as f64"
+    );
+    let auto = f32s.clone().with_precision(Precision::Bf16);
+    assert_eq!(auto.bf16_kernel(), Bf16Kernel::detect());
+    if auto.bf16_kernel().is_some() {
+        assert_ne!(
+            product(&auto, &a, &b, shape),
+            product(&f32s, &a, &b, shape),
+            "bf16 rounds its inputs"
+        );
+    }
+    for (kernel, needs) in [(Bf16Kernel::Amx, "AMX"), (Bf16Kernel::Avx512Bf16, "AVX512-BF16")] {
+        match (kernel.check(), f32s.clone().with_bf16_kernel(kernel)) {
+            (Ok(()), Ok(cpu)) => assert_eq!(cpu.with_precision(Precision::Bf16).bf16_kernel(), Some(kernel)),
+            (Err(e), Err(_)) => assert!(e.to_string().contains(needs), "{e} should name {needs}"),
+            _ => panic!("{kernel}: check and with_bf16_kernel disagree"),
+        }
+    }
+}

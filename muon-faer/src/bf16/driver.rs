@@ -20,24 +20,35 @@ use faer::MatMut;
 use super::model::merge;
 use super::pack::{pack_pair_major, pack_row_major, KView};
 
-/// An `MR x NR` register-blocked micro-kernel on pair-major panels.
+/// An A micro-panel of `MR` rows: lane `(i, p)` at `lanes[i * row + p * pair]`. Pair-major
+/// (`row = 1`, `pair = MR`) when A is stored with `k` down its columns, row-major (`row =
+/// pairs`, `pair = 1`) when `k` runs along its rows: each is packed without a transposition.
+#[derive(Clone, Copy)]
+pub(crate) struct APanel<'a> {
+    pub(crate) lanes: &'a [u32],
+    pub(crate) row: usize,
+    pub(crate) pair: usize,
+}
+
+/// An `MR x NR` register-blocked micro-kernel: A pairs broadcast, B pairs in vectors.
 pub(crate) trait RegisterKernel: Copy {
     /// Rows of a tile (A micro-panel width).
     const MR: usize;
     /// Columns of a tile (B micro-panel width).
     const NR: usize;
     /// `c = alpha (A B^T) + beta c` (`beta == 0`: `c` is not read) for the `pairs` pairs of
-    /// the panels `a` (`pairs x MR` lanes) and `b` (`pairs x NR`); `c` is at most `MR x NR`,
-    /// row-major (unit column stride).
-    fn tile(self, pairs: usize, a: &[u32], b: &[u32], c: MatMut<'_, f32>, alpha: f32, beta: f32);
+    /// the panels `a` (`MR x pairs` lanes) and `b` (pair-major, `pairs x NR`); `c` is at most
+    /// `MR x NR`, row-major (unit column stride).
+    fn tile(self, pairs: usize, a: APanel<'_>, b: &[u32], c: MatMut<'_, f32>, alpha: f32, beta: f32);
 }
 
 /// Pairs of `k` per block (`KC / 2`): a B micro-panel is `128 x 32` lanes, 16 KiB, in L1.
 const KC_PAIRS: usize = 128;
 /// Rows of A per block: `MC x KC` lanes, 84 KiB, in L2.
 const MC: usize = 168;
-/// Columns of B per panel: `KC x NC` lanes, 512 KiB.
-const NC: usize = 1024;
+/// Columns of B per panel: `KC x NC` lanes, 2 MiB (in L3; A's blocks are packed once per
+/// panel, so a wide panel packs A fewer times).
+const NC: usize = 4096;
 
 /// Tile shapes of the AMX driver: C in blocks of 32 x 32 (four 16 x 16 f32 tiles), `k` in
 /// steps of 16 pairs (one TDPBF16PS per tile per step).
@@ -119,8 +130,14 @@ pub(crate) fn register_product<K: RegisterKernel>(
             for ic in (first_row..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
                 for (q, ir) in (0..mc).step_by(mr).enumerate() {
-                    pack_pair_major(a, ic + ir, mr, pc, kc, &mut a_block[q * mr * kc..]);
+                    let panel = &mut a_block[q * mr * kc..];
+                    if a.k_contiguous() {
+                        pack_row_major(a, ic + ir, mr, pc, kc, panel);
+                    } else {
+                        pack_pair_major(a, ic + ir, mr, pc, kc, panel);
+                    }
                 }
+                let (row, pair) = if a.k_contiguous() { (kc, 1) } else { (1, mr) };
                 for (qj, jr) in (0..nc).step_by(nr).enumerate() {
                     let b_micro = &b_panel[qj * nr * kc..][..nr * kc];
                     let cols = nr.min(nc - jr);
@@ -130,7 +147,8 @@ pub(crate) fn register_product<K: RegisterKernel>(
                         if above_diagonal(i0, rows, j0, lower) {
                             continue;
                         }
-                        let a_micro = &a_block[qi * mr * kc..][..mr * kc];
+                        let lanes = &a_block[qi * mr * kc..][..mr * kc];
+                        let a_micro = APanel { lanes, row, pair };
                         let tile = c.as_mut().submatrix_mut(i0, j0, rows, cols);
                         kernel.tile(kc, a_micro, b_micro, tile, alpha, beta);
                     }

@@ -6,7 +6,7 @@
 //!   of C (four tiles) per step of 32 `k`. Linux must grant the process the tile-data state
 //!   (asked once, at detection); each product loads the tile configuration on its thread
 //!   and releases the tiles when it ends.
-//! - **AVX512-BF16** (AMD Zen 4/5, Intel Cooper Lake and later): VDPBF16PS in a 14 x 32
+//! - **AVX512-BF16** (AMD Zen 4/5, Intel Cooper Lake and later): VDPBF16PS in a 6 x 64
 //!   register tile.
 //! - Where neither exists the backend runs its f32 products.
 //!

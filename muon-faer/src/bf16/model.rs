@@ -9,7 +9,7 @@
 //! subnormal inputs count as zero (DAZ) and subnormal results are flushed to zero (FTZ);
 //! MXCSR plays no part.
 
-use super::driver::{RegisterKernel, TileOps, TileUnit, TILE_BYTES};
+use super::driver::{APanel, RegisterKernel, TileOps, TileUnit, TILE_BYTES};
 use super::pack::bf16_value;
 use faer::MatMut;
 
@@ -83,15 +83,15 @@ impl RegisterKernel for Vdpbf16psModel {
     const MR: usize = super::arch::AVX512_MR;
     const NR: usize = super::arch::AVX512_NR;
 
-    fn tile(self, pairs: usize, a: &[u32], b: &[u32], mut c: MatMut<'_, f32>, alpha: f32, beta: f32) {
+    fn tile(self, pairs: usize, a: APanel<'_>, b: &[u32], mut c: MatMut<'_, f32>, alpha: f32, beta: f32) {
         let (mr, nr) = (Self::MR, Self::NR);
-        assert!(a.len() >= pairs * mr && b.len() >= pairs * nr);
+        assert!(b.len() >= pairs * nr);
         assert!(c.nrows() <= mr && c.ncols() <= nr);
         for i in 0..c.nrows() {
             for j in 0..c.ncols() {
                 let mut acc = 0.0f32;
                 for p in 0..pairs {
-                    acc = vdpbf16ps_lane(acc, a[p * mr + i], b[p * nr + j]);
+                    acc = vdpbf16ps_lane(acc, a.lanes[i * a.row + p * a.pair], b[p * nr + j]);
                 }
                 merge(acc, &mut c[(i, j)], alpha, beta);
             }
