@@ -7,8 +7,10 @@
 //!
 //! ```text
 //! cargo bench -p muon-faer --bench ns -- [--threads 1,2] [--shapes 128x128,64x128x352,...]
-//!     [--target-s 2] [--no-ns] [--no-gemm] [--no-step] [--generic]
+//!     [--target-s 2] [--no-ns] [--no-gemm] [--no-step] [--generic] [--precision f32|bf16]
 //! ```
+//! `--precision bf16` runs the backend's products in bf16 (`Precision::Bf16`, on AMX or
+//! AVX512-BF16 where the CPU has them): impl `muon-faer-bf16`, and a `kernel` key.
 //! `--generic` also times muon-core's `newton_schulz_generic` on the same backend (impl
 //! `muon-faer-generic`), right after the backend's own Newton-Schulz: the baseline for what
 //! the override (stacks in cache, `a X` folded into the product) gains.
@@ -23,7 +25,7 @@ use muon_core::{
     newton_schulz, newton_schulz_generic, Backend, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz,
     NsWorkspace, ParamRole, ParamSpec, Shape, Transpose,
 };
-use muon_faer::Faer;
+use muon_faer::{Bf16Kernel, Faer, Precision};
 
 const DEFAULT_SHAPES: &str = "128x128,256x1024,512x512,1024x1024,1024x4096,2048x2048,64x128x352";
 
@@ -35,6 +37,7 @@ struct Args {
     gemm: bool,
     step: bool,
     generic: bool,
+    precision: Precision,
 }
 
 fn parse_shape(s: &str) -> Shape {
@@ -58,6 +61,7 @@ fn parse_args() -> Args {
         generic: false,
         gemm: true,
         step: true,
+        precision: Precision::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +82,12 @@ fn parse_args() -> Args {
             "--generic" => args.generic = true,
             "--no-gemm" => args.gemm = false,
             "--no-step" => args.step = false,
+            "--precision" => {
+                args.precision = it
+                    .next()
+                    .and_then(|v| Precision::from_name(&v))
+                    .expect("--precision f32|bf16")
+            }
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -159,13 +169,18 @@ fn bench_ns(cpu: &Faer<f32>, threads: usize, shape: Shape, target_s: f64, generi
     } else {
         format!("{}x{}x{}", shape.batch, shape.rows, shape.cols)
     };
-    let runs: &[(&str, NsFn)] = if generic {
-        &[
+    let bf16 = cpu.precision() == Precision::Bf16;
+    let runs: &[(&str, NsFn)] = match (generic, bf16) {
+        (true, false) => &[
             ("muon-faer", newton_schulz),
             ("muon-faer-generic", newton_schulz_generic),
-        ]
-    } else {
-        &[("muon-faer", newton_schulz)]
+        ],
+        (true, true) => &[
+            ("muon-faer-bf16", newton_schulz),
+            ("muon-faer-bf16-generic", newton_schulz_generic),
+        ],
+        (false, false) => &[("muon-faer", newton_schulz)],
+        (false, true) => &[("muon-faer-bf16", newton_schulz)],
     };
     for &(implementation, run) in runs {
         let times = {
@@ -176,14 +191,16 @@ fn bench_ns(cpu: &Faer<f32>, threads: usize, shape: Shape, target_s: f64, generi
                 || run(cpu, &config, &mut ws.borrow_mut()).expect("newton_schulz"),
             )
         };
-        let extra = if shape.batch > 1 {
-            format!(
+        let mut extra = format!(
+            ", \"kernel\": \"{}\"",
+            cpu.bf16_kernel().map_or("faer-f32", Bf16Kernel::name)
+        );
+        if shape.batch > 1 {
+            extra += &format!(
                 ", \"ms_median_per_matrix\": {:.4}",
                 median(&times) * 1e3 / shape.batch as f64
-            )
-        } else {
-            String::new()
-        };
+            );
+        }
         report(
             implementation,
             "ns5",
@@ -328,7 +345,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     for &threads in &args.threads {
-        let cpu = Faer::<f32>::with_threads(threads);
+        let cpu = Faer::<f32>::with_threads(threads).with_precision(args.precision);
         if args.gemm {
             bench_gemm(&cpu, threads, 2048, args.target_s);
         }

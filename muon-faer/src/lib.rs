@@ -21,6 +21,9 @@
 //!   row-major storage.
 //! - `X^T X` of a tall input with a Gram side of 768 or more goes through a transposed copy
 //!   in a scratch buffer the backend keeps (faer reads the strided original at half speed).
+//! - With [`Precision::Bf16`] ([`Faer::with_precision`]) the products of a `Faer<f32>` round
+//!   their inputs to bf16 and accumulate in f32 on the CPU's matrix units: Intel AMX or
+//!   AVX512-BF16, detected at run time ([`Bf16Kernel`]); the f32 kernels where it has neither.
 //!
 //! ## Example
 //!
@@ -73,6 +76,7 @@
 
 #![warn(missing_docs)]
 
+mod bf16;
 mod collective;
 mod elementwise;
 mod matmul;
@@ -88,12 +92,15 @@ use muon_core::{
     Real, Result, Shape, Transpose,
 };
 
+use crate::bf16::{Bf16, PackPool, Path};
 use crate::matmul::Product;
 use crate::team::Team;
 
+pub use crate::bf16::Bf16Kernel;
 pub use crate::collective::{ThreadGroup, Traffic};
 pub use crate::matmul::{view, view_mut};
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
+pub use muon_core::Precision;
 
 mod sealed {
     pub trait Sealed {}
@@ -102,19 +109,56 @@ mod sealed {
 }
 
 /// The element types faer's kernels serve here: `f32` and `f64`.
-pub trait Elem: Real + faer::traits::RealField + sealed::Sealed {}
-impl Elem for f32 {}
-impl Elem for f64 {}
+pub trait Elem: Real + faer::traits::RealField + sealed::Sealed {
+    /// `s` as `f32` elements when `Self` is `f32` (the bf16 products serve `f32` only).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// `s` as `f32` elements when `Self` is `f32`.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+}
+impl Elem for f32 {
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
+    }
+}
+impl Elem for f64 {
+    fn as_f32(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
+    }
+}
 
 /// The faer CPU backend for element type `T` (`f32` or `f64`).
 ///
 /// A handle to a team of threads; clones share it. All methods take `&self` and calls from
 /// several threads on one handle are serialized.
+///
+/// Its matrix products run in a [`Precision`] ([`with_precision`](Self::with_precision)),
+/// `F32` unless set:
+/// - `F32`: faer's f32 (or f64) kernels.
+/// - `Bf16` (`Faer<f32>` only): inputs rounded to bf16 (nearest even), f32 accumulation and
+///   output, on AMX or AVX512-BF16 (see [`Bf16Kernel`]). On a CPU with neither, and on
+///   `Faer<f64>`, the products stay in the element type: bf16 is a way to run `f32` work
+///   faster, and a machine without the units would only run it slower.
+/// - `Tf32` runs as `F32`: a CPU has no TF32 units, and rounding inputs to TF32 in software
+///   would cost time and buy nothing (f32 is at least as accurate). A configuration written
+///   for a GPU thus runs unchanged here.
+///
+/// Elementwise work, reductions, momentum, weights and optimizer state stay in `T` whatever
+/// the precision.
 pub struct Faer<T> {
     team: Arc<Team>,
     /// A transposed copy of a tall input for its Gram product (see `matmul::symmetric`);
     /// grown on first use, then reused.
     scratch: Arc<Mutex<Vec<T>>>,
+    /// The bf16 products' packing buffers, one per thread of the team (and a caller's).
+    packs: Arc<PackPool>,
+    precision: Precision,
+    kernel: Bf16Kernel,
 }
 
 impl<T> Clone for Faer<T> {
@@ -122,6 +166,9 @@ impl<T> Clone for Faer<T> {
         Faer {
             team: Arc::clone(&self.team),
             scratch: Arc::clone(&self.scratch),
+            packs: Arc::clone(&self.packs),
+            precision: self.precision,
+            kernel: self.kernel,
         }
     }
 }
@@ -130,6 +177,8 @@ impl<T> fmt::Debug for Faer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Faer")
             .field("threads", &self.team.threads())
+            .field("precision", &self.precision)
+            .field("bf16_kernel", &self.kernel)
             .finish()
     }
 }
@@ -149,10 +198,91 @@ impl<T: Elem> Faer<T> {
     /// A backend running on `threads` threads, the caller's included, clamped to
     /// `1..=`[`MAX_THREADS`]. If the OS refuses to start a thread, it runs on those it got.
     pub fn with_threads(threads: usize) -> Self {
+        let team = new_team(threads);
         Faer {
-            team: new_team(threads),
+            packs: Arc::new(PackPool::new(team.threads())),
+            team,
             scratch: Arc::new(Mutex::new(Vec::new())),
+            precision: Precision::F32,
+            kernel: Bf16Kernel::Auto,
         }
+    }
+
+    /// The same backend with its products in `precision` (see the type's docs for what each
+    /// precision runs as on this machine).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Sets the precision of the products that follow.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// The precision set (what it runs as: [`bf16_kernel`](Self::bf16_kernel)).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The same backend with its bf16 products on `kernel` (`Auto` unless set), or an error
+    /// naming what this machine lacks for it (the CPU feature, or the OS's permission). The
+    /// way to test each path, and to compare them.
+    pub fn with_bf16_kernel(mut self, kernel: Bf16Kernel) -> Result<Self> {
+        kernel.check()?;
+        self.kernel = kernel;
+        Ok(self)
+    }
+
+    /// The kernel the products run on now: `Some` when the precision is `Bf16`, the element
+    /// type `f32` and the machine runs the chosen kernel (never `Auto`: the one it resolved
+    /// to); `None` when they run in the element type.
+    pub fn bf16_kernel(&self) -> Option<Bf16Kernel> {
+        self.bf16_path().map(Path::kernel)
+    }
+
+    fn bf16_path(&self) -> Option<Path> {
+        let f32_elems = T::as_f32(&[]).is_some();
+        if self.precision == Precision::Bf16 && f32_elems {
+            Path::resolve(self.kernel)
+        } else {
+            None
+        }
+    }
+
+    /// A checked product's operands as `f32`, with the bf16 context, when products run in bf16.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn bf16_product<'a>(
+        &'a self,
+        dst: &'a mut HostMatrix<T>,
+        a: &'a HostMatrix<T>,
+        ta: Transpose,
+        b: &'a HostMatrix<T>,
+        tb: Transpose,
+        alpha: T,
+        beta: T,
+    ) -> Option<(Bf16<'a>, Product<'a, f32>, &'a mut [f32])> {
+        let bf = self.bf16()?;
+        let prod = Product {
+            a: T::as_f32(a.as_slice())?,
+            a_shape: a.shape(),
+            ta,
+            b: T::as_f32(b.as_slice())?,
+            b_shape: b.shape(),
+            tb,
+            alpha: alpha.to_f64() as f32,
+            beta: beta.to_f64() as f32,
+        };
+        Some((bf, prod, T::as_f32_mut(dst.as_mut_slice())?))
+    }
+
+    /// The bf16 product context, when products run in bf16.
+    fn bf16(&self) -> Option<Bf16<'_>> {
+        self.bf16_path().map(|path| Bf16 {
+            team: &self.team,
+            pool: &self.packs,
+            path,
+        })
     }
 
     /// The number of threads work is split across.
@@ -165,6 +295,7 @@ impl<T: Elem> Faer<T> {
     pub fn set_threads(&mut self, threads: usize) {
         if threads.clamp(1, MAX_THREADS) != self.team.threads() {
             self.team = new_team(threads);
+            self.packs = Arc::new(PackPool::new(self.team.threads()));
         }
     }
 }
@@ -221,6 +352,10 @@ impl<T: Elem> Backend for Faer<T> {
     ) -> Result<()> {
         let (m, n, k) = gemm_dims(dst.shape(), a.shape(), ta, b.shape(), tb)?;
         if dst.shape().is_empty() {
+            return Ok(());
+        }
+        if let Some((bf, prod, d)) = self.bf16_product(dst, a, ta, b, tb, alpha, beta) {
+            bf.gemm(d, m, n, k, prod);
             return Ok(());
         }
         let prod = Product {
@@ -291,6 +426,11 @@ impl<T: Elem> Backend for Faer<T> {
         if dst.shape().is_empty() {
             return Ok(());
         }
+        let (one, zero) = (T::ONE, T::ZERO);
+        if let Some((bf, prod, d)) = self.bf16_product(dst, x, op, x, op.flip(), one, zero) {
+            bf.symmetric(d, m, k, prod);
+            return Ok(());
+        }
         let prod = Product {
             a: x.as_slice(),
             a_shape: xs,
@@ -311,6 +451,11 @@ impl<T: Elem> Backend for Faer<T> {
         check_shape("symmetric_square operand (square)", square, ss)?;
         check_shape("symmetric_square destination", ss, dst.shape())?;
         if ss.is_empty() {
+            return Ok(());
+        }
+        let no = Transpose::No;
+        if let Some((bf, prod, d)) = self.bf16_product(dst, s, no, s, no, alpha, beta) {
+            bf.symmetric(d, ss.rows, ss.rows, prod);
             return Ok(());
         }
         let prod = Product {

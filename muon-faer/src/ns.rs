@@ -15,6 +15,7 @@
 use faer::{Accum, Par};
 use muon_core::{newton_schulz_folded, NewtonSchulz, NsWorkspace, Real, Result, Shape, Transpose};
 
+use crate::bf16::{Bf16, KView};
 use crate::elementwise::normalize_item;
 use crate::matmul::{
     lower_product, mirror_lower, plan, split_items, view, view_mut, Plan, TRANSPOSED_GRAM_MIN,
@@ -33,7 +34,10 @@ pub(crate) fn newton_schulz<T: Elem>(
     let (m, n) = (shape.min_side(), shape.max_side());
     // A tall X with a wide Gram side would be read down its columns at half speed; the
     // step-by-step path transposes it into a scratch buffer first (see `matmul::symmetric`).
-    let strided_tall = shape.rows > shape.cols && m >= TRANSPOSED_GRAM_MIN;
+    let bf16 = cpu.bf16();
+    // (The bf16 products pack their operands themselves and read a tall X down its columns
+    // at full speed.)
+    let strided_tall = shape.rows > shape.cols && m >= TRANSPOSED_GRAM_MIN && bf16.is_none();
     let item_flops = 2.0 * (m * m * n) as f64;
     match plan(cpu.team.threads(), shape.batch, item_flops, n) {
         Plan::InsideItems(_) => step_by_step(cpu, config, ws),
@@ -48,6 +52,7 @@ pub(crate) fn newton_schulz<T: Elem>(
                 next,
                 b.gram.as_mut_slice(),
                 b.poly.as_mut_slice(),
+                bf16.as_ref(),
             );
             finish(config, ws);
             Ok(())
@@ -66,7 +71,7 @@ pub(crate) fn newton_schulz<T: Elem>(
             }
             cpu.team.for_each_part(&mut runs[..parts], &|run| {
                 if let Some((Some((_, x)), Some((_, next)), Some((_, gram)), Some((_, poly)))) = run.take() {
-                    run_of_matrices(config, shape, x, next, gram, poly);
+                    run_of_matrices(config, shape, x, next, gram, poly, bf16.as_ref());
                 }
             });
             finish(config, ws);
@@ -76,7 +81,8 @@ pub(crate) fn newton_schulz<T: Elem>(
 }
 
 /// [`one_matrix`] on each matrix of a run of consecutive matrices of the stack (the slices
-/// hold whole matrices: `x`, `next` of the parameter's shape, `gram`, `poly` of `m x m`).
+/// hold whole matrices: `x`, `next` of the parameter's shape, `gram`, `poly` of `m x m`), in
+/// bf16 when `bf16` is given (and the elements are `f32`).
 fn run_of_matrices<T: Elem>(
     config: &NewtonSchulz,
     shape: Shape,
@@ -84,6 +90,33 @@ fn run_of_matrices<T: Elem>(
     next: &mut [T],
     gram: &mut [T],
     poly: &mut [T],
+    bf16: Option<&Bf16<'_>>,
+) {
+    if let (Some(bf), Some(x), Some(next), Some(gram), Some(poly)) = (
+        bf16,
+        T::as_f32_mut(x),
+        T::as_f32_mut(next),
+        T::as_f32_mut(gram),
+        T::as_f32_mut(poly),
+    ) {
+        for_each_item(shape, x, next, gram, poly, |x, next, gram, poly| {
+            one_matrix_bf16(bf, config, shape, x, next, gram, poly)
+        });
+        return;
+    }
+    for_each_item(shape, x, next, gram, poly, |x, next, gram, poly| {
+        one_matrix(config, shape, x, next, gram, poly)
+    });
+}
+
+/// Calls `f` on the buffers of each matrix of a run.
+fn for_each_item<T>(
+    shape: Shape,
+    x: &mut [T],
+    next: &mut [T],
+    gram: &mut [T],
+    poly: &mut [T],
+    mut f: impl FnMut(&mut [T], &mut [T], &mut [T], &mut [T]),
 ) {
     let (xs, ss) = (shape.batch_stride(), shape.min_side().pow(2));
     let items = x
@@ -91,7 +124,7 @@ fn run_of_matrices<T: Elem>(
         .zip(next.chunks_exact_mut(xs))
         .zip(gram.chunks_exact_mut(ss).zip(poly.chunks_exact_mut(ss)));
     for ((x, next), (gram, poly)) in items {
-        one_matrix(config, shape, x, next, gram, poly);
+        f(x, next, gram, poly);
     }
 }
 
@@ -146,6 +179,58 @@ fn one_matrix<'a, T: Elem>(
             Par::Seq,
         );
         clear_avx_upper_state();
+        std::mem::swap(&mut x, &mut next);
+    }
+}
+
+/// [`one_matrix`] with bf16 products. `S` and `P` are exactly symmetric (mirrored), so they
+/// are read as `k x rows` matrices, the storage the packing reads fastest.
+fn one_matrix_bf16<'a>(
+    bf: &Bf16<'_>,
+    config: &NewtonSchulz,
+    shape: Shape,
+    mut x: &'a mut [f32],
+    mut next: &'a mut [f32],
+    gram: &mut [f32],
+    poly: &mut [f32],
+) {
+    let (rows, cols, m, n) = (shape.rows, shape.cols, shape.min_side(), shape.max_side());
+    let wide = rows <= cols;
+    normalize_item(x, config.norm_scale as f32, config.eps as f32);
+    for k in 0..config.steps {
+        let [a, b, c] = config.coefficients_at(k).map(|v| v as f32);
+        // S = X X^T (wide, X is m x n) or X^T X (tall, X is n x m): op(X) as m x k = n.
+        let xv = KView::new(x, m, n, wide);
+        bf.lower(None, view_mut(gram, m, m), &xv, &xv, 1.0, 0.0);
+        mirror_lower(gram, m);
+        // P = a I + b S + c S S.
+        poly.copy_from_slice(gram);
+        let s = KView::new(gram, m, m, false);
+        bf.lower(None, view_mut(poly, m, m), &s, &s, c, b);
+        mirror_lower(poly, m);
+        add_to_diagonal(poly, m, a);
+        let p = KView::new(poly, m, m, false);
+        if wide {
+            // X' = P X: B = X (m x n) seen as n x k = m.
+            bf.block(
+                &p,
+                &KView::new(x, n, m, false),
+                view_mut(next, m, n),
+                1.0,
+                0.0,
+                None,
+            );
+        } else {
+            // X' = X P: A = X (n x m, k = m along its rows), B = P.
+            bf.block(
+                &KView::new(x, n, m, true),
+                &p,
+                view_mut(next, n, m),
+                1.0,
+                0.0,
+                None,
+            );
+        }
         std::mem::swap(&mut x, &mut next);
     }
 }

@@ -8,8 +8,8 @@
 //!
 //! The caller's thread and `threads - 1` workers claim the parts of a job from a shared
 //! counter; a job is a borrowed closure, published under a mutex and waited for before
-//! [`Team::for_each_part`] returns. Between jobs the workers spin briefly, then sleep. This module holds all the crate's `unsafe` code (and `vzeroupper`, see
-//! [`clear_avx_upper_state`]).
+//! [`Team::for_each_part`] returns. Between jobs the workers spin briefly, then sleep. This module and `bf16::arch` (CPU detection and the bf16 kernels) hold the crate's
+//! `unsafe` code; this one the team's and `vzeroupper` (see [`clear_avx_upper_state`]).
 
 use std::any::Any;
 use std::marker::PhantomData;

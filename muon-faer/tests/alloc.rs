@@ -4,7 +4,9 @@
 //! Warm-up allocates once per thread: faer's packing buffers are thread-local and created on a
 //! thread's first product. The shapes cover every scheduling path: serial, split inside one
 //! matrix, split over a stack of experts, tall and wide, tiny (faer's nano-gemm path). A
-//! distributed step over a `ThreadGroup` of three ranks allocates nothing either.
+//! distributed step over a `ThreadGroup` of three ranks allocates nothing either. All of it in
+//! f32 and in bf16 (`Precision::Bf16`: the packing buffers are allocated on the first bf16
+//! product, then reused).
 
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
@@ -13,7 +15,7 @@ use muon_core::{
     newton_schulz, Backend, DistributedOptimizer, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz,
     NsWorkspace, ParamRole, ParamSpec, Shape,
 };
-use muon_faer::{Faer, ThreadGroup};
+use muon_faer::{Faer, Precision, ThreadGroup};
 use muon_test_support::{allocation_count, allocations, assert_counting, CountingAllocator};
 
 #[global_allocator]
@@ -42,8 +44,11 @@ fn input(shape: Shape) -> Vec<f32> {
 fn main() {
     // The counter works (a check that cannot fail proves nothing).
     assert_counting();
-    for threads in [1, 2, 3] {
-        let cpu = Faer::<f32>::with_threads(threads);
+    for (threads, precision) in [1, 2, 3]
+        .into_iter()
+        .flat_map(|t| [(t, Precision::F32), (t, Precision::Bf16)])
+    {
+        let cpu = Faer::<f32>::with_threads(threads).with_precision(precision);
         let config = NewtonSchulz::quintic();
         for shape in SHAPES {
             let mut ws = NsWorkspace::new(&cpu, shape).unwrap();
@@ -56,7 +61,7 @@ fn main() {
             let n = allocations(|| newton_schulz(&cpu, &config, &mut ws).unwrap());
             assert_eq!(
                 n, 0,
-                "newton_schulz on {shape} with {threads} threads allocated {n} times"
+                "newton_schulz on {shape} with {threads} threads in {precision} allocated {n} times"
             );
         }
 
@@ -80,13 +85,20 @@ fn main() {
         let n = allocations(|| {
             opt.step(&cpu, &mut params, &grads, 1e-3).unwrap();
         });
-        assert_eq!(n, 0, "a hybrid step with {threads} threads allocated {n} times");
+        assert_eq!(
+            n, 0,
+            "a hybrid step with {threads} threads in {precision} allocated {n} times"
+        );
     }
     distributed_steps_allocate_nothing();
+    let bf16 = Faer::<f32>::with_threads(1)
+        .with_precision(Precision::Bf16)
+        .bf16_kernel();
     println!(
         "alloc: no allocation after warm-up (Newton-Schulz on {} shapes, hybrid steps; 1-3 threads; \
-         distributed steps on 3 ranks)",
-        SHAPES.len()
+         f32 and bf16 on {}; distributed steps on 3 ranks)",
+        SHAPES.len(),
+        bf16.map_or("no bf16 unit: f32", |k| k.name())
     );
 }
 

@@ -1,0 +1,480 @@
+//! The bf16 path's `unsafe` code, kept to what needs it: CPU feature detection (CPUID,
+//! XGETBV, the Linux request for the AMX tile-data permission), the AVX512-BF16 register
+//! kernel, the AMX tile instructions in `asm!`, and the target-feature entry points that
+//! compile the safe drivers for the CPU they run on.
+//!
+//! Each fast path is reached only through a token ([`Avx512Bf16`], [`Amx`]) that [`support`]
+//! makes after detecting everything it needs: holding one is the proof the instructions exist
+//! and the OS has enabled their state, which is what every `SAFETY` comment below rests on.
+//! Off x86-64 the tokens hold an uninhabited field and cannot exist.
+//!
+//! Instruction encodings (checked by disassembling the test binary, `objdump -d -M intel`,
+//! against Intel SDM vol. 2): LDTILECFG `C4 E2 78 49 /0`, TILERELEASE `C4 E2 78 49 C0`,
+//! TILEZERO `C4 E2 7B 49 11:rrr:000`, TILELOADD `C4 E2 7B 4B !(11):rrr:100` (SIB),
+//! TILESTORED `C4 E2 7A 4B !(11):rrr:100`, TDPBF16PS `C4 E2 vvvv 5C 11:rrr:bbb` with
+//! `tmm1 += tmm2 tmm3`, tmm3 in VEX.vvvv (`tdpbf16ps tmm0, tmm4, tmm6` is `C4 E2 4A 5C C4`).
+
+use std::sync::OnceLock;
+
+use faer::MatMut;
+
+use super::driver::{self, APanel, RegisterKernel};
+use super::pack::KView;
+
+/// Rows of the AVX512-BF16 kernel's tile: 6 x 4 accumulators, 4 B registers and a broadcast
+/// use 29 of the 32 zmm registers, and a pair costs 6 broadcasts for 24 VDPBF16PS (measured on
+/// Zen 4 against 14 x 2, 8 x 3 and 4 x 6: 6 x 4 was the fastest, 14 x 2 the slowest by ~20%).
+pub(crate) const AVX512_MR: usize = 6;
+/// zmm registers (16 f32 lanes) per row of the AVX512-BF16 kernel's tile.
+const AVX512_NV: usize = 4;
+/// Columns of the AVX512-BF16 kernel's tile.
+pub(crate) const AVX512_NR: usize = 16 * AVX512_NV;
+
+#[cfg(target_arch = "x86_64")]
+type Proof = ();
+#[cfg(not(target_arch = "x86_64"))]
+type Proof = core::convert::Infallible;
+
+/// Proof that this CPU runs AVX512F, BW, VL and BF16 and the OS saves the ZMM state.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512Bf16 {
+    _proof: Proof,
+}
+
+/// Proof that this CPU runs AMX-TILE and AMX-BF16 (and the AVX-512 the driver packs with), and
+/// that the OS has granted this process the tile-data state.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Amx {
+    _proof: Proof,
+}
+
+/// What this machine runs, or why not (detected once per process).
+pub(crate) struct Support {
+    pub(crate) avx512: Result<Avx512Bf16, String>,
+    pub(crate) amx: Result<Amx, String>,
+}
+
+/// Detection, on the first call (it asks Linux for the AMX permission then).
+pub(crate) fn support() -> &'static Support {
+    static SUPPORT: OnceLock<Support> = OnceLock::new();
+    SUPPORT.get_or_init(|| {
+        let avx512 = detect_avx512();
+        let amx = detect_amx(avx512.is_ok());
+        Support { avx512, amx }
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512() -> Result<Avx512Bf16, String> {
+    Err("not an x86-64 CPU: no AVX512-BF16".into())
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_amx(_: bool) -> Result<Amx, String> {
+    Err("not an x86-64 CPU: no AMX-BF16".into())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512() -> Result<Avx512Bf16, String> {
+    // std checks CPUID (leaf 7 subleaf 1 EAX bit 5 for BF16) and that XCR0 enables the
+    // opmask and ZMM state.
+    let missing: Vec<&str> = [
+        ("avx512f", is_x86_feature_detected!("avx512f")),
+        ("avx512bw", is_x86_feature_detected!("avx512bw")),
+        ("avx512vl", is_x86_feature_detected!("avx512vl")),
+        ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
+    ]
+    .into_iter()
+    .filter_map(|(name, present)| (!present).then_some(name))
+    .collect();
+    if missing.is_empty() {
+        Ok(Avx512Bf16 { _proof: () })
+    } else {
+        Err(format!(
+            "this CPU has no AVX512-BF16 (missing: {})",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// `arch_prctl` (syscall 158 on x86-64 Linux) codes and the tile-data state component.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const ARCH_GET_XCOMP_PERM: usize = 0x1022;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const XFEATURE_XTILEDATA: usize = 18;
+
+#[cfg(target_arch = "x86_64")]
+fn detect_amx(avx512: bool) -> Result<Amx, String> {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // `__cpuid` is a safe function from Rust 1.94 on and `unsafe` before: the allow keeps
+    // both building.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86-64 CPU.
+    let max_leaf = unsafe { __cpuid(0) }.eax;
+    if max_leaf < 7 {
+        return Err("this CPU has no AMX-BF16 (no CPUID leaf 7)".into());
+    }
+    #[allow(unused_unsafe)]
+    // SAFETY: as above; leaf 7 exists (checked).
+    let edx = unsafe { __cpuid_count(7, 0) }.edx;
+    let (tile, bf16) = (edx >> 24 & 1 == 1, edx >> 22 & 1 == 1);
+    if !(tile && bf16) {
+        return Err(format!(
+            "this CPU has no AMX-BF16 (CPUID.(EAX=7,ECX=0):EDX AMX-TILE bit 24 = {}, AMX-BF16 bit 22 = {})",
+            tile as u8, bf16 as u8
+        ));
+    }
+    if !avx512 {
+        return Err("this CPU has AMX but not the AVX512-BF16 its driver packs and merges with".into());
+    }
+    request_tile_permission()?;
+    if !is_x86_feature_detected!("xsave") {
+        return Err("the OS has not enabled XSAVE, so not the AMX tile state".into());
+    }
+    // SAFETY: XGETBV needs XSAVE enabled by the OS (CPUID.1:ECX.OSXSAVE), detected just above.
+    let xcr0 = unsafe { std::arch::x86_64::_xgetbv(0) };
+    if xcr0 >> 17 & 3 != 3 {
+        return Err(format!(
+            "the OS has not enabled the AMX tile state (XCR0 = {xcr0:#x}: bits 17 XTILECFG and 18 XTILEDATA must be set)"
+        ));
+    }
+    Ok(Amx { _proof: () })
+}
+
+/// Asks Linux for the tile-data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`),
+/// then checks it was granted (`ARCH_GET_XCOMP_PERM`). Without it the first tile instruction
+/// would kill the process with SIGILL.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_permission() -> Result<(), String> {
+    fn arch_prctl(code: usize, arg: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the arch_prctl system call (158) reads its two arguments from rdi and rsi and
+        // returns in rax; the kernel clobbers rcx and r11, declared. `arg` is a number or, for
+        // ARCH_GET_XCOMP_PERM, the address of a live u64 the kernel writes.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") 158isize => ret,
+                in("rdi") code,
+                in("rsi") arg,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack)
+            );
+        }
+        ret
+    }
+    let ret = arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+    if ret != 0 {
+        return Err(format!(
+            "the OS did not grant the AMX tile-data permission (arch_prctl(ARCH_REQ_XCOMP_PERM, \
+             XFEATURE_XTILEDATA) returned {ret})"
+        ));
+    }
+    let mut permitted = 0u64;
+    let ret = arch_prctl(ARCH_GET_XCOMP_PERM, &mut permitted as *mut u64 as usize);
+    if ret != 0 || permitted >> XFEATURE_XTILEDATA & 1 == 0 {
+        return Err(format!(
+            "the OS did not grant the AMX tile-data permission (ARCH_GET_XCOMP_PERM: {ret}, mask {permitted:#x})"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_permission() -> Result<(), String> {
+    Err("AMX is used on Linux only (this backend asks for the tile state with Linux's arch_prctl)".into())
+}
+
+// ----- AVX512-BF16 -----
+
+#[cfg(target_arch = "x86_64")]
+impl RegisterKernel for Avx512Bf16 {
+    const MR: usize = AVX512_MR;
+    const NR: usize = AVX512_NR;
+
+    #[inline(always)]
+    fn tile(self, pairs: usize, a: APanel<'_>, b: &[u32], c: MatMut<'_, f32>, alpha: f32, beta: f32) {
+        let (rows, cols) = (c.nrows(), c.ncols());
+        let last = (AVX512_MR - 1) * a.row + pairs.saturating_sub(1) * a.pair;
+        assert!(pairs == 0 || a.lanes.len() > last);
+        assert!(b.len() >= pairs * AVX512_NR);
+        assert!(rows <= AVX512_MR && cols <= AVX512_NR && (cols <= 1 || c.col_stride() == 1));
+        // SAFETY: the token proves the target features. The kernel reads the lanes
+        // `i * row + p * pair` of `a` (`i < MR`, `p < pairs`: all below `last`) and `pairs * NR`
+        // of `b` (checked above) and reads and writes elements `(i, j)`,
+        // `i < rows`, `j < cols`, of `c` at `ptr + i * row_stride + j` (unit column stride,
+        // checked): exactly the elements the `MatMut` grants, through masked loads and stores
+        // that touch no lane outside them.
+        unsafe {
+            avx512_tile(
+                pairs,
+                a.lanes.as_ptr(),
+                (a.row, a.pair),
+                b.as_ptr(),
+                c.as_ptr_mut(),
+                c.row_stride(),
+                rows,
+                cols,
+                alpha,
+                beta,
+            )
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl RegisterKernel for Avx512Bf16 {
+    const MR: usize = AVX512_MR;
+    const NR: usize = AVX512_NR;
+    fn tile(self, _: usize, _: APanel<'_>, _: &[u32], _: MatMut<'_, f32>, _: f32, _: f32) {
+        match self._proof {}
+    }
+}
+
+/// The `MR x NR` tile: per pair, the B pair row in `NV` zmm, each A pair broadcast and
+/// multiplied into its row's accumulators (VDPBF16PS); then `alpha acc +
+/// beta c` with masked loads and stores for partial tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx512_tile(
+    pairs: usize,
+    a: *const u32,
+    (a_row, a_pair): (usize, usize),
+    b: *const u32,
+    c: *mut f32,
+    ldc: isize,
+    rows: usize,
+    cols: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = AVX512_MR;
+    const NV: usize = AVX512_NV;
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    for p in 0..pairs {
+        // SAFETY (this block and the loads below): the caller guarantees `pairs * NR` lanes
+        // at `b` and the lanes `i * a_row + p * a_pair` at `a`; `__m512i` and `__m512bh` are
+        // both 64 plain bytes.
+        let bp = unsafe { b.add(p * AVX512_NR) };
+        let bv: [__m512bh; NV] = std::array::from_fn(|v| unsafe {
+            std::mem::transmute(_mm512_loadu_si512(bp.add(16 * v).cast()))
+        });
+        let ap = unsafe { a.add(p * a_pair) };
+        for (i, row) in acc.iter_mut().enumerate() {
+            let lane = unsafe { ap.add(i * a_row).read_unaligned() };
+            let av: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(lane as i32)) };
+            for (acc, &bv) in row.iter_mut().zip(&bv) {
+                *acc = _mm512_dpbf16_ps(*acc, av, bv);
+            }
+        }
+    }
+    let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+    for (i, row) in acc.iter().enumerate() {
+        if i >= rows {
+            break;
+        }
+        for (v, &acc) in row.iter().enumerate() {
+            let lanes = cols.saturating_sub(16 * v).min(16);
+            if lanes == 0 {
+                break;
+            }
+            let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1 << lanes) - 1 };
+            // SAFETY: row `i < rows` and the `lanes` columns from `16 v` are inside the tile
+            // the caller owns; masked-off lanes are neither read nor written.
+            unsafe {
+                let ptr = c.offset(i as isize * ldc).add(16 * v);
+                let out = if beta == 0.0 {
+                    _mm512_mul_ps(va, acc)
+                } else {
+                    _mm512_fmadd_ps(va, acc, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(mask, ptr)))
+                };
+                _mm512_mask_storeu_ps(ptr, mask, out);
+            }
+        }
+    }
+}
+
+/// [`driver::register_product`] compiled for AVX512-BF16 (so its packing and merging use
+/// AVX-512 too).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn avx512_product(
+    token: Avx512Bf16,
+    a: &KView<'_>,
+    b: &KView<'_>,
+    c: MatMut<'_, f32>,
+    alpha: f32,
+    beta: f32,
+    lower: Option<usize>,
+    buf: &mut [u32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        #[allow(clippy::too_many_arguments)]
+        fn compiled(
+            token: Avx512Bf16,
+            a: &KView<'_>,
+            b: &KView<'_>,
+            c: MatMut<'_, f32>,
+            alpha: f32,
+            beta: f32,
+            lower: Option<usize>,
+            buf: &mut [u32],
+        ) {
+            driver::register_product(token, a, b, c, alpha, beta, lower, buf);
+        }
+        // SAFETY: the token proves the CPU has the features `compiled` is built for.
+        unsafe { compiled(token, a, b, c, alpha, beta, lower, buf) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, b, c, alpha, beta, lower, buf);
+        match token._proof {}
+    }
+}
+
+// ----- AMX -----
+
+/// The tile state of the calling thread, configured; released when dropped. Not `Send`: the
+/// configuration belongs to the thread that loaded it.
+pub(crate) struct AmxTiles {
+    _thread: std::marker::PhantomData<*mut ()>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl driver::TileUnit for Amx {
+    type Tiles = AmxTiles;
+
+    fn configure(&self) -> AmxTiles {
+        // SAFETY: the token proves AMX-TILE and the OS permission; LDTILECFG reads the 64-byte
+        // block, whose palette (1) and shapes (8 tiles of 16 rows x 64 bytes, within palette
+        // 1's limits) are valid, so it cannot fault.
+        unsafe {
+            std::arch::asm!(
+                "ldtilecfg [{cfg}]",
+                cfg = in(reg) driver::TILE_CONFIG.0.as_ptr(),
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+        AmxTiles {
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+// The tile registers are invisible to the compiler, which never allocates them: their state
+// lives on from one `asm!` block to the next on the same thread (and the OS saves it across
+// context switches, the permission having been granted).
+#[cfg(target_arch = "x86_64")]
+impl driver::TileOps for AmxTiles {
+    fn zero_accumulators(&mut self) {
+        // SAFETY: the tiles are configured on this thread (an `AmxTiles` exists only after
+        // LDTILECFG here, and is not `Send`); TILEZERO touches registers only.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nomem, nostack, preserves_flags)
+            );
+        }
+    }
+
+    fn step(&mut self, a: &[u32; 512], b: &[u32; 512]) {
+        // SAFETY: configured as above. Each TILELOADD reads 16 rows of 64 bytes at a 64-byte
+        // stride, 1 KiB, from a half of `a` or `b` (2 KiB each). The shapes agree as
+        // TDPBF16PS requires (A: 16 x 16 pairs, B: 16 pairs x 16 columns, C: 16 x 16 f32).
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm4, [{a} + {stride} * 1]",
+                "tileloadd tmm5, [{a1} + {stride} * 1]",
+                "tileloadd tmm6, [{b} + {stride} * 1]",
+                "tileloadd tmm7, [{b1} + {stride} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a = in(reg) a.as_ptr(),
+                a1 = in(reg) a.as_ptr().add(256),
+                b = in(reg) b.as_ptr(),
+                b1 = in(reg) b.as_ptr().add(256),
+                stride = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+    }
+
+    fn store_accumulators(&mut self, out: &mut [f32; 1024]) {
+        // SAFETY: configured as above. Each TILESTORED writes 16 rows of 64 bytes at a 128-byte
+        // stride from its offset (0, 64, 2048, 2112 bytes): the last byte written is
+        // 2112 + 15 * 128 + 63 = 4095, inside `out`'s 4 KiB.
+        unsafe {
+            let o = out.as_mut_ptr();
+            std::arch::asm!(
+                "tilestored [{o0} + {stride} * 1], tmm0",
+                "tilestored [{o1} + {stride} * 1], tmm1",
+                "tilestored [{o2} + {stride} * 1], tmm2",
+                "tilestored [{o3} + {stride} * 1], tmm3",
+                o0 = in(reg) o,
+                o1 = in(reg) o.add(16),
+                o2 = in(reg) o.add(16 * 32),
+                o3 = in(reg) o.add(16 * 32 + 16),
+                stride = in(reg) 128usize,
+                options(nostack, preserves_flags)
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for AmxTiles {
+    fn drop(&mut self) {
+        // SAFETY: AMX-TILE is present (an `AmxTiles` exists); TILERELEASE returns the tile
+        // state to its initial state, so the thread's context switches save no tile data.
+        unsafe { std::arch::asm!("tilerelease", options(nomem, nostack, preserves_flags)) }
+    }
+}
+
+/// [`driver::tile_product`] on the AMX unit, compiled with AVX-512 for its packing and merging.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn amx_product(
+    token: Amx,
+    a: &KView<'_>,
+    b: &KView<'_>,
+    c: MatMut<'_, f32>,
+    alpha: f32,
+    beta: f32,
+    lower: Option<usize>,
+    buf: &mut [u32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        #[allow(clippy::too_many_arguments)]
+        fn compiled(
+            token: Amx,
+            a: &KView<'_>,
+            b: &KView<'_>,
+            c: MatMut<'_, f32>,
+            alpha: f32,
+            beta: f32,
+            lower: Option<usize>,
+            buf: &mut [u32],
+        ) {
+            driver::tile_product(token, a, b, c, alpha, beta, lower, buf);
+        }
+        // SAFETY: the token proves AVX512F/BW/VL/BF16 (detect_amx requires them).
+        unsafe { compiled(token, a, b, c, alpha, beta, lower, buf) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, b, c, alpha, beta, lower, buf);
+        match token._proof {}
+    }
+}

@@ -1,0 +1,310 @@
+//! f32 -> bf16 rounding and the packed operand layouts the bf16 instructions read (safe code).
+//!
+//! Both instructions multiply *pairs*: a 32-bit lane holds two bf16 values of consecutive `k`
+//! (`k` even in the low half, `k` odd in the high half), and a lane of the result gains the
+//! dot product of an A pair and a B pair. Operands are packed into those pairs:
+//!
+//! - [`pack_pair_major`]: `out[p][r]`, pair `p` of rows `r0..r0 + R` side by side. The
+//!   AVX512-BF16 kernel reads its A and B panels this way (a B row of `NR` lanes per pair, an A
+//!   pair broadcast per row), and it is the VNNI layout of an AMX B tile: tile row `p` holds
+//!   k-pair `p` for 16 columns, 64 bytes.
+//! - [`pack_row_major`]: `out[r][p]`, each row's pairs contiguous: an AMX A tile, 16 rows of
+//!   32 bf16 (64 bytes).
+//!
+//! Rows and pairs past the matrix are zero, so kernels always run whole panels (a zero pair
+//! adds `+0` to a lane); a `k` of odd length ends with a pair whose high half is zero.
+
+/// The bf16 bit pattern nearest to `x`: round to nearest, ties to even, the rounding of
+/// `muon_core::round_to_bf16` bit for bit. A NaN stays a NaN with its sign and top payload bits
+/// and the quiet bit set (keeping only the high half of a NaN whose payload sits in the low
+/// half would make it an infinity). What VCVTNE2PS2BF16 does differently, flushing f32
+/// subnormals to zero, makes no difference to a product: the dot-product instructions treat
+/// bf16 subnormal inputs as zero.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = (bits >> 16) as u16 | 0x0040;
+    if x.is_nan() {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+/// The f32 value of a bf16 bit pattern (exact).
+#[inline(always)]
+pub(crate) fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Two values of consecutive `k` as one pair lane: `lo` (k even) in the low half.
+#[inline(always)]
+pub(crate) fn pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
+}
+
+/// One GEMM operand seen as `rows x k` with `k` the inner (summed) dimension: A (`m x k`) as
+/// it is, B (`k x n`) as `op(B)^T` (`n x k`), so both pack with the same code. A row-major
+/// matrix stored with `k` along its rows (`k_contiguous`: A untransposed, B transposed) or
+/// down its columns (A transposed, B untransposed).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KView<'a> {
+    data: &'a [f32],
+    /// Elements between consecutive rows of the stored matrix.
+    ld: usize,
+    k_contiguous: bool,
+    /// The view's first row (a view of rows of a larger operand, for the team's splits).
+    first: usize,
+    rows: usize,
+    k: usize,
+}
+
+impl<'a> KView<'a> {
+    /// A stored row-major `rows x k` matrix (`k_contiguous`) or `k x rows` matrix (not).
+    pub(crate) fn new(data: &'a [f32], rows: usize, k: usize, k_contiguous: bool) -> Self {
+        let ld = if k_contiguous { k } else { rows };
+        assert!(
+            data.len() >= rows * k,
+            "KView: {} elements for {rows} x {k}",
+            data.len()
+        );
+        KView {
+            data,
+            ld,
+            k_contiguous,
+            first: 0,
+            rows,
+            k,
+        }
+    }
+
+    /// Rows `start..start + len` of this view.
+    pub(crate) fn subrows(self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.rows, "KView::subrows out of range");
+        KView {
+            first: self.first + start,
+            rows: len,
+            ..self
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Whether `k` runs along the stored rows.
+    pub(crate) fn k_contiguous(&self) -> bool {
+        self.k_contiguous
+    }
+
+    /// Element `(r, kk)` (tests and the scalar references).
+    pub(crate) fn at(&self, r: usize, kk: usize) -> f32 {
+        let r = self.first + r;
+        if self.k_contiguous {
+            self.data[r * self.ld + kk]
+        } else {
+            self.data[kk * self.ld + r]
+        }
+    }
+
+    /// Pairs in `k`: `ceil(k / 2)`.
+    pub(crate) fn pairs(&self) -> usize {
+        self.k.div_ceil(2)
+    }
+}
+
+/// Pairs per block of the transposing pack, and the widest panel it serves.
+const BLOCK: usize = 16;
+const MAX_WIDTH: usize = 64;
+
+/// Pairs `p0..p0 + out.len()` of one row of `k = row.len()` values (zero past its end).
+#[inline(always)]
+fn row_pairs(row: &[f32], p0: usize, out: &mut [u32]) {
+    let k = row.len();
+    let full = out.len().min((k / 2).saturating_sub(p0));
+    let from = row.get(2 * p0..).unwrap_or(&[]);
+    for (x, two) in out[..full].iter_mut().zip(from.chunks_exact(2)) {
+        *x = pair(two[0], two[1]);
+    }
+    for (p, x) in out.iter_mut().enumerate().skip(full) {
+        let kk = 2 * (p0 + p);
+        *x = if kk < k { pair(row[kk], 0.0) } else { 0 };
+    }
+}
+
+/// `out[q * width + r] = tile[r][q]` for `r < width`, `q < len`. Kept out of line: inlined into
+/// the AVX-512 drivers, the compiler turns these strided stores into VPSCATTER, which is
+/// microcoded and several times slower than plain stores (a quarter of a 2048^3 product's time
+/// went there on Zen 4).
+#[inline(never)]
+fn transpose_store(tile: &[[u32; BLOCK]; MAX_WIDTH], width: usize, len: usize, out: &mut [u32]) {
+    for q in 0..len {
+        for (r, lanes) in tile.iter().enumerate().take(width) {
+            out[q * width + r] = lanes[q];
+        }
+    }
+}
+
+/// `out[p * width + r]` = pair `p0 + p` of row `r0 + r`, for `p < np`, `r < width`; zero for
+/// rows past the view (`out` holds `np * width` lanes).
+#[inline(always)]
+pub(crate) fn pack_pair_major(v: &KView<'_>, r0: usize, width: usize, p0: usize, np: usize, out: &mut [u32]) {
+    let out = &mut out[..np * width];
+    let live = width.min(v.rows.saturating_sub(r0));
+    let k = v.k;
+    if v.k_contiguous {
+        // Row r's pairs are adjacent in memory: convert blocks of `BLOCK` pairs of every row
+        // into a tile on the stack (contiguous, so it vectorizes), then store it transposed.
+        assert!(width <= MAX_WIDTH, "pack_pair_major: width {width} > {MAX_WIDTH}");
+        let mut tile = [[0u32; BLOCK]; MAX_WIDTH];
+        for q0 in (0..np).step_by(BLOCK) {
+            let len = BLOCK.min(np - q0);
+            for (r, lanes) in tile.iter_mut().enumerate().take(width) {
+                if r < live {
+                    let row = &v.data[(v.first + r0 + r) * v.ld..][..k];
+                    row_pairs(row, p0 + q0, &mut lanes[..len]);
+                } else {
+                    lanes.fill(0);
+                }
+            }
+            transpose_store(&tile, width, len, &mut out[q0 * width..]);
+        }
+    } else {
+        // Pair p is rows 2p and 2p + 1 of the stored matrix, side by side: interleave them.
+        for (p, group) in out.chunks_exact_mut(width).enumerate() {
+            let kk = 2 * (p0 + p);
+            let (lanes, pad) = group.split_at_mut(live);
+            pad.iter_mut().for_each(|x| *x = 0);
+            if kk >= k || live == 0 {
+                lanes.iter_mut().for_each(|x| *x = 0);
+                continue;
+            }
+            let lo = &v.data[kk * v.ld + v.first + r0..][..live];
+            if kk + 1 < k {
+                let hi = &v.data[(kk + 1) * v.ld + v.first + r0..][..live];
+                for ((x, &l), &h) in lanes.iter_mut().zip(lo).zip(hi) {
+                    *x = pair(l, h);
+                }
+            } else {
+                for (x, &l) in lanes.iter_mut().zip(lo) {
+                    *x = pair(l, 0.0);
+                }
+            }
+        }
+    }
+}
+
+/// `out[r * np + p]` = pair `p0 + p` of row `r0 + r`, for `r < height`, `p < np`; zero past
+/// the view.
+#[inline(always)]
+pub(crate) fn pack_row_major(v: &KView<'_>, r0: usize, height: usize, p0: usize, np: usize, out: &mut [u32]) {
+    let out = &mut out[..height * np];
+    let live = height.min(v.rows.saturating_sub(r0));
+    let k = v.k;
+    let (rows, pad) = out.split_at_mut(live * np);
+    pad.iter_mut().for_each(|x| *x = 0);
+    for (r, lanes) in rows.chunks_exact_mut(np).enumerate() {
+        let row = r0 + r;
+        if v.k_contiguous {
+            row_pairs(&v.data[(v.first + row) * v.ld..][..k], p0, lanes);
+        } else {
+            for (p, x) in lanes.iter_mut().enumerate() {
+                let kk = 2 * (p0 + p);
+                let at = |kk: usize| if kk < k { v.at(row, kk) } else { 0.0 };
+                *x = if kk < k { pair(at(kk), at(kk + 1)) } else { 0 };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_bits_round_like_muon_core() {
+        let mut checked = 0;
+        // Every 16-bit high half with a spread of low halves: ties, just below, just above.
+        for hi in (0u32..=0xffff).step_by(7) {
+            for lo in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                let x = f32::from_bits(hi << 16 | lo);
+                let got = bf16_value(bf16_bits(x));
+                let want = muon_core::round_to_bf16(x);
+                if x.is_nan() {
+                    assert!(got.is_nan(), "{:#x}: NaN became {got}", x.to_bits());
+                    assert_eq!(got.to_bits() >> 31, x.to_bits() >> 31, "NaN sign");
+                } else {
+                    assert_eq!(got.to_bits(), want.to_bits(), "{:#x}", x.to_bits());
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 50_000);
+        // A NaN whose payload is only in the low half stays a NaN (truncation would give Inf).
+        assert!(bf16_value(bf16_bits(f32::from_bits(0x7f80_0001))).is_nan());
+    }
+
+    /// A stored matrix and the view of it, for each of the two storage orders.
+    fn views(data: &[f32], rows: usize, k: usize) -> [(Vec<f32>, bool); 2] {
+        // `data` is row-major rows x k; the other storage is its transpose (k x rows).
+        let mut t = vec![0.0; rows * k];
+        for r in 0..rows {
+            for kk in 0..k {
+                t[kk * rows + r] = data[r * k + kk];
+            }
+        }
+        [(data.to_vec(), true), (t, false)]
+    }
+
+    #[test]
+    fn packs_hold_the_right_pairs_with_zero_padding() {
+        for (rows, k) in [(1, 1), (5, 7), (16, 32), (17, 33), (40, 3)] {
+            let data: Vec<f32> = (0..rows * k).map(|i| 1.0 + i as f32).collect();
+            for (stored, kc) in views(&data, rows, k) {
+                let full = KView::new(&stored, rows, k, kc);
+                // A sub-view, as the team's splits use.
+                let (start, len) = (rows / 3, rows - rows / 3);
+                let v = full.subrows(start, len);
+                let expect = |r: usize, p: usize| -> u32 {
+                    let at = |kk: usize| {
+                        if r < len && kk < k {
+                            data[(start + r) * k + kk]
+                        } else {
+                            0.0
+                        }
+                    };
+                    pair(at(2 * p), at(2 * p + 1))
+                };
+                for (r0, width, p0, np) in [(0, 16, 0, 17), (1, 5, 1, 3), (len, 4, 0, 2), (0, 32, 2, 16)] {
+                    let mut out = vec![u32::MAX; width * np];
+                    pack_pair_major(&v, r0, width, p0, np, &mut out);
+                    for p in 0..np {
+                        for r in 0..width {
+                            assert_eq!(
+                                out[p * width + r],
+                                expect(r0 + r, p0 + p),
+                                "pair-major {rows}x{k} {kc}"
+                            );
+                        }
+                    }
+                    let mut out = vec![u32::MAX; width * np];
+                    pack_row_major(&v, r0, width, p0, np, &mut out);
+                    for r in 0..width {
+                        for p in 0..np {
+                            assert_eq!(
+                                out[r * np + p],
+                                expect(r0 + r, p0 + p),
+                                "row-major {rows}x{k} {kc}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
