@@ -1,6 +1,7 @@
 //! Elementwise updates and reductions, split into contiguous chunks across the team when the
-//! buffers are large. Reductions accumulate in `f64`, in a fixed order (per chunk, then the
-//! chunks in order), so results do not depend on scheduling.
+//! buffers are large. Reductions accumulate in `f64`, in a fixed order (per run, then the runs
+//! in order, the runs cut by the length alone), so results do not depend on scheduling or on
+//! the thread count.
 
 use muon_core::{AdamWCoefficients, Real};
 
@@ -131,9 +132,9 @@ pub(crate) fn adamw_direction<T: Real>(
     });
 }
 
-/// Sum of squares of one chunk in `f64`, with 8 independent accumulators so the loop
-/// vectorizes; the order is fixed.
-fn sum_squares_serial<T: Real>(x: &[T]) -> f64 {
+/// Sum of squares of one run of elements in `f64`, with 8 independent accumulators so the
+/// loop vectorizes; the order is fixed.
+fn sum_squares_run<T: Real>(x: &[T]) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
@@ -147,10 +148,31 @@ fn sum_squares_serial<T: Real>(x: &[T]) -> f64 {
     (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
 }
 
-/// The sum of the squares of all elements, in `f64`.
+/// The runs a sum of squares over `len` elements is cut into: a function of the length alone,
+/// never of the thread count, so the order of the additions, and the bits of the sum, are the
+/// same on one thread or many (threads only decide who sums which run).
+fn reduction_parts(len: usize) -> usize {
+    (len / (PARALLEL_MIN_ELEMS / 2)).clamp(1, MAX_PARTS)
+}
+
+/// The sum of the squares of `x` on the calling thread, in the same runs as [`sum_squares`].
+fn sum_squares_serial<T: Real>(x: &[T]) -> f64 {
+    let parts = reduction_parts(x.len());
+    (0..parts)
+        .map(|p| {
+            let (start, end) = part_range(x.len(), parts, p);
+            sum_squares_run(&x[start..end])
+        })
+        .sum()
+}
+
+/// The sum of the squares of all elements, in `f64`: the same bits whatever the thread count.
 pub(crate) fn sum_squares<T: Real>(team: &Team, x: &[T]) -> f64 {
+    if x.len() < PARALLEL_MIN_ELEMS || team.threads() == 1 {
+        return sum_squares_serial(x);
+    }
     let mut partial = [0.0f64; MAX_PARTS];
-    let parts = parts_for(team, x.len());
+    let parts = reduction_parts(x.len());
     {
         let mut slots = [const { None }; MAX_PARTS];
         let (mut rest, mut out) = (x, &mut partial[..]);
@@ -163,7 +185,7 @@ pub(crate) fn sum_squares<T: Real>(team: &Team, x: &[T]) -> f64 {
         }
         team.for_each_part(&mut slots[..parts], &|s| {
             if let Some((chunk, o)) = s.take() {
-                o[0] = sum_squares_serial(chunk);
+                o[0] = sum_squares_run(chunk);
             }
         });
     }

@@ -897,3 +897,69 @@ fn thread_count_settings() {
     assert_eq!(cpu.threads(), muon_faer::MAX_THREADS);
     assert!(Faer::<f32>::new().threads() >= 1);
 }
+
+/// Three hybrid steps on `cpu`; every figure they produce (gradient norms, update RMS,
+/// parameters) as bits.
+fn thread_count_probe<E: muon_faer::Elem>(cpu: &Faer<E>) -> Vec<u64> {
+    let specs = vec![
+        ParamSpec::new("wide", Shape::matrix(300, 700), ParamRole::Hidden),
+        ParamSpec::new("tall", Shape::matrix(1024, 256), ParamRole::Hidden),
+        ParamSpec::new("experts", Shape::batched(6, 128, 352), ParamRole::Hidden),
+        ParamSpec::new("embed", Shape::matrix(400, 200), ParamRole::Embedding),
+        ParamSpec::new("gain", Shape::vector(70_000), ParamRole::Norm),
+    ];
+    let mut opt = HybridOptimizer::new(cpu, specs.clone(), HybridConfig::default()).unwrap();
+    let mut params: Vec<_> = specs
+        .iter()
+        .map(|s| upload(cpu, s.shape, &Rng::new(s.shape.len() as u64).vec(s.shape.len())))
+        .collect();
+    let mut out = Vec::new();
+    for step in 0..3u64 {
+        let grads: Vec<_> = specs
+            .iter()
+            .map(|s| {
+                upload(
+                    cpu,
+                    s.shape,
+                    &Rng::new(step * 7 + s.shape.rows as u64).vec(s.shape.len()),
+                )
+            })
+            .collect();
+        let report = opt.step(cpu, &mut params, &grads, 0.02).unwrap();
+        out.push(report.grad_norm.to_bits());
+        let mut rms = vec![0.0; specs.len()];
+        opt.update_rms(cpu, &mut rms).unwrap();
+        out.extend(rms.iter().map(|r| r.to_bits()));
+    }
+    for p in &params {
+        out.extend(host(cpu, p).iter().map(|v| v.to_bits()));
+    }
+    out
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // Shapes whose products split inside a matrix and over a stack, whose reductions split
+    // across threads (over 65,536 elements), plus a vector for AdamW: three hybrid steps on 1
+    // to 4 threads must give the same bits, so a checkpoint resumes exactly on a machine with
+    // another core count. f64 shows a changed summation order that f32's rounding often hides.
+    use muon_faer::Precision;
+    let runs: [(&str, &dyn Fn(usize) -> Vec<u64>); 3] = [
+        ("f32", &|t| thread_count_probe(&Faer::<f32>::with_threads(t))),
+        ("bf16", &|t| {
+            thread_count_probe(&Faer::<f32>::with_threads(t).with_precision(Precision::Bf16))
+        }),
+        ("f64", &|t| thread_count_probe(&Faer::<f64>::with_threads(t))),
+    ];
+    for (what, run) in runs {
+        let one = run(1);
+        for threads in [2, 3, 4] {
+            let other = run(threads);
+            let differing = one.iter().zip(&other).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differing, 0,
+                "{what}: {differing} values differ at 1 and {threads} threads"
+            );
+        }
+    }
+}
