@@ -75,6 +75,8 @@
 mod collective;
 mod elementwise;
 mod matmul;
+#[cfg(feature = "mpi")]
+mod mpi_group;
 mod ns;
 mod team;
 
@@ -91,6 +93,8 @@ use crate::matmul::Product;
 use crate::team::Team;
 
 pub use crate::collective::{ThreadGroup, Traffic};
+#[cfg(feature = "mpi")]
+pub use crate::mpi_group::{MpiGroup, DEFAULT_TIMEOUT};
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
 
 mod sealed {
