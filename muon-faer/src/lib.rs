@@ -63,6 +63,12 @@
 //! Distributed Muon) as threads of one process: the reference the GPU's NCCL group is tested
 //! against, and a way to check a data-parallel engine on one machine.
 //!
+//! With the `mpi` feature, `MpiGroup` runs them as the processes of an MPI job (`mpirun -np
+//! N`, one rank per process, across the machines of a CPU cluster), on Open MPI or any MPI
+//! the `mpi` crate (rsmpi) builds against. It gives `ThreadGroup`'s results to the bit (the
+//! sums of a reduce-scatter run in rank order, in Rust), and every collective has a deadline,
+//! so a rank whose peers are gone fails with an error instead of hanging.
+//!
 //! ## Threads
 //!
 //! [`Faer::new`] uses every core [`std::thread::available_parallelism`] reports;

@@ -348,12 +348,12 @@ fn drive<T: muon_faer::Elem>(
         allocations_after_warmup: 0,
     };
     let mut rms = vec![0.0; specs.len()];
-    for step in first_step..first_step + setup.steps {
+    for (step, &lr) in LRS.iter().enumerate().skip(first_step).take(setup.steps) {
         let grads: Vec<HostMatrix<T>> = (specs.iter().enumerate())
             .map(|(p, s)| upload(cpu, s.shape, &grad(s, p, step, rank, world)))
             .collect();
         let before = ALLOCATIONS.load(Ordering::SeqCst);
-        let norm = opt.step(cpu, &mut params, &grads, LRS[step]);
+        let norm = opt.step(cpu, &mut params, &grads, lr);
         opt.rms(cpu, &mut rms);
         if step > first_step {
             run.allocations_after_warmup += ALLOCATIONS.load(Ordering::SeqCst) - before;

@@ -277,7 +277,7 @@ where
         }
         let inverse = B::Elem::from_f64(1.0 / world as f64);
         own.iter_mut().for_each(|o| *o *= inverse);
-        self.count(|t| &mut t.reduce_scatter, n * size_of::<B::Elem>());
+        self.count(|t| &mut t.reduce_scatter, size_of_val(full));
         Ok(())
     }
 
@@ -291,7 +291,7 @@ where
         let outcome = staging.all_gather(&self.comm, shard.as_slice(), self.timeout);
         let gathered = self.finish("all-gather", outcome)?;
         full.copy_from_slice(&gathered[..n]);
-        self.count(|t| &mut t.all_gather, n * size_of::<B::Elem>());
+        self.count(|t| &mut t.all_gather, size_of_val(full));
         Ok(())
     }
 
@@ -339,7 +339,7 @@ where
         let full = full.as_mut_slice();
         let outcome = (self.staging.borrow_mut()).broadcast(&self.comm, root, full, self.timeout);
         self.finish("broadcast", outcome)?;
-        self.count(|t| &mut t.broadcast, full.len() * size_of::<B::Elem>());
+        self.count(|t| &mut t.broadcast, size_of_val(full));
         Ok(())
     }
 }
