@@ -64,8 +64,8 @@
 //! against, and a way to check a data-parallel engine on one machine.
 //!
 //! With the `mpi` feature, `MpiGroup` runs them as the processes of an MPI job (`mpirun -np
-//! N`, one rank per process, across the machines of a CPU cluster), on Open MPI or any MPI
-//! the `mpi` crate (rsmpi) builds against. It gives `ThreadGroup`'s results to the bit (the
+//! N`, one rank per process, across the machines of a CPU cluster), through the `mpi` crate
+//! (rsmpi 0.8; tested with Open MPI 4.1). It gives `ThreadGroup`'s results to the bit (the
 //! sums of a reduce-scatter run in rank order, in Rust), and every collective has a deadline,
 //! so a rank whose peers are gone fails with an error instead of hanging.
 //!

@@ -41,6 +41,7 @@ use crate::collective::Traffic;
 /// How long a collective waits for the other ranks by default: long enough for a rank that is
 /// busy elsewhere (rank 0 writing a checkpoint while the others enter the next step).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// One rank of a data-parallel group of MPI processes: this process's handle, from
 /// [`MpiGroup::init`] (run under `mpirun -np N`; a process started alone is a group of one).
 ///
