@@ -458,13 +458,13 @@ fn rank_main(args: &[String]) {
             let line = serde_json::to_string(&run(&setup, Some(&checkpoint))).unwrap();
             write(&dir.join(format!("resume-{rank}.jsonl")), &line);
         }
-        // Steps until killed, each rank writing `PID STEP` after each step.
+        // Steps until killed (for a minute at most), each rank writing `PID STEP` before each.
         "until-killed" => {
             let progress = dir.join(format!("progress-{rank}"));
-            let pid = std::process::id();
-            let stepped = step_on(root.another(), 1_000_000, |step| {
+            let (pid, start) = (std::process::id(), Instant::now());
+            let stepped = step_on(root.another(), usize::MAX, |step| {
                 write(&progress, &format!("{pid} {step}"));
-                true
+                start.elapsed() < Duration::from_secs(60)
             });
             stepped.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
         }
@@ -554,6 +554,7 @@ fn main() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("muon-faer-mpi-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
     let mpi = Mpi::new(&dir);
     let mut passed = 0;
     let mut check = |name: &str, f: &mut dyn FnMut()| {
@@ -579,10 +580,19 @@ fn main() {
         "a_rank_that_leaves_fails_the_others_at_their_deadline",
         &mut || one_leaves(&mpi),
     );
-    if std::env::var_os("MUON_MPI_KEEP").is_none() {
-        let _ = fs::remove_dir_all(&dir);
-    }
     println!("mpi: {passed} passed, 0 failed");
+}
+
+/// Removes the launches' files when the launcher ends, passing or failing, unless
+/// `MUON_MPI_KEEP` is set (to read them after a failure).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if std::env::var_os("MUON_MPI_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 fn mpirun_present() -> bool {
@@ -624,9 +634,9 @@ impl Mpi {
     }
 
     /// `mpirun -np ranks` of rank task `task` in `dir`, started; output to `dir/mpirun.log`.
-    fn spawn(&self, ranks: usize, task: &str, dir: &Path) -> std::process::Child {
+    fn spawn(&self, ranks: usize, task: &str, dir: &Path) -> Job {
         let log = fs::File::create(dir.join("mpirun.log")).unwrap();
-        Command::new("mpirun")
+        let child = Command::new("mpirun")
             .args(["--oversubscribe", "-np", &ranks.to_string()])
             .arg(&self.exe)
             .args(["rank", task])
@@ -638,34 +648,16 @@ impl Mpi {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting mpirun: {e}"))
-    }
-
-    /// Waits for `child` up to `limit`, killing it then; its status (`None`: killed).
-    fn wait(child: &mut std::process::Child, dir: &Path, limit: Duration) -> Launch {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if start.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        Launch {
-            status,
-            elapsed: start.elapsed(),
-            output: String::from_utf8_lossy(&read(&dir.join("mpirun.log"))).into_owned(),
+            .unwrap_or_else(|e| panic!("starting mpirun: {e}"));
+        Job {
+            child,
+            log: dir.join("mpirun.log"),
         }
     }
 
     /// Runs rank task `task` on `ranks` ranks to success; returns each rank's JSON lines.
     fn run(&self, ranks: usize, task: &str, prefix: &str, dir: &Path) -> Vec<Vec<Run>> {
-        let mut child = self.spawn(ranks, task, dir);
-        let launch = Mpi::wait(&mut child, dir, Duration::from_secs(300));
+        let launch = self.spawn(ranks, task, dir).wait(Duration::from_secs(300));
         assert!(
             launch.status.is_some_and(|s| s.success()),
             "mpirun -np {ranks} {task}: {:?} after {:.1} s\n{}",
@@ -681,6 +673,62 @@ impl Mpi {
                     .collect()
             })
             .collect()
+    }
+}
+
+/// A running `mpirun`, ended (SIGTERM, which it passes on to its ranks, then SIGKILL) if it
+/// is dropped still running: a failed check leaves no job behind.
+struct Job {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Job {
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits up to `limit`; the exit status (`None`: still running then, so ended).
+    fn wait(mut self, limit: Duration) -> Launch {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if start.elapsed() > limit {
+                break None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let elapsed = start.elapsed();
+        let _ = self.end();
+        Launch {
+            status,
+            elapsed,
+            output: String::from_utf8_lossy(&read(&self.log)).into_owned(),
+        }
+    }
+
+    /// Ends the job if it still runs.
+    fn end(&mut self) -> std::io::Result<()> {
+        if !self.running() {
+            return Ok(());
+        }
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.running() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill(); // gone by now, or past SIGTERM
+        self.child.wait().map(drop)
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.end();
     }
 }
 
@@ -897,7 +945,7 @@ fn resume_on_2_and_1(mpi: &Mpi, four: &[Vec<Run>]) {
 /// rank process gone, within 30 s, its output naming the killed rank.
 fn killed_rank(mpi: &Mpi) {
     let dir = mpi.task_dir("killed");
-    let mut child = mpi.spawn(2, "until-killed", &dir);
+    let mut job = mpi.spawn(2, "until-killed", &dir);
     let progress = |rank: usize| -> Option<(u32, usize)> {
         let text = fs::read_to_string(dir.join(format!("progress-{rank}"))).ok()?;
         let (pid, step) = text.split_once(' ')?;
@@ -911,7 +959,7 @@ fn killed_rank(mpi: &Mpi) {
             }
         }
         assert!(
-            start.elapsed() < Duration::from_secs(120) && child.try_wait().unwrap().is_none(),
+            start.elapsed() < Duration::from_secs(120) && job.running(),
             "the ranks did not get to step 3"
         );
         thread::sleep(Duration::from_millis(20));
@@ -920,7 +968,7 @@ fn killed_rank(mpi: &Mpi) {
         .args(["-KILL", &pids[1].to_string()])
         .status();
     assert!(killed.is_ok_and(|s| s.success()), "kill -KILL {}", pids[1]);
-    let launch = Mpi::wait(&mut child, &dir, Duration::from_secs(30));
+    let launch = job.wait(Duration::from_secs(30));
     let status = launch.status.unwrap_or_else(|| {
         panic!(
             "the job was still running 30 s after rank 1 died\n{}",
@@ -950,8 +998,7 @@ fn killed_rank(mpi: &Mpi) {
 /// rank 0's next collective fails at its deadline, with a clear error, and the job ends.
 fn one_leaves(mpi: &Mpi) {
     let dir = mpi.task_dir("one-leaves");
-    let mut child = mpi.spawn(2, "one-leaves", &dir);
-    let launch = Mpi::wait(&mut child, &dir, Duration::from_secs(30));
+    let launch = mpi.spawn(2, "one-leaves", &dir).wait(Duration::from_secs(30));
     let status = launch.status.unwrap_or_else(|| {
         panic!(
             "the job was still running 30 s after it started\n{}",
