@@ -100,7 +100,7 @@ use crate::team::Team;
 
 pub use crate::collective::{ThreadGroup, Traffic};
 #[cfg(feature = "mpi")]
-pub use crate::mpi_group::{MpiGroup, DEFAULT_TIMEOUT};
+pub use crate::mpi_group::MpiGroup;
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
 
 mod sealed {

@@ -38,10 +38,6 @@ use muon_core::{
 use self::staging::{Staging, TimedOut};
 use crate::collective::Traffic;
 
-/// How long a collective waits for the other ranks by default: long enough for a rank that is
-/// busy elsewhere (rank 0 writing a checkpoint while the others enter the next step).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// One rank of a data-parallel group of MPI processes: this process's handle, from
 /// [`MpiGroup::init`] (run under `mpirun -np N`; a process started alone is a group of one).
 ///
@@ -96,8 +92,13 @@ impl<T> fmt::Debug for MpiGroup<T> {
 }
 
 impl<T> MpiGroup<T> {
+    /// How long a collective waits for the other ranks by default: long enough for a rank
+    /// that is busy elsewhere (rank 0 writing a checkpoint while the others enter the next
+    /// step).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
     /// How long each collective waits for the other ranks before it fails (default
-    /// [`DEFAULT_TIMEOUT`]). Every rank should choose the same.
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT)). Every rank should choose the same.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -202,7 +203,7 @@ impl<T: Real + Equivalence> MpiGroup<T> {
             universe,
             rank,
             world,
-            timeout: DEFAULT_TIMEOUT,
+            timeout: Self::DEFAULT_TIMEOUT,
             staging: RefCell::new(Staging::default()),
             traffic: Cell::new(Traffic::default()),
             broken: RefCell::new(None),
