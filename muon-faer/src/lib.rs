@@ -67,6 +67,12 @@
 //! Distributed Muon) as threads of one process: the reference the GPU's NCCL group is tested
 //! against, and a way to check a data-parallel engine on one machine.
 //!
+//! With the `mpi` feature, `MpiGroup` runs them as the processes of an MPI job (`mpirun -np
+//! N`, one rank per process, across the machines of a CPU cluster), through the `mpi` crate
+//! (rsmpi 0.8; tested with Open MPI 4.1). It gives `ThreadGroup`'s results to the bit (the
+//! sums of a reduce-scatter run in rank order, in Rust), and every collective has a deadline,
+//! so a rank whose peers are gone fails with an error instead of hanging.
+//!
 //! ## Threads
 //!
 //! [`Faer::new`] uses every core [`std::thread::available_parallelism`] reports;
@@ -80,6 +86,8 @@ mod bf16;
 mod collective;
 mod elementwise;
 mod matmul;
+#[cfg(feature = "mpi")]
+mod mpi_group;
 mod ns;
 mod team;
 
@@ -99,6 +107,8 @@ use crate::team::Team;
 pub use crate::bf16::Bf16Kernel;
 pub use crate::collective::{ThreadGroup, Traffic};
 pub use crate::matmul::{view, view_mut};
+#[cfg(feature = "mpi")]
+pub use crate::mpi_group::MpiGroup;
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
 pub use muon_core::Precision;
 
