@@ -944,7 +944,8 @@ fn results_do_not_depend_on_the_thread_count() {
     // to 4 threads must give the same bits, so a checkpoint resumes exactly on a machine with
     // another core count. f64 shows a changed summation order that f32's rounding often hides.
     use muon_faer::Precision;
-    let runs: [(&str, &dyn Fn(usize) -> Vec<u64>); 3] = [
+    type Probe<'a> = &'a dyn Fn(usize) -> Vec<u64>;
+    let runs: [(&str, Probe); 3] = [
         ("f32", &|t| thread_count_probe(&Faer::<f32>::with_threads(t))),
         ("bf16", &|t| {
             thread_count_probe(&Faer::<f32>::with_threads(t).with_precision(Precision::Bf16))
