@@ -20,5 +20,6 @@ pub mod corpus;
 pub mod data;
 pub mod files;
 pub mod log;
+pub mod memory;
 pub mod rng;
 pub mod train;

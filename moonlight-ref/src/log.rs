@@ -94,6 +94,12 @@ pub struct Summary {
     /// The same for the MoE routers alone (the report: 0.905 Muon vs 0.775 AdamW).
     #[serde(default)]
     pub svd_entropy_router: Option<f64>,
+    /// The memory the run was estimated to need before it started (an upper bound).
+    #[serde(default)]
+    pub memory_estimate_bytes: Option<u64>,
+    /// The most resident memory the process used (Linux), for comparison.
+    #[serde(default)]
+    pub memory_peak_bytes: Option<u64>,
 }
 
 /// Appends records to a JSONL file, one whole line each: a line is written with one call and,

@@ -317,15 +317,14 @@ impl<B: ModelOps> Model<B> {
             )));
         }
         let b = backend;
-        let need = Self::min_bytes(&config, batch, seq);
+        let need = crate::memory::model_bytes(&config, batch, seq, std::mem::size_of::<B::Elem>());
         if let Some(avail) = b.available_memory() {
             if need > avail {
-                let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
                 return Err(ModelError::Config(format!(
-                    "the model needs at least {:.1} GiB for batch {batch} x seq {seq} (parameters, gradients, \
-                     attention probabilities), but only {:.1} GiB are available",
-                    gib(need),
-                    gib(avail)
+                    "the model needs {} for batch {batch} x seq {seq} (parameters, gradients and \
+                     activations), but only {} are available",
+                    crate::memory::gib(need),
+                    crate::memory::gib(avail)
                 )));
             }
         }
@@ -429,18 +428,6 @@ impl<B: ModelOps> Model<B> {
             forwarded: false,
             config,
         })
-    }
-
-    /// A lower bound on the bytes [`new`](Self::new) allocates: parameters and gradients, the
-    /// attention probabilities and their gradients (`2 x L x B*H x T x T`), and the
-    /// `[N, V]` logits, probabilities and their gradient. The other activations add less.
-    pub fn min_bytes(config: &ModelConfig, batch: usize, seq: usize) -> u64 {
-        let elem = std::mem::size_of::<B::Elem>() as u64;
-        let (b, t) = (batch as u64, seq as u64);
-        let params = config.param_counts().total;
-        let scores = 2 * config.n_layers as u64 * b * config.n_heads as u64 * t * t;
-        let logits = 3 * b * t * config.vocab_size as u64;
-        (2 * params + scores + logits) * elem
     }
 
     /// The (batch, seq) this model was built for.

@@ -1113,7 +1113,7 @@ fn a_model_too_big_for_memory_is_refused_with_an_error() {
     // Moonlight-16B needs ~128 GB for f32 parameters and gradients alone.
     let b = Portable::<f32>::new();
     let cfg = ModelConfig::moonlight_16b_a3b();
-    let need = Model::<Portable<f32>>::min_bytes(&cfg, 1, 16);
+    let need = crate::memory::model_bytes(&cfg, 1, 16, 4);
     assert!(need > 2 * 4 * 15_900_000_000, "{need}");
     match b.available_memory() {
         Some(avail) if avail < need => {

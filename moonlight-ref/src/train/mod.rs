@@ -28,8 +28,9 @@ use std::time::Instant;
 use muon_core::{HybridOptimizer, ParamRole};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
-use crate::data::{BatchSampler, DataError, Dataset};
+use crate::data::{BatchSampler, DataError, DataSource, Dataset};
 use crate::log::Summary;
+use crate::memory::{self, MemoryEstimate};
 use crate::model::{Model, ModelError};
 use crate::ops::ModelOps;
 use report::{Reporter, StepFigures};
@@ -180,6 +181,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         None => None,
     };
     let (b, t) = (settings.batch, settings.seq);
+    let memory = check_memory(opts)?;
     let data = Dataset::load(&opts.data, t, settings.model.vocab_size)?;
     let mut model = Model::new(backend, settings.model.clone(), b, t, settings.seed)?;
     let specs = settings.optimizer_specs(model.param_specs());
@@ -203,7 +205,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
             "--stop-at {end} is not past the checkpoint's step {start}"
         )));
     }
-    let mut report = Reporter::new(opts, run_dir, &data, &model, &optimizer, start, end)?;
+    let mut report = Reporter::new(opts, run_dir, &data, &model, &optimizer, start, end, memory)?;
     let schedule = settings.schedule();
     let (mut tokens, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
     // Thread-local kernel workspaces now, so that no training step allocates them.
@@ -267,6 +269,25 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
         }
     }
     report.finish(opts, end, svd_entropies(backend, &model)?)
+}
+
+/// The run's memory estimate, refused with its figures when the machine has less available.
+fn check_memory(opts: &TrainOptions) -> Result<MemoryEstimate, TrainError> {
+    let s = &opts.settings;
+    let data_bytes = match &opts.data {
+        DataSource::Embedded => crate::corpus::EMBEDDED_BYTES as u64,
+        DataSource::File { path, .. } => std::fs::metadata(path).map_or(0, |m| m.len()),
+    };
+    let specs = s.optimizer_specs(memory::param_specs(&s.model));
+    let threads = rayon::current_num_threads();
+    let estimate = memory::training(&s.model, &specs, s.batch, s.seq, data_bytes, threads);
+    match memory::available() {
+        Some(available) if estimate.total() > available => Err(TrainError::Config(format!(
+            "the run needs an estimated {estimate}, but only {} are available: lower --batch or --seq, or pick a smaller --preset",
+            memory::gib(available)
+        ))),
+        _ => Ok(estimate),
+    }
 }
 
 /// Loads the checkpoint at `path` into the model, the optimizer and the sampler, after

@@ -14,6 +14,7 @@ use super::{mean, RunResult, TrainError, TrainOptions, CHECKPOINT_FILE, LOG_FILE
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::Dataset;
 use crate::log::{EvalRecord, Record, RunLog, StepRecord, Summary};
+use crate::memory::MemoryEstimate;
 use crate::model::Model;
 use crate::ops::ModelOps;
 
@@ -59,6 +60,7 @@ pub(super) struct Reporter {
     losses: Vec<(u64, f64)>,
     val_losses: Vec<(u64, f64)>,
     wall: Instant,
+    memory_estimate: u64,
 }
 
 impl Reporter {
@@ -72,6 +74,7 @@ impl Reporter {
         optimizer: &HybridOptimizer<B>,
         start: u64,
         end: u64,
+        memory: MemoryEstimate,
     ) -> Result<Reporter, TrainError> {
         let s = &opts.settings;
         let mut log = None;
@@ -133,10 +136,11 @@ impl Reporter {
             losses: Vec::with_capacity(steps),
             val_losses: Vec::with_capacity(1 + steps / opts.eval_every.max(1) as usize),
             wall: Instant::now(),
+            memory_estimate: memory.total(),
         };
         let counts = s.model.param_counts();
         reporter.say(format!(
-            "moonlight-ref: {} ({} params, {} active) with {} on {} ({} train / {} val tokens), B={} T={}, {} steps{}",
+            "moonlight-ref: {} ({} params, {} active) with {} on {} ({} train / {} val tokens), B={} T={}, {} steps{}; memory {}",
             s.preset,
             counts.total,
             counts.active,
@@ -148,6 +152,7 @@ impl Reporter {
             s.seq,
             s.steps,
             if start > 0 { format!(", resuming at step {start}") } else { String::new() },
+            crate::memory::gib(memory.total()),
         ));
         Ok(reporter)
     }
@@ -298,6 +303,8 @@ impl Reporter {
             wall_s: self.wall.elapsed().as_secs_f64(),
             svd_entropy_hidden: svd_entropy.0,
             svd_entropy_router: svd_entropy.1,
+            memory_estimate_bytes: Some(self.memory_estimate),
+            memory_peak_bytes: crate::memory::peak_resident(),
         };
         write(&mut self.log, &Record::Summary(summary.clone()))?;
         Ok(RunResult {

@@ -28,27 +28,49 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Allocations and reallocations since the process started.
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+/// Bytes allocated and not yet freed, and the most there were since the last
+/// [`reset_peak_bytes`].
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grow(bytes: usize) {
+    let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+fn shrink(bytes: usize) {
+    LIVE.fetch_sub(bytes, Ordering::Relaxed);
+}
 
 /// The system allocator, counting every allocation and reallocation (frees are not counted:
 /// a step that frees must have allocated first).
 pub struct CountingAllocator;
 
-// SAFETY: every call is forwarded unchanged to the system allocator; the only addition is an
-// atomic increment, which neither allocates nor touches the memory handed out.
+// SAFETY: every call is forwarded unchanged to the system allocator; the only additions are
+// atomic counters, which neither allocate nor touch the memory handed out.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which we pass on.
-        unsafe { System.alloc(layout) }
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            grow(layout.size());
+        }
+        ptr
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            grow(layout.size());
+        }
+        ptr
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        shrink(layout.size());
         // SAFETY: `ptr` came from `System` through this allocator, with this `layout`.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -56,8 +78,28 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: as for `dealloc`, and the caller upholds `realloc`'s contract on `new_size`.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            grow(new_size);
+            shrink(layout.size());
+        }
+        new
     }
+}
+
+/// Bytes allocated and not freed yet (heap only: not stacks, not the binary).
+pub fn live_bytes() -> usize {
+    LIVE.load(Ordering::SeqCst)
+}
+
+/// The most bytes live at once since the last [`reset_peak_bytes`] (or the start).
+pub fn peak_bytes() -> usize {
+    PEAK.load(Ordering::SeqCst)
+}
+
+/// Starts a new peak from the bytes live now.
+pub fn reset_peak_bytes() {
+    PEAK.store(LIVE.load(Ordering::SeqCst), Ordering::SeqCst);
 }
 
 /// Allocations (and reallocations) so far, on every thread. Work on other threads is counted
