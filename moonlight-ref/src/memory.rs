@@ -310,12 +310,13 @@ pub fn optimizer_elements(specs: &[ParamSpec]) -> (u64, u64) {
     (state.0, work.0)
 }
 
-/// The process's fixed cost: code and libraries, and per thread its stack and the GEMM
-/// kernels' packing buffers. Measured on this crate's binary with `tests/memory.rs` (about
-/// 20 MiB and 8 MiB per thread), with room to spare.
+/// The process's fixed cost: code and libraries, and per thread its stack, its malloc arena
+/// and the GEMM kernels' packing buffers. Measured on this crate's binary by
+/// `tests/memory.rs` (a 2-thread `tiny` run at 2x16 tokens peaks at about 19 MiB in all),
+/// with room to spare.
 pub fn runtime_bytes(threads: usize) -> u64 {
-    const BASE: u64 = 64 << 20;
-    const PER_THREAD: u64 = 24 << 20;
+    const BASE: u64 = 32 << 20;
+    const PER_THREAD: u64 = 8 << 20;
     BASE.saturating_add(PER_THREAD.saturating_mul(threads as u64))
 }
 
