@@ -1,6 +1,6 @@
 //! The model's configuration: sizes, presets, validation and parameter counts.
 //!
-//! The same struct describes the real Moonlight (`moonlight-16b-a3b`, SPEC section 4) and the
+//! The same struct describes the real Moonlight (`moonlight-16b-a3b`, as the report and its published config describe it) and the
 //! scaled-down models that train on a CPU (`tiny`, `small`). Everything is plain data, checked
 //! once by [`ModelConfig::validate`].
 
@@ -121,7 +121,7 @@ impl ModelConfig {
     pub const PRESETS: &'static [&'static str] = &["tiny", "small", "moonlight-16b-a3b"];
 
     /// A preset by name: `tiny` (trains on a laptop CPU in minutes), `small` (tens of
-    /// minutes), `moonlight-16b-a3b` (the real Moonlight, SPEC section 4; too big to train
+    /// minutes), `moonlight-16b-a3b` (the real Moonlight; too big to train
     /// here, but its parameter counts are exact).
     pub fn preset(name: &str) -> Result<ModelConfig, String> {
         match name {
@@ -195,7 +195,7 @@ impl ModelConfig {
         }
     }
 
-    /// Moonlight-16B-A3B as SPEC section 4 describes it (DeepSeek-V3 architecture).
+    /// Moonlight-16B-A3B as published (the DeepSeek-V3 architecture at 16B parameters, 3B active).
     pub fn moonlight_16b_a3b() -> ModelConfig {
         ModelConfig {
             vocab_size: 163_840,
@@ -408,7 +408,7 @@ mod tests {
         assert!(ModelConfig::preset("huge").unwrap_err().contains("tiny"));
     }
 
-    /// SPEC section 4: 15.96B in all (embedding and head 0.67B, attention 0.37B, dense FFN
+    /// Moonlight-16B-A3B's published sizes: 15.96B in all (embedding and head 0.67B, attention 0.37B, dense FFN
     /// 0.07B, MoE 14.85B); about 2.9B active counting embedding and head, 2.24B without.
     #[test]
     fn moonlight_16b_a3b_counts_match_the_report() {

@@ -88,7 +88,7 @@ pub struct Summary {
     /// Wall-clock seconds of the run, evaluation and checkpoints included.
     pub wall_s: f64,
     /// Mean normalized SVD entropy of the trained hidden matrices, each expert counted on its
-    /// own (SPEC section 5: higher under Muon in the report).
+    /// own (the report finds it higher under Muon).
     #[serde(default)]
     pub svd_entropy_hidden: Option<f64>,
     /// The same for the MoE routers alone (the report: 0.905 Muon vs 0.775 AdamW).

@@ -13,7 +13,7 @@
 //! H heads   E routed experts   K experts per token   R = N*K routed rows   F FFN width
 //! ```
 //!
-//! The network (SPEC section 4):
+//! The network (DeepSeek-V3's, as Moonlight uses it):
 //!
 //! ```text
 //! x = embed[tokens]                                             [N, C]

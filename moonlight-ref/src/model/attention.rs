@@ -1,4 +1,4 @@
-//! Causal self-attention with RoPE: multi-head (MHA) or multi-head latent (MLA, SPEC section 4).
+//! Causal self-attention with RoPE: multi-head (MHA) or multi-head latent (MLA, DeepSeek-V2's).
 //!
 //! Both share one core on the heads layout `[B*H, T, D]`, where every product is a batched GEMM:
 //!
