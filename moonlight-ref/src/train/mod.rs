@@ -205,7 +205,7 @@ pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Resul
             "--stop-at {end} is not past the checkpoint's step {start}"
         )));
     }
-    let mut report = Reporter::new(opts, run_dir, &data, &model, &optimizer, start, end, memory)?;
+    let mut report = Reporter::new(opts, run_dir, &data, &model, &optimizer, start..end, memory)?;
     let schedule = settings.schedule();
     let (mut tokens, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
     // Thread-local kernel workspaces now, so that no training step allocates them.

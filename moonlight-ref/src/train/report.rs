@@ -3,6 +3,7 @@
 //! figures of each step; it keeps no state the arithmetic depends on.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -65,17 +66,17 @@ pub(super) struct Reporter {
 
 impl Reporter {
     /// Opens the output directory and the log (continued on a resume), draws the bar at
-    /// `start` and prints the run's header line.
+    /// the first of `steps` and prints the run's header line.
     pub fn new<B: ModelOps<Elem = f32>>(
         opts: &TrainOptions,
         run_dir: Option<RunDir>,
         data: &Dataset,
         model: &Model<B>,
         optimizer: &HybridOptimizer<B>,
-        start: u64,
-        end: u64,
+        steps: Range<u64>,
         memory: MemoryEstimate,
     ) -> Result<Reporter, TrainError> {
+        let (start, end) = (steps.start, steps.end);
         let s = &opts.settings;
         let mut log = None;
         if let Some(dir) = &run_dir {
