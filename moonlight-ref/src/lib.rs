@@ -11,6 +11,7 @@ compile_error!("moonlight-ref reads and writes little-endian files by viewing me
 // trait, their CPU implementation, and the layers with forward/backward passes.
 pub mod config;
 pub mod cpu;
+pub mod infer;
 pub mod model;
 pub mod ops;
 
