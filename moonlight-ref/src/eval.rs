@@ -27,7 +27,14 @@ impl Trained {
         if !path.is_file() {
             return Err(format!("checkpoint {}: no such file", path.display()));
         }
-        let checkpoint = checkpoint::load(path).map_err(|e| e.to_string())?;
+        let checkpoint = checkpoint::load(path).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("format `pt`") {
+                format!("{msg}: it is a transformers weights file; `moonlight-ref import` its directory into a checkpoint first")
+            } else {
+                msg
+            }
+        })?;
         let json = checkpoint.metadata.get("config").ok_or_else(|| {
             format!(
                 "{}: no `config` metadata: not a checkpoint of `moonlight-ref train` or `import`",
