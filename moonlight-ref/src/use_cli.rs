@@ -107,7 +107,7 @@ pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
     let mut sampler = Sampler::new(opts, a.seed, trained.config.vocab_size);
     let mut history: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
     // A prompt longer than the context: its last half-context is what the model sees.
-    let keep = |h: &[u32]| h.len().saturating_sub(context / 2.max(1));
+    let keep = |h: &[u32]| h.len().saturating_sub((context / 2).max(1));
     let start = if history.len() > context {
         keep(&history)
     } else {

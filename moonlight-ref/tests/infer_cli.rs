@@ -90,8 +90,7 @@ fn trained() -> &'static Run {
         let val_loss = log
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|r| r["kind"] == "eval")
-            .last()
+            .rfind(|r| r["kind"] == "eval")
             .and_then(|r| r["val_loss"].as_f64())
             .expect("an eval record");
         Run {

@@ -206,8 +206,8 @@ fn sampling_is_deterministic_for_a_seed_and_honours_its_options() {
     // top-k 3 draws only the three most likely, and all of them over 300 draws.
     let top3 = SamplingOptions { top_k: 3, ..opts };
     let got = draw(top3, 4);
-    for i in 0..3 {
-        assert!(got.contains(&(by_logit[i] as u32)));
+    for &t in &by_logit[..3] {
+        assert!(got.contains(&(t as u32)));
     }
     assert!(got.iter().all(|&t| by_logit[..3].contains(&(t as usize))));
     // top-p: only the nucleus of the softmax.
