@@ -97,20 +97,22 @@ pub struct EvalReport {
     pub loss: f64,
     /// `exp(loss)`.
     pub perplexity: f64,
-    /// Bits per byte of text: `loss / ln 2` when each token is one byte, else none.
+    /// Bits per byte of text (the scored tokens' nats over ln 2 and the bytes they cover), when
+    /// the bytes are known (text, bytes as tokens or through a tokenizer; not token shards).
     pub bits_per_byte: Option<f64>,
 }
 
 /// Scores `tokens` with the checkpoint in windows of `seq` inputs, `batch` windows per
-/// forward; `progress(done, total)` after each forward (windows). `bytes_per_token` is 1 for
-/// byte-level data (then bits per byte are reported).
+/// forward; `progress(done, total)` after each forward (windows). `scored_bytes` is the number
+/// of bytes of text the scored tokens (all but the first) cover, when known: then bits per byte
+/// are reported.
 pub fn evaluate_stream<B: ModelOps<Elem = f32>>(
     backend: &B,
     trained: &Trained,
     tokens: &[u16],
     batch: usize,
     seq: usize,
-    byte_level: bool,
+    scored_bytes: Option<u64>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<EvalReport, String> {
     if tokens.len() < 2 {
@@ -177,6 +179,6 @@ pub fn evaluate_stream<B: ModelOps<Elem = f32>>(
         seq,
         loss,
         perplexity: loss.exp(),
-        bits_per_byte: byte_level.then(|| loss / std::f64::consts::LN_2),
+        bits_per_byte: scored_bytes.map(|b| nats / std::f64::consts::LN_2 / b as f64),
     })
 }

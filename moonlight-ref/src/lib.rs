@@ -27,4 +27,5 @@ pub mod hf;
 pub mod log;
 pub mod memory;
 pub mod rng;
+pub mod tokenizer;
 pub mod train;

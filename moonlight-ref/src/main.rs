@@ -72,6 +72,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train a byte-level BPE tokenizer (tokenizer.json) on a text file.
+    Tokenizer {
+        /// The UTF-8 text file to learn merges from.
+        #[arg(long)]
+        data: PathBuf,
+        /// Vocabulary size (at least the 256 byte symbols).
+        #[arg(long)]
+        vocab: usize,
+        /// The tokenizer.json to write.
+        #[arg(long, short, default_value = "tokenizer.json")]
+        out: PathBuf,
+    },
     /// Read an HF transformers DeepseekV3 model directory into a checkpoint.
     Import {
         /// The directory (config.json and model.safetensors).
@@ -211,6 +223,10 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Encode the text --data with this HF tokenizer.json (into OUT/tokens.bin); the vocabulary
+    /// becomes the tokenizer's unless --vocab is given.
+    #[arg(long, conflicts_with = "data_format")]
+    tokenizer: Option<PathBuf>,
 }
 
 fn parse_update_scale(s: &str) -> Result<UpdateScale, String> {
@@ -356,6 +372,9 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
 
 fn run_train(args: &TrainArgs) -> Result<(), Exit> {
     let mut opts = args.options()?;
+    if let (Some(tok), Some(out)) = (&args.tokenizer, opts.out.clone()) {
+        use_cli::tokenize_for_training(tok, args.data.as_deref(), &out, args.vocab.is_some(), &mut opts)?;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match args.threads {
         Some(0) => return Err(Exit::Error("--threads must be at least 1".into())),
@@ -539,6 +558,7 @@ fn main() -> ExitCode {
         Some(Command::Eval(args)) => use_cli::run_eval(args),
         Some(Command::Export { checkpoint, out }) => use_cli::run_export(checkpoint, out),
         Some(Command::Import { dir, out }) => use_cli::run_import(dir, out),
+        Some(Command::Tokenizer { data, vocab, out }) => use_cli::run_tokenizer(data, *vocab, out),
     };
     match result {
         Ok(()) | Err(Exit::ClosedPipe) => ExitCode::SUCCESS,

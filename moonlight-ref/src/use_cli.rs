@@ -10,6 +10,7 @@ use moonlight_ref::data::{load_tokens, DataFormat, DataSource};
 use moonlight_ref::eval::{evaluate_stream, Trained};
 use moonlight_ref::hf;
 use moonlight_ref::infer::{Decoder, Sampler, SamplingOptions};
+use moonlight_ref::tokenizer::{self, read_text, Tokenizer};
 
 use crate::{warn, write_stdout, Exit, FormatArg};
 
@@ -36,6 +37,9 @@ pub struct SampleArgs {
     /// Fixes the draws: the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// An HF tokenizer.json for the prompt and the output [default: bytes as tokens].
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -58,6 +62,9 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// An HF tokenizer.json to encode the (UTF-8 text) file with [default: bytes as tokens].
+    #[arg(long, conflicts_with = "data_format")]
+    tokenizer: Option<PathBuf>,
 }
 
 /// Raw bytes on standard output, flushed: a closed pipe ends the program quietly.
@@ -82,6 +89,37 @@ fn check_byte_level(trained: &Trained, path: &Path) -> Result<(), Exit> {
     Ok(())
 }
 
+/// Where sampled tokens go: bytes as they are, or decoded by a tokenizer (the whole
+/// continuation decoded each time and only its new, complete characters printed, so that
+/// a character split over tokens comes out whole).
+enum Output {
+    Bytes,
+    Text {
+        tok: Tokenizer,
+        ids: Vec<u32>,
+        printed: usize,
+    },
+}
+
+impl Output {
+    fn push(&mut self, id: u32) -> Result<(), Exit> {
+        match self {
+            Output::Bytes => write_raw(&[id as u8]),
+            Output::Text { tok, ids, printed } => {
+                ids.push(id);
+                let text = tok.decode(ids)?;
+                // Hold back a trailing replacement character: the rest of its bytes may come.
+                let ready = text.trim_end_matches('\u{fffd}');
+                if ready.len() > *printed && ready.is_char_boundary(*printed) {
+                    write_raw(&ready.as_bytes()[*printed..])?;
+                    *printed = ready.len();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
     let opts = SamplingOptions {
         temperature: a.temperature,
@@ -95,7 +133,31 @@ pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
         ));
     }
     let trained = Trained::load(&a.checkpoint)?;
-    check_byte_level(&trained, &a.checkpoint)?;
+    let (mut history, mut output): (Vec<u32>, Output) = match &a.tokenizer {
+        None => {
+            check_byte_level(&trained, &a.checkpoint)?;
+            (a.prompt.bytes().map(u32::from).collect(), Output::Bytes)
+        }
+        Some(path) => {
+            let tok = Tokenizer::load(path)?;
+            tok.check_fits(trained.config.vocab_size)?;
+            let ids = tok.encode(&a.prompt)?;
+            if ids.is_empty() {
+                return Err(Exit::Error(format!(
+                    "--prompt encodes to no tokens with {}",
+                    path.display()
+                )));
+            }
+            (
+                ids,
+                Output::Text {
+                    tok,
+                    ids: Vec::new(),
+                    printed: 0,
+                },
+            )
+        }
+    };
     let context = trained.config.max_seq_len;
     let mut decoder = Decoder::new(
         &trained.config,
@@ -105,7 +167,6 @@ pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
     )
     .map_err(|e| format!("{}: {e}", a.checkpoint.display()))?;
     let mut sampler = Sampler::new(opts, a.seed, trained.config.vocab_size);
-    let mut history: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
     // A prompt longer than the context: its last half-context is what the model sees.
     let keep = |h: &[u32]| h.len().saturating_sub((context / 2).max(1));
     let start = if history.len() > context {
@@ -119,7 +180,7 @@ pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
         .map_err(|e| e.to_string())?;
     for _ in 0..a.tokens {
         let next = sampler.sample(&logits);
-        write_raw(&[next as u8])?;
+        output.push(next)?;
         history.push(next);
         if decoder.position() == context {
             // The cache is full: continue from the last half-context (recomputed).
@@ -141,11 +202,33 @@ pub fn run_eval(a: &EvalArgs) -> Result<(), Exit> {
         FormatArg::Bin => DataFormat::Bin,
     });
     let resolved = format.unwrap_or_else(|| DataFormat::detect(&a.data));
-    let (name, tokens) = load_tokens(&DataSource::File {
-        path: a.data.clone(),
-        format: Some(resolved),
-    })
-    .map_err(|e| e.to_string())?;
+    let (name, tokens, scored_bytes) = match &a.tokenizer {
+        None => {
+            let (name, tokens) = load_tokens(&DataSource::File {
+                path: a.data.clone(),
+                format: Some(resolved),
+            })
+            .map_err(|e| e.to_string())?;
+            let bytes = (resolved == DataFormat::Text).then(|| tokens.len() as u64 - 1);
+            (name, tokens, bytes)
+        }
+        Some(path) => {
+            let tok = Tokenizer::load(path)?;
+            tok.check_fits(trained.config.vocab_size)?;
+            let text = read_text(&a.data)?;
+            let ids = tok.encode(&text)?;
+            let first = match ids.first() {
+                Some(&id) => tok.decode(&[id])?.len() as u64,
+                None => 0,
+            };
+            let tokens: Vec<u16> = ids.iter().map(|&id| id as u16).collect(); // fits: check_fits
+            (
+                a.data.display().to_string(),
+                tokens,
+                Some((text.len() as u64).saturating_sub(first)),
+            )
+        }
+    };
     let (run_batch, run_seq) = trained.run_shape().unwrap_or((8, trained.config.max_seq_len));
     let seq = a.seq.unwrap_or(run_seq);
     let batch = a.batch.unwrap_or(run_batch);
@@ -169,7 +252,6 @@ pub fn run_eval(a: &EvalArgs) -> Result<(), Exit> {
         bar
     };
     let backend = muon_faer::Faer::<f32>::new();
-    let byte_level = resolved == DataFormat::Text;
     let report = rayon::scope(|_| {
         evaluate_stream(
             &backend,
@@ -177,7 +259,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<(), Exit> {
             &tokens,
             batch,
             seq,
-            byte_level,
+            scored_bytes,
             |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
@@ -217,4 +299,44 @@ pub fn run_import(dir: &Path, out: &Path) -> Result<(), Exit> {
     let ckpt = hf::import(dir)?;
     checkpoint::save(out, &ckpt).map_err(|e| e.to_string())?;
     write_stdout(format_args!("wrote {}", out.display()))
+}
+
+pub fn run_tokenizer(data: &Path, vocab: usize, out: &Path) -> Result<(), Exit> {
+    let got = tokenizer::train_bpe(data, vocab, out)?;
+    write_stdout(format_args!(
+        "wrote {} (byte-level BPE, {got} tokens{})",
+        out.display(),
+        if got < vocab {
+            ", fewer than asked: the text has no more pairs to merge"
+        } else {
+            ""
+        }
+    ))
+}
+
+/// `train --tokenizer`: encodes the text `--data` into `OUT/tokens.bin` (an llm.c shard the
+/// trainer reads) and sizes the model's vocabulary to the tokenizer unless `--vocab` says.
+pub fn tokenize_for_training(
+    tok_path: &Path,
+    data: Option<&Path>,
+    out: &Path,
+    vocab_given: bool,
+    opts: &mut moonlight_ref::train::TrainOptions,
+) -> Result<(), Exit> {
+    let data = data.ok_or_else(|| Exit::Error("--tokenizer needs --data (a UTF-8 text file)".into()))?;
+    let tok = Tokenizer::load(tok_path)?;
+    let model = &mut opts.settings.model;
+    if vocab_given {
+        tok.check_fits(model.vocab_size)?;
+    } else {
+        model.vocab_size = tok.vocab_size();
+    }
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let bin = out.join("tokens.bin");
+    tok.encode_file_to_bin(data, &bin)?;
+    opts.data = DataSource::File {
+        path: bin,
+        format: Some(DataFormat::Bin),
+    };
+    Ok(())
 }
