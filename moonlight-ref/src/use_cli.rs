@@ -95,7 +95,7 @@ fn check_byte_level(trained: &Trained, path: &Path) -> Result<(), Exit> {
 enum Output {
     Bytes,
     Text {
-        tok: Tokenizer,
+        tok: Box<Tokenizer>,
         ids: Vec<u32>,
         printed: usize,
     },
@@ -151,7 +151,7 @@ pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
             (
                 ids,
                 Output::Text {
-                    tok,
+                    tok: Box::new(tok),
                     ids: Vec::new(),
                     printed: 0,
                 },
