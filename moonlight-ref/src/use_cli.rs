@@ -158,7 +158,13 @@ pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
             )
         }
     };
-    let context = trained.config.max_seq_len;
+    // The positions the model was trained on: past them RoPE angles it never saw, and text
+    // falls apart (a tiny model trained at --seq 64 degrades within a few tokens of 64).
+    let context = trained
+        .run_shape()
+        .map_or(trained.config.max_seq_len, |(_, seq)| {
+            seq.min(trained.config.max_seq_len)
+        });
     let mut decoder = Decoder::new(
         &trained.config,
         &trained.checkpoint.params,
