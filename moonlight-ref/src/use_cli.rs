@@ -40,6 +40,10 @@ pub struct SampleArgs {
     /// An HF tokenizer.json for the prompt and the output [default: bytes as tokens].
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Positions the model sees before the window slides [default: the training run's --seq,
+    /// else the model's max_seq_len].
+    #[arg(long)]
+    context: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -160,11 +164,16 @@ pub fn run_sample(a: &SampleArgs) -> Result<(), Exit> {
     };
     // The positions the model was trained on: past them RoPE angles it never saw, and text
     // falls apart (a tiny model trained at --seq 64 degrades within a few tokens of 64).
-    let context = trained
-        .run_shape()
-        .map_or(trained.config.max_seq_len, |(_, seq)| {
-            seq.min(trained.config.max_seq_len)
-        });
+    let max = trained.config.max_seq_len;
+    let context = match a.context {
+        Some(c) if c == 0 || c > max => {
+            return Err(Exit::Error(format!(
+                "--context {c} must be between 1 and the model's max_seq_len {max}"
+            )))
+        }
+        Some(c) => c,
+        None => trained.run_shape().map_or(max, |(_, seq)| seq.min(max)),
+    };
     let mut decoder = Decoder::new(
         &trained.config,
         &trained.checkpoint.params,

@@ -227,13 +227,16 @@ fn export_and_import_keep_the_model() {
         serde_json::from_str(eval(&back).trim()).unwrap(),
     );
     assert_eq!(a["loss"], b["loss"]);
+    // The imported checkpoint has no run metadata: --context gives both the trained one.
     let sample = |ck: &Path| {
         ok_bytes(&[
             "sample",
             "--checkpoint",
             path(ck),
+            "--context",
+            "32",
             "--tokens",
-            "50",
+            "100",
             "--seed",
             "3",
         ])
@@ -280,6 +283,8 @@ fn bad_input_gets_a_clear_error() {
         "1000",
     ]);
     assert!(err.contains("max_seq_len"), "{err}");
+    let err = fails(&["sample", "--checkpoint", ck, "--context", "0"]);
+    assert!(err.contains("--context"), "{err}");
     let err = fails(&["sample", "--checkpoint", ck, "--top-p", "0"]);
     assert!(err.contains("--top-p"), "{err}");
     let err = fails(&[
