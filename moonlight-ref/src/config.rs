@@ -27,7 +27,11 @@ pub enum Attention {
 }
 
 /// The sizes and constants of a Moonlight-style MoE decoder.
+///
+/// (De)serialized as a plain JSON object of its fields. A field added since a file was written
+/// takes its old behaviour: `aux_loss_alpha` 0, `kv_norm_eps` the file's `norm_eps`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(remote = "Self")]
 pub struct ModelConfig {
     /// Vocabulary size (256 for bytes).
     pub vocab_size: usize,
@@ -64,10 +68,42 @@ pub struct ModelConfig {
     pub aux_loss_alpha: f64,
     /// RoPE base (Moonlight: 50,000).
     pub rope_theta: f64,
-    /// RMSNorm epsilon (1e-5).
+    /// RMSNorm epsilon of the residual-stream norms (before attention, before the FFN, final):
+    /// transformers' `rms_norm_eps` (1e-5).
     pub norm_eps: f64,
+    /// RMSNorm epsilon of MLA's compressed-latent norm (`c_kv`, transformers'
+    /// `kv_a_layernorm`). DeepSeek-V3's and Moonlight's reference code and transformers use the
+    /// norm's default 1e-6 there, whatever `rms_norm_eps` says, so the presets say 1e-6: an
+    /// exported model then equals transformers' to rounding. (For tiny and small the choice is
+    /// otherwise immaterial: at initialization the latent's mean square is about
+    /// `dim * 0.02^2`, 0.026 for tiny and 0.077 for small, so either epsilon shifts its rstd by
+    /// under 0.02%.) Files written before this field existed used `norm_eps` here and still do.
+    #[serde(default = "unset_eps")]
+    pub kv_norm_eps: f64,
     /// Longest context the model accepts.
     pub max_seq_len: usize,
+}
+
+/// The default of `kv_norm_eps` while deserializing: NaN (JSON has no NaN, so it cannot come
+/// from a file), replaced by the file's `norm_eps`.
+fn unset_eps() -> f64 {
+    f64::NAN
+}
+
+impl serde::Serialize for ModelConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ModelConfig::serialize(self, s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut config = ModelConfig::deserialize(d)?;
+        if config.kv_norm_eps.is_nan() {
+            config.kv_norm_eps = config.norm_eps;
+        }
+        Ok(config)
+    }
 }
 
 /// Parameter counts by part, from [`ModelConfig::param_counts`].
@@ -161,6 +197,7 @@ impl ModelConfig {
             aux_loss_alpha: 0.0,
             rope_theta: 50_000.0,
             norm_eps: 1e-5,
+            kv_norm_eps: 1e-6,
             max_seq_len: 128,
         }
     }
@@ -191,6 +228,7 @@ impl ModelConfig {
             aux_loss_alpha: 0.0,
             rope_theta: 50_000.0,
             norm_eps: 1e-5,
+            kv_norm_eps: 1e-6,
             max_seq_len: 256,
         }
     }
@@ -220,6 +258,7 @@ impl ModelConfig {
             aux_loss_alpha: 0.001,
             rope_theta: 50_000.0,
             norm_eps: 1e-5,
+            kv_norm_eps: 1e-6,
             max_seq_len: 8192,
         }
     }
@@ -325,6 +364,9 @@ impl ModelConfig {
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(format!("norm_eps {} must be positive", self.norm_eps));
         }
+        if !(self.kv_norm_eps.is_finite() && self.kv_norm_eps > 0.0) {
+            return Err(format!("kv_norm_eps {} must be positive", self.kv_norm_eps));
+        }
         Ok(())
     }
 
@@ -427,6 +469,22 @@ mod tests {
         assert_eq!(p.total, p.embedding_and_head + p.attention + p.dense_ffn + p.moe);
     }
 
+    /// Files written before `kv_norm_eps` existed keep their behaviour (the latent norm used
+    /// `norm_eps`); new files round-trip it.
+    #[test]
+    fn kv_norm_eps_defaults_to_the_files_norm_eps() {
+        let tiny = ModelConfig::tiny();
+        assert_eq!(ModelConfig::moonlight_16b_a3b().kv_norm_eps, 1e-6);
+        let mut json: serde_json::Value = serde_json::to_value(&tiny).unwrap();
+        assert_eq!(json["kv_norm_eps"], 1e-6);
+        let back: ModelConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, tiny);
+        json.as_object_mut().unwrap().remove("kv_norm_eps");
+        json["norm_eps"] = 3e-5.into();
+        let old: ModelConfig = serde_json::from_value(json).unwrap();
+        assert_eq!((old.norm_eps, old.kv_norm_eps), (3e-5, 3e-5));
+    }
+
     #[test]
     fn active_counts_only_the_chosen_experts() {
         let tiny = ModelConfig::tiny();
@@ -501,6 +559,13 @@ mod tests {
                     ..base.clone()
                 },
                 "norm_eps",
+            ),
+            (
+                ModelConfig {
+                    kv_norm_eps: -1.0,
+                    ..base.clone()
+                },
+                "kv_norm_eps",
             ),
             (
                 ModelConfig {

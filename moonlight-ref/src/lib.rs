@@ -11,6 +11,8 @@ compile_error!("moonlight-ref reads and writes little-endian files by viewing me
 // trait, their CPU implementation, and the layers with forward/backward passes.
 pub mod config;
 pub mod cpu;
+// Inference: KV-cache decoding and sampling.
+pub mod infer;
 pub mod model;
 pub mod ops;
 
@@ -18,8 +20,12 @@ pub mod ops;
 pub mod checkpoint;
 pub mod corpus;
 pub mod data;
+// Using a trained checkpoint: evaluation, and HF transformers' DeepseekV3 layout.
+pub mod eval;
 pub mod files;
+pub mod hf;
 pub mod log;
 pub mod memory;
 pub mod rng;
+pub mod tokenizer;
 pub mod train;

@@ -4,6 +4,10 @@
 //! moonlight-ref [train] [--preset tiny] [--optimizer muon|adamw] [--steps N] ...
 //! moonlight-ref params --preset moonlight-16b-a3b
 //! moonlight-ref plot runs/tiny-muon/log.jsonl runs/tiny-adamw/log.jsonl --out loss.svg
+//! moonlight-ref sample --checkpoint runs/tiny-muon/checkpoint.safetensors --prompt "The "
+//! moonlight-ref eval --checkpoint runs/tiny-muon/checkpoint.safetensors --data text.txt
+//! moonlight-ref export --checkpoint runs/tiny-muon/checkpoint.safetensors --out hf/tiny
+//! moonlight-ref import hf/tiny --out tiny.safetensors
 //! ```
 //! Errors go to stderr with a non-zero exit status.
 
@@ -55,6 +59,39 @@ enum Command {
         #[arg(long, short)]
         out: PathBuf,
     },
+    /// Generate text from a checkpoint, streamed to standard output.
+    Sample(use_cli::SampleArgs),
+    /// Mean loss and bits per byte of a checkpoint over a whole file (one JSON line).
+    Eval(use_cli::EvalArgs),
+    /// Write a checkpoint as an HF transformers DeepseekV3 model directory.
+    Export {
+        /// The checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The directory to write config.json and model.safetensors into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train a byte-level BPE tokenizer (tokenizer.json) on a text file.
+    Tokenizer {
+        /// The UTF-8 text file to learn merges from.
+        #[arg(long)]
+        data: PathBuf,
+        /// Vocabulary size (at least the 256 byte symbols).
+        #[arg(long)]
+        vocab: usize,
+        /// The tokenizer.json to write.
+        #[arg(long, short, default_value = "tokenizer.json")]
+        out: PathBuf,
+    },
+    /// Read an HF transformers DeepseekV3 model directory into a checkpoint.
+    Import {
+        /// The directory (config.json and model.safetensors).
+        dir: PathBuf,
+        /// The checkpoint to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Plot the losses of one or more runs' log.jsonl into an SVG file.
     Plot {
         /// Logs to compare (each labelled by its directory name).
@@ -92,7 +129,7 @@ enum AttentionArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum FormatArg {
+pub(crate) enum FormatArg {
     Text,
     Bin,
 }
@@ -186,6 +223,10 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Encode the text --data with this HF tokenizer.json (into OUT/tokens.bin); the vocabulary
+    /// becomes the tokenizer's unless --vocab is given.
+    #[arg(long, conflicts_with = "data_format")]
+    tokenizer: Option<PathBuf>,
 }
 
 fn parse_update_scale(s: &str) -> Result<UpdateScale, String> {
@@ -272,7 +313,7 @@ impl TrainArgs {
 }
 
 /// Why the program ends early.
-enum Exit {
+pub(crate) enum Exit {
     /// An error, printed as `error: ...` (exit status 1).
     Error(String),
     /// A run stopped by a signal after saving what it had (exit status 130, as a shell
@@ -297,7 +338,7 @@ macro_rules! out {
     };
 }
 
-fn write_stdout(line: std::fmt::Arguments) -> Result<(), Exit> {
+pub(crate) fn write_stdout(line: std::fmt::Arguments) -> Result<(), Exit> {
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
         Ok(()) => Ok(()),
@@ -306,8 +347,10 @@ fn write_stdout(line: std::fmt::Arguments) -> Result<(), Exit> {
     }
 }
 
+mod use_cli;
+
 /// A warning on standard error, best effort (a terminal that went away does not stop a run).
-fn warn(msg: &str) {
+pub(crate) fn warn(msg: &str) {
     let _ = writeln!(std::io::stderr(), "warning: {msg}");
 }
 
@@ -329,6 +372,9 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
 
 fn run_train(args: &TrainArgs) -> Result<(), Exit> {
     let mut opts = args.options()?;
+    if let (Some(tok), Some(out)) = (&args.tokenizer, opts.out.clone()) {
+        use_cli::tokenize_for_training(tok, args.data.as_deref(), &out, args.vocab.is_some(), &mut opts)?;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match args.threads {
         Some(0) => return Err(Exit::Error("--threads must be at least 1".into())),
@@ -508,6 +554,11 @@ fn main() -> ExitCode {
         Some(Command::Params { preset }) => run_params(preset),
         Some(Command::Plot { logs, out, smooth }) => run_plot(logs, out, *smooth),
         Some(Command::Corpus { bytes, out }) => run_corpus(*bytes, out),
+        Some(Command::Sample(args)) => use_cli::run_sample(args),
+        Some(Command::Eval(args)) => use_cli::run_eval(args),
+        Some(Command::Export { checkpoint, out }) => use_cli::run_export(checkpoint, out),
+        Some(Command::Import { dir, out }) => use_cli::run_import(dir, out),
+        Some(Command::Tokenizer { data, vocab, out }) => use_cli::run_tokenizer(data, *vocab, out),
     };
     match result {
         Ok(()) | Err(Exit::ClosedPipe) => ExitCode::SUCCESS,

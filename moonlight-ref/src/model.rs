@@ -483,29 +483,10 @@ impl<B: ModelOps> Model<B> {
     /// `targets` (same layout). Caches what backward needs. Returns the cross-entropy; the
     /// balance loss, when on, is [`aux_loss`](Self::aux_loss).
     pub fn forward(&mut self, backend: &B, tokens: &[u32], targets: &[u32]) -> Result<f64, ModelError> {
-        self.check_ids("tokens", tokens)?;
         self.check_ids("targets", targets)?;
+        self.forward_logits(backend, tokens)?;
         let b = backend;
-        self.forwarded = false;
-        b.indices_upload(&mut self.tokens, tokens)?;
         b.indices_upload(&mut self.targets, targets)?;
-        let p = &self.params;
-        // x = embed[tokens]
-        b.embedding_forward(&mut self.resid[0], &p[self.embed], &self.tokens)?;
-        for (l, blk) in self.blocks.iter_mut().enumerate() {
-            let (done, rest) = self.resid.split_at_mut(l + 1);
-            block_forward(b, &self.config, p, blk, &done[l], &mut rest[0])?;
-        }
-        // loss = mean cross_entropy(rmsnorm(x) W_head^T, targets)
-        let x_last = &self.resid[self.config.n_layers];
-        b.rmsnorm_forward(
-            &mut self.xf,
-            &mut self.rstdf,
-            x_last,
-            &p[self.final_norm],
-            self.config.norm_eps,
-        )?;
-        linear_forward(b, &mut self.logits, &self.xf, &p[self.lm_head])?;
         b.cross_entropy_forward(&mut self.probs, &mut self.loss, &self.logits, &self.targets)?;
         // The one read-back of a step: the loss, the expert loads and the balance losses (a few
         // numbers).
@@ -525,6 +506,55 @@ impl<B: ModelOps> Model<B> {
         }
         self.forwarded = true;
         Ok(loss)
+    }
+
+    /// The logits of a forward over batch*seq tokens (row-major `[batch][seq]`): every
+    /// position's, `[batch*seq, V]` row-major, or with `last_only` each sequence's last,
+    /// `[batch, V]`. No loss, and [`backward`](Self::backward) refuses to follow it. (For
+    /// inference without the training buffers, see [`crate::infer::Decoder`].)
+    pub fn logits(
+        &mut self,
+        backend: &B,
+        tokens: &[u32],
+        last_only: bool,
+    ) -> Result<Vec<B::Elem>, ModelError> {
+        self.forward_logits(backend, tokens)?;
+        let v = self.config.vocab_size;
+        let mut all = vec![B::Elem::ZERO; self.batch * self.seq * v];
+        backend.download(&self.logits, &mut all)?;
+        if !last_only {
+            return Ok(all);
+        }
+        let t = self.seq;
+        Ok((0..self.batch)
+            .flat_map(|b| all[(b * t + t - 1) * v..(b * t + t) * v].iter().copied())
+            .collect())
+    }
+
+    /// The forward up to the logits (in `self.logits`), caching what backward needs.
+    fn forward_logits(&mut self, backend: &B, tokens: &[u32]) -> Result<(), ModelError> {
+        self.check_ids("tokens", tokens)?;
+        let b = backend;
+        self.forwarded = false;
+        b.indices_upload(&mut self.tokens, tokens)?;
+        let p = &self.params;
+        // x = embed[tokens]
+        b.embedding_forward(&mut self.resid[0], &p[self.embed], &self.tokens)?;
+        for (l, blk) in self.blocks.iter_mut().enumerate() {
+            let (done, rest) = self.resid.split_at_mut(l + 1);
+            block_forward(b, &self.config, p, blk, &done[l], &mut rest[0])?;
+        }
+        // loss = mean cross_entropy(rmsnorm(x) W_head^T, targets)
+        let x_last = &self.resid[self.config.n_layers];
+        b.rmsnorm_forward(
+            &mut self.xf,
+            &mut self.rstdf,
+            x_last,
+            &p[self.final_norm],
+            self.config.norm_eps,
+        )?;
+        linear_forward(b, &mut self.logits, &self.xf, &p[self.lm_head])?;
+        Ok(())
     }
 
     /// DeepSeek-V3's sequence-wise balance loss of the last forward, summed over the MoE

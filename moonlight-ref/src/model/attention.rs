@@ -182,7 +182,7 @@ impl<B: ModelOps> Attention<B> {
             scale: 1.0 / (qk as f64).sqrt(),
             rope_col,
             rope_table,
-            eps: cfg.norm_eps,
+            eps: cfg.kv_norm_eps,
             qk,
             dv,
             qh: heads(qk)?,

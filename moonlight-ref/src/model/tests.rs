@@ -545,6 +545,7 @@ fn layer_config(attention: AttentionKind) -> ModelConfig {
         aux_loss_alpha: 0.0,
         rope_theta: 10_000.0,
         norm_eps: 1e-5,
+        kv_norm_eps: 1e-5,
         max_seq_len: 16,
     }
 }
