@@ -177,6 +177,10 @@ struct TrainArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Under `mpirun` (the `mpi` feature): how long a rank waits in one collective for the
+    /// others before it ends the job, in seconds (a rank that died or hangs) [default: 300].
+    #[arg(long, value_parser = parse_seconds)]
+    collective_timeout: Option<std::time::Duration>,
     /// Train on this file instead of the embedded corpus (bytes as tokens, or a .bin shard).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -327,6 +331,13 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
     Ok(stop)
 }
 
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("`{s}` is not a number of seconds above 0")),
+    }
+}
+
 fn run_train(args: &TrainArgs) -> Result<(), Exit> {
     let mut opts = args.options()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -350,12 +361,16 @@ fn run_train(args: &TrainArgs) -> Result<(), Exit> {
         .num_threads(threads)
         .build()
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
-    let result = pool
-        .install(|| train::train(&backend, &opts))
+    // Alone, or one rank of an MPI job (the `mpi` feature under `mpirun`); rank 0 reports.
+    let (result, reports) = pool
+        .install(|| train::launch::train_process(&backend, &opts, args.collective_timeout))
         .map_err(|e| match e {
             e @ train::TrainError::Interrupted { .. } => Exit::Interrupted(e.to_string()),
             e => Exit::Error(e.to_string()),
         })?;
+    if !reports {
+        return Ok(());
+    }
     let s = &result.summary;
     let out = opts
         .out
