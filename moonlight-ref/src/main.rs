@@ -20,6 +20,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::data::{DataFormat, DataSource};
+use moonlight_ref::eval::Trained;
 use moonlight_ref::log::{plot_losses, read_log, Curves};
 use moonlight_ref::train::{self, defaults, OptimizerChoice, RunSettings, TrainOptions};
 use muon_core::{MuonConfig, NewtonSchulz, UpdateScale};
@@ -136,9 +137,9 @@ pub(crate) enum FormatArg {
 
 #[derive(Args, Debug, Clone)]
 struct TrainArgs {
-    /// Model size: tiny, small or moonlight-16b-a3b.
-    #[arg(long, default_value = "tiny")]
-    preset: String,
+    /// Model size: tiny, small or moonlight-16b-a3b [default: tiny].
+    #[arg(long, conflicts_with = "init")]
+    preset: Option<String>,
     /// muon: Muon for hidden matrices, AdamW for the rest; adamw: AdamW for everything.
     #[arg(long, value_enum, default_value = "muon")]
     optimizer: OptimizerArg,
@@ -201,6 +202,10 @@ struct TrainArgs {
     /// Continue from a checkpoint (pass the options of the run that wrote it).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start from this checkpoint's weights (of `train` or `import`) instead of a random
+    /// initialization, with a fresh optimizer at step 0; the model is the checkpoint's.
+    #[arg(long, conflicts_with_all = ["attention", "vocab"])]
+    init: Option<PathBuf>,
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = defaults::CHECKPOINT_EVERY)]
     checkpoint_every: u64,
@@ -214,6 +219,10 @@ struct TrainArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Under `mpirun` (the `mpi` feature): how long a rank waits in one collective for the
+    /// others before it ends the job, in seconds (a rank that died or hangs) [default: 300].
+    #[arg(long, value_parser = parse_seconds)]
+    collective_timeout: Option<std::time::Duration>,
     /// Train on this file instead of the embedded corpus (bytes as tokens, or a .bin shard).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -248,7 +257,17 @@ fn parse_update_scale(s: &str) -> Result<UpdateScale, String> {
 
 impl TrainArgs {
     fn options(&self) -> Result<TrainOptions, String> {
-        let mut model = ModelConfig::preset(&self.preset)?;
+        // A run from --init trains the checkpoint's model; its name in the log is `init`.
+        let (preset, mut model) = match &self.init {
+            Some(path) => (
+                "init",
+                Trained::load(path).map_err(|e| format!("--init {e}"))?.config,
+            ),
+            None => {
+                let preset = self.preset.as_deref().unwrap_or("tiny");
+                (preset, ModelConfig::preset(preset)?)
+            }
+        };
         if let Some(kind) = self.attention {
             model = train::with_attention(model, matches!(kind, AttentionArg::Mla));
         }
@@ -262,7 +281,7 @@ impl TrainArgs {
             OptimizerArg::Muon => OptimizerChoice::Muon,
             OptimizerArg::Adamw => OptimizerChoice::AdamW,
         };
-        let mut settings = RunSettings::new(&self.preset, model, optimizer);
+        let mut settings = RunSettings::new(preset, model, optimizer);
         settings.steps = self.steps;
         settings.batch = self.batch;
         settings.seq = self.seq;
@@ -295,7 +314,7 @@ impl TrainArgs {
         let out = self
             .out
             .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", self.preset, optimizer)));
+            .unwrap_or_else(|| PathBuf::from(format!("runs/{preset}-{optimizer}")));
         Ok(TrainOptions {
             settings,
             data,
@@ -303,6 +322,7 @@ impl TrainArgs {
             eval_batches: self.eval_batches,
             out: Some(out),
             resume: self.resume.clone(),
+            init: self.init.clone(),
             checkpoint_every: self.checkpoint_every,
             stop_at: self.stop_at,
             progress: !self.quiet,
@@ -370,6 +390,13 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
     Ok(stop)
 }
 
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("`{s}` is not a number of seconds above 0")),
+    }
+}
+
 fn run_train(args: &TrainArgs) -> Result<(), Exit> {
     let mut opts = args.options()?;
     if let (Some(tok), Some(out)) = (&args.tokenizer, opts.out.clone()) {
@@ -396,12 +423,16 @@ fn run_train(args: &TrainArgs) -> Result<(), Exit> {
         .num_threads(threads)
         .build()
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
-    let result = pool
-        .install(|| train::train(&backend, &opts))
+    // Alone, or one rank of an MPI job (the `mpi` feature under `mpirun`); rank 0 reports.
+    let (result, reports) = pool
+        .install(|| train::launch::train_process(&backend, &opts, args.collective_timeout))
         .map_err(|e| match e {
             e @ train::TrainError::Interrupted { .. } => Exit::Interrupted(e.to_string()),
             e => Exit::Error(e.to_string()),
         })?;
+    if !reports {
+        return Ok(());
+    }
     let s = &result.summary;
     let out = opts
         .out

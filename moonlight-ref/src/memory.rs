@@ -279,32 +279,38 @@ fn param_elements(specs: &[ParamSpec]) -> u64 {
         .fold(0u64, |acc, s| acc.saturating_add(s.shape.len() as u64))
 }
 
-/// Elements of the optimizer's state and workspaces for `specs` (as muon-core's hybrid
-/// optimizer allocates them): Muon's momentum, and per distinct Muon shape a Newton-Schulz
-/// workspace (`x`, `next`, the Gram and polynomial matrices); AdamW's two moments, and per
-/// distinct AdamW shape a direction scratch. Returns `(state, workspaces)`.
-pub fn optimizer_elements(specs: &[ParamSpec]) -> (u64, u64) {
+/// Elements of the optimizer's state and workspaces for `specs` on one rank of `world`, as
+/// muon-core's `DistributedOptimizer` allocates them (a single process is a group of one):
+/// per parameter a gradient shard and its state shards (Muon's momentum, AdamW's two
+/// moments) of `shard_capacity(len, world)` elements; per distinct shard length an update and
+/// a parameter scratch; per distinct Muon shape a Newton-Schulz workspace (`x`, `next`, the
+/// Gram and polynomial matrices, a transposed item for tall Gram products); and with more
+/// than one rank, the round-robin Newton-Schulz result of every Muon matrix. Returns
+/// `(state, workspaces)`.
+pub fn optimizer_elements(specs: &[ParamSpec], world: usize) -> (u64, u64) {
     let (mut state, mut work) = (Count::default(), Count::default());
-    let (mut muon_shapes, mut adamw_shapes) = (BTreeSet::new(), BTreeSet::new());
+    let (mut muon_shapes, mut shard_lens) = (BTreeSet::new(), BTreeSet::new());
     for s in specs {
         let shape = s.shape;
+        let shard = muon_core::shard_capacity(shape.len(), world);
+        work.add(&[shard]); // the gradient shard
+        if shard_lens.insert(shard) {
+            work.add(&[2, shard]);
+        }
         match s.optimizer() {
             OptimizerKind::Muon => {
-                state.add(&[shape.len()]);
+                state.add(&[shard]);
+                if world > 1 {
+                    work.add(&[shape.len()]);
+                }
                 if muon_shapes.insert((shape.batch, shape.rows, shape.cols)) {
                     let m = shape.min_side();
                     work.add(&[2, shape.len()]);
                     work.add(&[2, shape.batch, m, m]);
-                    // A transposed copy of one item for a tall Gram product (muon-faer).
                     work.add(&[shape.rows, shape.cols]);
                 }
             }
-            OptimizerKind::AdamW => {
-                state.add(&[2, shape.len()]);
-                if adamw_shapes.insert((shape.batch, shape.rows, shape.cols)) {
-                    work.add(&[shape.len()]);
-                }
-            }
+            OptimizerKind::AdamW => state.add(&[2, shard]),
         }
     }
     (state.0, work.0)
@@ -320,8 +326,9 @@ pub fn runtime_bytes(threads: usize) -> u64 {
     BASE.saturating_add(PER_THREAD.saturating_mul(threads as u64))
 }
 
-/// The whole training run: the model at `batch x seq`, the optimizer over `specs` (the
-/// optimizer's list: the model's, or all AdamW), `data_bytes` of input (a file is read whole,
+/// The whole training run, for one process of `world` data-parallel ranks: the model at
+/// `batch x seq` (the rank's own rows), the optimizer over `specs` (the optimizer's list: the
+/// model's, or all AdamW), `data_bytes` of input (a file is read whole,
 /// then held as `u16` tokens: three bytes per input byte at the peak), and a checkpoint of it
 /// all on the host twice over (the copy, then its serialized bytes).
 pub fn training(
@@ -331,11 +338,12 @@ pub fn training(
     seq: usize,
     data_bytes: u64,
     threads: usize,
+    world: usize,
 ) -> MemoryEstimate {
     const ELEM: u64 = 4; // f32
     let params = param_elements(specs);
     let (acts, indices) = activation_elements(config, batch, seq);
-    let (state, work) = optimizer_elements(specs);
+    let (state, work) = optimizer_elements(specs, world);
     let buffers = (config.moe_layers() * config.n_routed_experts) as u64;
     let snapshot = params.saturating_add(state).saturating_add(buffers);
     MemoryEstimate {
@@ -400,6 +408,7 @@ mod tests {
             64,
             u64::MAX,
             2,
+            1,
         );
         assert_eq!(e.total(), u64::MAX);
     }

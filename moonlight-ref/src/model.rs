@@ -626,6 +626,34 @@ impl<B: ModelOps> Model<B> {
         &self.loads
     }
 
+    /// Replaces the last forward's expert loads (the host copy [`expert_load`](Self::expert_load)
+    /// reads and the device counts [`update_router_bias`](Self::update_router_bias) uses) with
+    /// `loads`, `[moe_layer][expert]`: data-parallel ranks sum theirs, so that every rank's
+    /// biases take the same update, the one the whole batch calls for. The backward does not
+    /// read the counts, so this may come before or after it.
+    pub fn set_expert_load(&mut self, backend: &B, loads: &[Vec<u32>]) -> Result<(), ModelError> {
+        let fits =
+            loads.len() == self.loads.len() && loads.iter().zip(&self.loads).all(|(a, b)| a.len() == b.len());
+        if !fits {
+            return Err(ModelError::Input(format!(
+                "expert loads for {} MoE layers of {:?} experts; the model has {} of {}",
+                loads.len(),
+                loads.first().map(Vec::len),
+                self.loads.len(),
+                self.config.n_routed_experts
+            )));
+        }
+        let mut moe = 0;
+        for blk in &mut self.blocks {
+            if let Ffn::Moe(m) = &mut blk.ffn {
+                backend.indices_upload(&mut m.counts, &loads[moe])?;
+                self.loads[moe].copy_from_slice(&loads[moe]);
+                moe += 1;
+            }
+        }
+        Ok(())
+    }
+
     fn bias_name(layer: usize) -> String {
         format!("layers.{layer}.moe.router_bias")
     }

@@ -345,11 +345,21 @@ fn kill_9_at_random_moments_loses_nothing() {
     // Kill moments are drawn within the reference run's own wall time, so that kills land
     // mid-run on a fast idle machine as on a slow loaded one.
     let whole_ms = started.elapsed().as_millis().max(50) as usize;
+    let step_ms = (whole_ms / steps as usize).max(1);
     let want = step_losses(&reference.join("log.jsonl"));
     assert_eq!(want.len(), steps as usize);
 
     let run = dir.join("run");
     let ckpt = run.join("checkpoint.safetensors");
+    let log = run.join("log.jsonl");
+    // Step records in the log so far (a torn last line is not one).
+    let logged_steps = |log: &Path| {
+        std::fs::read_to_string(log).map_or(0, |text| {
+            text.split_inclusive('\n')
+                .filter(|l| l.ends_with('\n') && l.contains("\"kind\":\"step\""))
+                .count()
+        })
+    };
     let mut rng = moonlight_ref::rng::Rng::new(9);
     let (mut kills, mut finished) = (0, false);
     for _ in 0..60 {
@@ -363,7 +373,21 @@ fn kill_9_at_random_moments_loses_nothing() {
             cmd.arg("--resume").arg(&ckpt);
         }
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis((5 + rng.below(whole_ms * 7 / 10)) as u64));
+        if kills < 4 {
+            // The first kills land a few steps into the attempt, at a random moment within a
+            // step (mid-step, mid-checkpoint or mid-log-line), whatever the machine's speed.
+            let target = logged_steps(&log) + 1 + rng.below(8);
+            let give_up = Instant::now() + Duration::from_secs(120);
+            while logged_steps(&log) < target
+                && child.try_wait().unwrap().is_none()
+                && Instant::now() < give_up
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(rng.below(step_ms) as u64));
+        } else {
+            std::thread::sleep(Duration::from_millis((5 + rng.below(whole_ms * 7 / 10)) as u64));
+        }
         if child.try_wait().unwrap().is_some() {
             let out = child.wait_with_output().unwrap();
             assert!(out.status.success(), "{}", stderr(&out));

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use muon_core::{HybridOptimizer, OptimizerKind};
+use muon_core::{Collective, DistributedOptimizer, OptimizerKind, ParamSpec};
 
 use super::run_dir::RunDir;
 use super::{mean, RunResult, TrainError, TrainOptions, CHECKPOINT_FILE, LOG_FILE};
@@ -23,8 +23,10 @@ use crate::ops::ModelOps;
 pub(super) struct StepFigures {
     /// The step just taken, from 1.
     pub number: u64,
-    /// Its cross-entropy.
+    /// Its cross-entropy (the global batch's mean).
     pub loss: f64,
+    /// Its balance loss (the global batch's mean).
+    pub aux_loss: f64,
     /// Its learning rate.
     pub lr: f64,
     /// The gradients' global norm.
@@ -62,6 +64,8 @@ pub(super) struct Reporter {
     val_losses: Vec<(u64, f64)>,
     wall: Instant,
     memory_estimate: u64,
+    /// The global batch's tokens (every rank's).
+    tokens_per_step: usize,
 }
 
 impl Reporter {
@@ -72,7 +76,7 @@ impl Reporter {
         run_dir: Option<RunDir>,
         data: &Dataset,
         model: &Model<B>,
-        optimizer: &HybridOptimizer<B>,
+        specs: &[ParamSpec],
         steps: Range<u64>,
         memory: MemoryEstimate,
     ) -> Result<Reporter, TrainError> {
@@ -126,8 +130,8 @@ impl Reporter {
                 fwd_bwd_ms: 0.0,
                 optimizer_ms: 0.0,
             }),
-            update_rms: vec![0.0; optimizer.specs().len()],
-            kinds: optimizer.specs().iter().map(|s| s.optimizer()).collect(),
+            update_rms: vec![0.0; specs.len()],
+            kinds: specs.iter().map(|s| s.optimizer()).collect(),
             first_step: start + 1,
             bar_loss: 0.0,
             bar_rate: 0.0,
@@ -138,6 +142,7 @@ impl Reporter {
             val_losses: Vec::with_capacity(1 + steps / opts.eval_every.max(1) as usize),
             wall: Instant::now(),
             memory_estimate: memory.total(),
+            tokens_per_step: s.batch * s.seq,
         };
         let counts = s.model.param_counts();
         reporter.say(format!(
@@ -199,11 +204,11 @@ impl Reporter {
     }
 
     /// Records a step: the log line, the bar, the totals.
-    pub fn step<B: ModelOps<Elem = f32>>(
+    pub fn step<B: ModelOps<Elem = f32>, C: Collective<B>>(
         &mut self,
         backend: &B,
         model: &Model<B>,
-        optimizer: &mut HybridOptimizer<B>,
+        optimizer: &mut DistributedOptimizer<B, C>,
         f: StepFigures,
     ) -> Result<(), TrainError> {
         let (fwd_bwd, opt) = (f.fwd_bwd.as_secs_f64(), f.optimizer.as_secs_f64());
@@ -214,8 +219,7 @@ impl Reporter {
         let (rms, kinds) = (&self.update_rms, &self.kinds);
         let group =
             |k: OptimizerKind| mean(rms.iter().zip(kinds).filter(|(_, &kk)| kk == k).map(|(r, _)| *r));
-        let (b, t) = model.batch_seq();
-        let tokens_per_s = (b * t) as f64 / (fwd_bwd + opt).max(1e-12);
+        let tokens_per_s = self.tokens_per_step as f64 / (fwd_bwd + opt).max(1e-12);
         if let Record::Step(r) = &mut self.record {
             r.step = f.number;
             r.loss = f.loss;
@@ -223,7 +227,7 @@ impl Reporter {
             r.grad_norm = f.grad_norm;
             r.update_rms_muon = group(OptimizerKind::Muon);
             r.update_rms_adamw = group(OptimizerKind::AdamW);
-            r.aux_loss = (model.config.aux_loss_alpha > 0.0).then(|| model.aux_loss());
+            r.aux_loss = (model.config.aux_loss_alpha > 0.0).then_some(f.aux_loss);
             load_imbalance(model.expert_load(), &mut r.expert_load_max_over_mean);
             r.tokens_per_s = tokens_per_s;
             r.fwd_bwd_ms = fwd_bwd * 1e3;
@@ -263,11 +267,6 @@ impl Reporter {
             "step {number}: train loss {train_loss:.4}, val loss {val_loss:.4}"
         ));
         Ok(())
-    }
-
-    /// Whether the run writes checkpoints at all (it has an output directory).
-    pub fn saves_checkpoints(&self) -> bool {
-        self.checkpoint_path.is_some()
     }
 
     /// Writes `ckpt`, taken after step `number`, over the run's checkpoint (atomically).

@@ -194,6 +194,11 @@ pub struct TrainOptions {
     pub out: Option<PathBuf>,
     /// Checkpoint to continue from.
     pub resume: Option<PathBuf>,
+    /// Checkpoint whose weights (parameters and router biases) a fresh run starts from instead
+    /// of a random initialization: a `train` or `import` checkpoint of the same model
+    /// configuration. The optimizer starts afresh at step 0. With `resume` as well, the resumed
+    /// checkpoint's weights win (the run started from `init` and went on).
+    pub init: Option<PathBuf>,
     /// Save a checkpoint every this many steps (0: only at the end), when `out` is set.
     pub checkpoint_every: u64,
     /// Stop after this step (saving a checkpoint there), as if interrupted; `--resume`
@@ -219,6 +224,7 @@ impl TrainOptions {
             eval_batches: defaults::EVAL_BATCHES,
             out: None,
             resume: None,
+            init: None,
             checkpoint_every: defaults::CHECKPOINT_EVERY,
             stop_at: None,
             progress: false,
