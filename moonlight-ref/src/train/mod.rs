@@ -176,6 +176,10 @@ pub fn evaluate<B: ModelOps<Elem = f32>>(
 pub fn train<B: ModelOps<Elem = f32>>(backend: &B, opts: &TrainOptions) -> Result<RunResult, TrainError> {
     let settings = &opts.settings;
     opts.validate()?;
+    // The settings fix the products' arithmetic, whatever the caller's backend was set to.
+    let backend = &backend
+        .in_precision(settings.precision)
+        .map_err(ModelError::Backend)?;
     let run_dir = match &opts.out {
         Some(dir) => Some(RunDir::claim(dir, opts.resume.is_some(), opts.overwrite)?),
         None => None,
