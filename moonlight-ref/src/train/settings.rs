@@ -36,7 +36,7 @@ pub mod defaults {
     pub const EVAL_BATCHES: usize = 8;
     /// Save a checkpoint every this many steps (when the run has an output directory).
     pub const CHECKPOINT_EVERY: u64 = 100;
-    /// The products' arithmetic (see the README's mixed-precision figures for the choice).
+    /// The products' arithmetic: f32 (the README's "bf16 products" section says why).
     pub const PRECISION: muon_core::Precision = muon_core::Precision::F32;
 }
 
