@@ -1,24 +1,30 @@
-//! Forward + backward throughput of the model on `Faer<f32>` (no optimizer).
+//! Forward + backward throughput of the model on `Faer<f32>`, with its products in f32 and
+//! in bf16 (`--precision`), and the hybrid optimizer's step on the same parameters.
 //!
 //! ```text
-//! cargo bench -p moonlight-ref --bench model -- [--preset tiny] [--batch 16] [--seq 64] [--steps 10] [--threads 1]
+//! cargo bench -p moonlight-ref --bench model -- [--preset tiny] [--batch 32] [--seq 128] [--steps 5] \
+//!     [--threads 1] [--precision f32|bf16|both] [--outside]
 //! ```
 //!
-//! Prints tokens/s and the split between forward and backward, first with the model called
-//! from the main thread (each rayon loop handed to the pool through its injector queue), then
-//! from inside `rayon::scope` (as the training loop and the allocation test run it). Without
-//! `--preset`: `tiny` at batch 16 x 64 (10 steps) and `small` at 8 x 256 (3 steps); `--batch`,
+//! Prints tokens/s, the split between forward and backward and the optimizer step's time and
+//! share of the whole step, for each precision, then bf16's speed-up over f32. The model runs
+//! inside `rayon::scope` (as the training loop does); `--outside` also runs it from the main
+//! thread first (each rayon loop handed to the pool through its injector queue). Without
+//! `--preset`: `tiny` and `small` at batch 32 x 128 (4096 tokens, 5 and 3 steps); `--batch`,
 //! `--seq` and `--steps` replace those of every run. `--threads` sets both the faer backend's
 //! team and rayon's global pool (default: every core the OS grants the process). Each run
 //! times `steps` steps after one warm-up step (first touches of every buffer, faer's packing
-//! buffers).
+//! buffers). The bf16 products run on the unit `muon_faer::Bf16Kernel::detect` names (f32 on
+//! a CPU with none, which the bench says).
 
 use std::process::exit;
 use std::time::Instant;
 
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::model::Model;
-use muon_faer::Faer;
+use moonlight_ref::ops::BaseOps;
+use muon_core::{HybridConfig, HybridOptimizer};
+use muon_faer::{Bf16Kernel, Faer, Precision};
 
 /// One measured configuration.
 struct Run {
@@ -28,10 +34,12 @@ struct Run {
     steps: usize,
 }
 
-/// Prints the figures of one run with `threads` threads.
-fn measure(run: &Run, threads: usize) -> Result<(), String> {
+/// Prints the figures of one run with `threads` threads; returns the seconds of a forward +
+/// backward.
+fn measure(run: &Run, threads: usize, precision: Precision) -> Result<f64, String> {
     let (batch, seq, steps) = (run.batch, run.seq, run.steps);
-    let b = Faer::<f32>::with_threads(threads);
+    let b = Faer::<f32>::with_threads(threads).with_precision(precision);
+    b.warm_up().map_err(|e| e.to_string())?;
     let cfg = ModelConfig::preset(&run.preset)?;
     let mut model = Model::new(&b, cfg.clone(), batch, seq, 1).map_err(|e| e.to_string())?;
     let n = batch * seq;
@@ -48,32 +56,61 @@ fn measure(run: &Run, threads: usize) -> Result<(), String> {
         }
         Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()))
     };
+    let mut optimizer =
+        HybridOptimizer::new(&b, model.param_specs(), HybridConfig::default()).map_err(|e| e.to_string())?;
+    let mut opt_step = |model: &mut Model<Faer<f32>>| -> Result<f64, String> {
+        let t0 = Instant::now();
+        let (params, grads) = model.params_and_grads();
+        optimizer
+            .step(&b, params, grads, 1e-3)
+            .map_err(|e| e.to_string())?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
     step(&mut model)?;
-    let (mut fwd, mut bwd) = (0.0, 0.0);
+    opt_step(&mut model)?;
+    let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
     for _ in 0..steps {
         let (f, b) = step(&mut model)?;
         fwd += f;
         bwd += b;
+        opt += opt_step(&mut model)?;
     }
     let per_step = (fwd + bwd) / steps as f64;
+    let kernel = b.bf16_kernel().map_or("f32 kernels", Bf16Kernel::name);
     println!(
-        "{} B={batch} T={seq} on {} threads: {:.0} tokens/s forward+backward ({:.1} ms/step: forward {:.1}, backward {:.1})",
+        "{} B={batch} T={seq} {precision} ({kernel}) on {} threads: {:.0} tokens/s forward+backward ({:.1} ms/step: forward {:.1}, backward {:.1}); optimizer {:.1} ms ({:.1}% of the step)",
         run.preset,
         b.threads(),
         n as f64 / per_step,
         per_step * 1e3,
         fwd / steps as f64 * 1e3,
-        bwd / steps as f64 * 1e3
+        bwd / steps as f64 * 1e3,
+        opt / steps as f64 * 1e3,
+        100.0 * opt / (opt + fwd + bwd),
     );
-    Ok(())
+    Ok(per_step)
 }
 
-/// The runs and the thread count the command line asks for.
-fn parse(args: &[String]) -> Result<(Vec<Run>, usize), String> {
+/// What the command line asks for.
+struct Options {
+    runs: Vec<Run>,
+    threads: usize,
+    precisions: Vec<Precision>,
+    outside: bool,
+}
+
+/// The runs, the thread count and the precisions the command line asks for.
+fn parse(args: &[String]) -> Result<Options, String> {
     let (mut preset, mut batch, mut seq, mut steps) = (None, None, None, None);
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut precisions = vec![Precision::F32, Precision::Bf16];
+    let mut outside = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--outside" {
+            outside = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = || {
             value
@@ -88,12 +125,20 @@ fn parse(args: &[String]) -> Result<(Vec<Run>, usize), String> {
             "--seq" => seq = Some(number()?),
             "--steps" => steps = Some(number()?),
             "--threads" => threads = number()?,
+            "--precision" => {
+                precisions = match value.as_str() {
+                    "both" => vec![Precision::F32, Precision::Bf16],
+                    "f32" => vec![Precision::F32],
+                    "bf16" => vec![Precision::Bf16],
+                    _ => return Err(format!("--precision {value}: expected f32, bf16 or both")),
+                }
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
     let standard = match preset {
-        Some(p) => vec![(p, 16, 64, 10)],
-        None => vec![("tiny".into(), 16, 64, 10), ("small".into(), 8, 256, 3)],
+        Some(p) => vec![(p, 32, 128, 5)],
+        None => vec![("tiny".into(), 32, 128, 5), ("small".into(), 32, 128, 3)],
     };
     let runs = standard
         .into_iter()
@@ -104,25 +149,52 @@ fn parse(args: &[String]) -> Result<(Vec<Run>, usize), String> {
             steps: steps.unwrap_or(s),
         })
         .collect();
-    Ok((runs, threads))
+    Ok(Options {
+        runs,
+        threads,
+        precisions,
+        outside,
+    })
 }
 
 fn main() {
     // `cargo bench` passes `--bench` to every bench binary.
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let result = parse(&args).and_then(|(runs, threads)| {
+    let result = parse(&args).and_then(|o| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(o.threads)
             .build_global()
-            .map_err(|e| format!("cannot start {threads} rayon threads: {e}"))?;
-        for run in &runs {
-            measure(run, threads)?;
+            .map_err(|e| format!("cannot start {} rayon threads: {e}", o.threads))?;
+        if Bf16Kernel::detect().is_none() && o.precisions.contains(&Precision::Bf16) {
+            println!("this CPU has neither AMX nor AVX512-BF16: bf16 runs its products in f32");
+        }
+        if o.outside {
+            for run in &o.runs {
+                for &p in &o.precisions {
+                    print!("outside rayon: ");
+                    measure(run, o.threads, p)?;
+                }
+            }
         }
         // Inside rayon's pool: no hand-over per parallel loop.
         rayon::scope(|_| {
-            runs.iter().try_for_each(|run| {
-                print!("inside rayon::scope: ");
-                measure(run, threads)
+            o.runs.iter().try_for_each(|run| {
+                let times = o
+                    .precisions
+                    .iter()
+                    .map(|&p| measure(run, o.threads, p))
+                    .collect::<Result<Vec<f64>, String>>()?;
+                if let [f32_time, bf16_time] = times[..] {
+                    println!(
+                        "{} B={} T={} on {} threads: bf16 forward+backward {:.2}x f32's speed",
+                        run.preset,
+                        run.batch,
+                        run.seq,
+                        o.threads,
+                        f32_time / bf16_time
+                    );
+                }
+                Ok(())
             })
         })
     });

@@ -114,6 +114,14 @@ enum OptimizerArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum PrecisionArg {
+    /// f32 products.
+    F32,
+    /// bf16 inputs, f32 accumulation (AMX or AVX512-BF16; f32 on a CPU with neither).
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum NsSchedule {
     /// Keller Jordan's fixed quintic (Moonlight).
     Quintic,
@@ -177,6 +185,10 @@ struct TrainArgs {
     /// Newton-Schulz coefficient schedule.
     #[arg(long, value_enum, default_value = "quintic")]
     ns_schedule: NsSchedule,
+    /// The matrix products' arithmetic (forward, backward, Newton-Schulz); weights,
+    /// gradients, norms, softmax, the loss and optimizer state stay f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
     /// Attention type (default: the preset's).
     #[arg(long, value_enum)]
     attention: Option<AttentionArg>,
@@ -288,6 +300,10 @@ impl TrainArgs {
         settings.lr = self.lr;
         settings.seed = self.seed;
         settings.warmup = self.warmup;
+        settings.precision = match self.precision {
+            PrecisionArg::F32 => muon_core::Precision::F32,
+            PrecisionArg::Bf16 => muon_core::Precision::Bf16,
+        };
         let muon = &mut settings.hybrid.muon;
         muon.weight_decay = self.wd;
         muon.momentum = self.momentum;
@@ -414,6 +430,9 @@ fn run_train(args: &TrainArgs) -> Result<(), Exit> {
         Some(n) => n,
         None => cores,
     };
+    if opts.settings.precision == muon_core::Precision::Bf16 && muon_faer::Bf16Kernel::detect().is_none() {
+        warn("--precision bf16: this CPU has neither AMX nor AVX512-BF16, so the products run in f32 (the run records bf16, and resumes as one)");
+    }
     opts.interrupt = Some(stop_on_signals()?);
     // The model's own CPU ops run on rayon, the optimizer's on muon-faer's team. The loop runs
     // inside the rayon pool: its thread is one of the `threads` workers (no extra thread

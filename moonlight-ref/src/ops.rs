@@ -32,7 +32,7 @@
 //!   fails; a GPU cannot check index values without reading them back, so the model validates
 //!   the token ids it is given itself.
 
-use muon_core::{Backend, Result};
+use muon_core::{Backend, Precision, Result};
 
 /// Index buffers, fills and what a backend says about itself: the base of every op family.
 pub trait BaseOps: Backend {
@@ -56,6 +56,18 @@ pub trait BaseOps: Backend {
     fn available_memory(&self) -> Option<u64> {
         None
     }
+
+    /// This backend with its matrix products (dense layers, attention, the grouped expert
+    /// GEMMs, and the optimizer's Newton-Schulz) in `precision`, sharing its threads and
+    /// buffers; an error naming the precision if the backend has no such products.
+    /// [`Precision::F32`] runs everywhere. Elementwise work, norms, softmax, the loss and every
+    /// buffer stay in the element type.
+    fn in_precision(&self, precision: Precision) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// The precision this backend's products run in.
+    fn product_precision(&self) -> Precision;
 
     /// Prepares the backend for allocation-free steps: whatever it creates lazily on first use
     /// (the host: faer's per-thread workspaces on every thread of the current rayon pool) is

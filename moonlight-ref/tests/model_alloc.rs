@@ -20,14 +20,15 @@ use moonlight_ref::config::ModelConfig;
 use moonlight_ref::model::Model;
 use moonlight_ref::ops::BaseOps;
 use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
-use muon_faer::Faer;
+use muon_faer::{Faer, Precision};
 use muon_test_support::{allocation_count, assert_counting, CountingAllocator};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
-    let b = Faer::<f32>::with_threads(2);
+fn forward_and_backward_allocate_nothing_per_step_after_the_first(precision: Precision) {
+    // In bf16 the products take packing buffers from the backend's pool (made on warm-up).
+    let b = Faer::<f32>::with_threads(2).with_precision(precision);
     let cfg = ModelConfig::tiny();
     let (batch, seq) = (4, 32);
     let mut model = Model::new(&b, cfg, batch, seq, 1).unwrap();
@@ -50,18 +51,24 @@ fn forward_and_backward_allocate_nothing_per_step_after_the_first() {
         }
     });
     let allocs = allocation_count() - before;
-    println!("{allocs} allocations in {steps} steps");
-    assert_eq!(allocs, 0, "{allocs} allocations in {steps} steps");
+    println!("{precision}: {allocs} allocations in {steps} steps");
+    assert_eq!(allocs, 0, "{precision}: {allocs} allocations in {steps} steps");
 }
 
 /// Allocations of a whole `tiny` run of `steps` steps (log written, one evaluation and one
 /// checkpoint at the end, no progress bar), inside a 2-thread rayon pool as the binary runs it.
-fn run_allocations(optimizer: OptimizerChoice, steps: u64, out: &std::path::Path) -> usize {
+fn run_allocations(
+    optimizer: OptimizerChoice,
+    precision: Precision,
+    steps: u64,
+    out: &std::path::Path,
+) -> usize {
     let mut settings = RunSettings::new("tiny", ModelConfig::tiny(), optimizer);
     settings.steps = steps;
     settings.batch = 4;
     settings.seq = 32;
     settings.warmup = 2;
+    settings.precision = precision;
     let mut opts = TrainOptions::new(settings);
     opts.eval_every = 0;
     opts.eval_batches = 1;
@@ -76,16 +83,21 @@ fn run_allocations(optimizer: OptimizerChoice, steps: u64, out: &std::path::Path
 
 fn the_training_loop_allocates_nothing_per_step() {
     let dir = std::env::temp_dir().join(format!("moonlight-alloc-{}", std::process::id()));
-    for optimizer in [OptimizerChoice::Muon, OptimizerChoice::AdamW] {
+    let runs = [
+        (OptimizerChoice::Muon, Precision::F32),
+        (OptimizerChoice::AdamW, Precision::F32),
+        (OptimizerChoice::Muon, Precision::Bf16),
+    ];
+    for (optimizer, precision) in runs {
         let (short, long) = (5, 45);
-        let a = run_allocations(optimizer, short, &dir);
-        let b = run_allocations(optimizer, long, &dir);
+        let a = run_allocations(optimizer, precision, short, &dir);
+        let b = run_allocations(optimizer, precision, long, &dir);
         let extra = b.saturating_sub(a);
-        println!("{optimizer}: {a} allocations in a {short}-step run, {b} in a {long}-step run");
+        println!("{optimizer} {precision}: {a} allocations in a {short}-step run, {b} in a {long}-step run");
         // A per-step allocation would add at least 40; thread-local warm-ups add a handful.
         assert!(
             extra < 10,
-            "{optimizer}: {extra} more allocations for {} more steps",
+            "{optimizer} {precision}: {extra} more allocations for {} more steps",
             long - short
         );
     }
@@ -95,7 +107,8 @@ fn the_training_loop_allocates_nothing_per_step() {
 fn main() {
     // The counter counts (a check that cannot fail proves nothing).
     assert_counting();
-    forward_and_backward_allocate_nothing_per_step_after_the_first();
+    forward_and_backward_allocate_nothing_per_step_after_the_first(Precision::F32);
+    forward_and_backward_allocate_nothing_per_step_after_the_first(Precision::Bf16);
     the_training_loop_allocates_nothing_per_step();
-    println!("model_alloc: 2 passed, 0 failed");
+    println!("model_alloc: 3 passed, 0 failed");
 }

@@ -65,6 +65,7 @@ fn run(optimizer: OptimizerChoice, precision: Precision, threads: usize) -> (Vec
     settings.warmup = 2;
     settings.batch = 8;
     settings.seq = 64;
+    settings.precision = precision;
     let dir = std::env::temp_dir().join(format!(
         "moonlight-threads-{}-{optimizer}-{precision}-{threads}",
         std::process::id()
@@ -74,7 +75,7 @@ fn run(optimizer: OptimizerChoice, precision: Precision, threads: usize) -> (Vec
     opts.eval_every = 3;
     opts.eval_batches = 2;
     opts.out = Some(dir.clone());
-    let backend = Faer::<f32>::with_threads(threads).with_precision(precision);
+    let backend = Faer::<f32>::with_threads(threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

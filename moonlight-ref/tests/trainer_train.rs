@@ -130,6 +130,13 @@ fn a_checkpoint_from_before_a_new_setting_still_resumes() {
         assert!(obj.remove("aux_loss_alpha").is_some(), "{key} has aux_loss_alpha");
         ckpt.metadata.insert(key.into(), v.to_string());
     }
+    // Nor `precision` (runs before it were f32, its default).
+    let mut run: serde_json::Value = serde_json::from_str(&ckpt.metadata["run"]).unwrap();
+    assert!(
+        run.as_object_mut().unwrap().remove("precision").is_some(),
+        "run has precision"
+    );
+    ckpt.metadata.insert("run".into(), run.to_string());
     checkpoint::save(&path, &ckpt).unwrap();
     let mut second = options(OptimizerChoice::Muon, steps);
     second.resume = Some(path);
@@ -158,6 +165,8 @@ fn resume_refuses_a_checkpoint_of_another_run() {
     };
     let err = resume(&|o| o.settings.lr = 2e-2);
     assert!(err.contains("lr (checkpoint 0.01, now 0.02)"), "{err}");
+    let err = resume(&|o| o.settings.precision = muon_core::Precision::Bf16);
+    assert!(err.contains("precision"), "{err}");
     let err = resume(&|o| o.settings.optimizer = OptimizerChoice::Muon);
     assert!(err.contains("optimizer"), "{err}");
     let err = resume(&|o| o.settings.model.expert_width = 16);

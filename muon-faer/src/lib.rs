@@ -295,6 +295,70 @@ impl<T: Elem> Faer<T> {
         })
     }
 
+    /// One product on the calling thread, not the team, in the backend's precision: for
+    /// callers that split their own work across threads (moonlight-ref's grouped expert GEMMs
+    /// run fixed row blocks on rayon). `c = alpha op(a) op(b)`, or `c += alpha op(a) op(b)`
+    /// with `accumulate`, on row-major slices: `a` is `(data, rows, cols, op)` as stored, `b`
+    /// likewise, `c` is `m x n`. In bf16 it takes one of the backend's packing buffers (the
+    /// pool is allocated on the first bf16 product, then reused): nothing allocates after that.
+    /// Each element of `c` gets the same operations whatever rows the caller hands it, so the
+    /// caller's split does not change the bits.
+    ///
+    /// # Panics
+    /// If a slice is shorter than its shape or the inner dimensions differ: the caller has
+    /// checked its operands (this is a kernel, not an API boundary).
+    #[allow(clippy::too_many_arguments)]
+    pub fn product_on_thread(
+        &self,
+        c: &mut [T],
+        m: usize,
+        n: usize,
+        a: (&[T], usize, usize, Transpose),
+        b: (&[T], usize, usize, Transpose),
+        alpha: T,
+        accumulate: bool,
+    ) {
+        let k = if a.3 == Transpose::No { a.2 } else { a.1 };
+        let kb = if b.3 == Transpose::No { b.1 } else { b.2 };
+        assert_eq!(k, kb, "product_on_thread: inner dimensions {k} and {kb}");
+        assert!(
+            c.len() >= m * n,
+            "product_on_thread: {} elements for {m} x {n}",
+            c.len()
+        );
+        if m == 0 || n == 0 {
+            return;
+        }
+        let bf16 = self.bf16().and_then(|bf| {
+            Some((
+                bf,
+                T::as_f32(a.0)?,
+                T::as_f32(b.0)?,
+                T::as_f32_mut(&mut c[..m * n])?,
+            ))
+        });
+        if let Some((bf, a32, b32, c32)) = bf16 {
+            // A as `m x k`, B as `op(B)^T`, `n x k`, in the layouts they are stored in.
+            let av = bf16::KView::new(a32, m, k, a.3 == Transpose::No);
+            let bv = bf16::KView::new(b32, n, k, b.3 == Transpose::Yes);
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            let alpha = alpha.to_f64() as f32;
+            bf.block(&av, &bv, view_mut(c32, m, n), alpha, beta, None);
+            return;
+        }
+        let accum = if accumulate { Accum::Add } else { Accum::Replace };
+        faer::linalg::matmul::matmul(
+            view_mut(&mut c[..m * n], m, n),
+            accum,
+            view(a.0, a.1, a.2, a.3),
+            view(b.0, b.1, b.2, b.3),
+            alpha,
+            faer::Par::Seq,
+        );
+        // faer's x86 kernels leave the AVX upper halves dirty (see the crate docs).
+        clear_avx_upper_state();
+    }
+
     /// The number of threads work is split across.
     pub fn threads(&self) -> usize {
         self.team.threads()

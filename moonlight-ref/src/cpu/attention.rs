@@ -209,17 +209,11 @@ impl<B: HostBackend> AttentionOps for B {
             .for_each(|(r, row)| {
                 let i = r % seq;
                 let (live, masked) = row.split_at_mut(i + 1);
-                let max = live
-                    .iter()
-                    .copied()
-                    .fold(live[0], |m, v| if v > m { v } else { m });
-                let mut sum = 0.0;
-                for v in live.iter_mut() {
-                    let e = (*v - max).exp();
-                    sum += f(e);
-                    *v = e;
-                }
-                let inv: Self::Elem = t(1.0 / sum);
+                // Three passes the compiler vectorizes (max, exp, sum over lanes) instead of
+                // one whose running f64 sum serializes the exponentials.
+                let max = lane_max(live);
+                live.iter_mut().for_each(|v| *v = (*v - max).exp());
+                let inv: Self::Elem = t(1.0 / lane_dot(live, None));
                 live.iter_mut().for_each(|v| *v = floored(*v * inv));
                 masked.fill(Self::Elem::ZERO);
             });
@@ -238,11 +232,62 @@ impl<B: HostBackend> AttentionOps for B {
                 // Row i has probabilities only up to i; past it P = 0 and so is dS.
                 let i = r % seq;
                 let (live, masked) = g.split_at_mut(i + 1);
-                let dot: f64 = live.iter().zip(p).map(|(&g, &p)| f(g) * f(p)).sum();
-                let dot: Self::Elem = t(dot);
+                let dot: Self::Elem = t(lane_dot(live, Some(&p[..i + 1])));
                 live.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
                 masked.fill(Self::Elem::ZERO);
             });
         Ok(())
     }
+}
+
+/// Lanes of the softmaxes' reductions: independent accumulators the compiler keeps in vector
+/// registers.
+const LANES: usize = 8;
+
+/// The largest value of a non-empty row, as `fold(x[0], max)` would give it (NaNs are skipped
+/// unless `x[0]` is one; the maximum of the others does not depend on the order).
+#[inline]
+fn lane_max<T: CpuReal>(x: &[T]) -> T {
+    let pick = |m: T, v: T| if v > m { v } else { m };
+    let mut lanes = [x[0]; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = pick(*m, v);
+        }
+    }
+    let m = lanes.into_iter().fold(x[0], pick);
+    tail.iter().copied().fold(m, pick)
+}
+
+/// `sum x_j y_j` in f64 (`sum x_j` without `y`), accumulated over [`LANES`] lanes.
+#[inline]
+fn lane_dot<T: CpuReal>(x: &[T], y: Option<&[T]>) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let (xs, xt) = (x.chunks_exact(LANES), x.len() / LANES * LANES);
+    let mut tail = 0.0;
+    match y {
+        None => {
+            for c in xs {
+                for (s, &v) in lanes.iter_mut().zip(c) {
+                    *s += f(v);
+                }
+            }
+            tail += x[xt..].iter().map(|&v| f(v)).sum::<f64>();
+        }
+        Some(y) => {
+            for (c, d) in xs.zip(y.chunks_exact(LANES)) {
+                for ((s, &v), &w) in lanes.iter_mut().zip(c).zip(d) {
+                    *s += f(v) * f(w);
+                }
+            }
+            tail += x[xt..]
+                .iter()
+                .zip(&y[xt..])
+                .map(|(&v, &w)| f(v) * f(w))
+                .sum::<f64>();
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }

@@ -1,6 +1,6 @@
 //! Index buffers, fill, available memory and the thread warm-up on the host.
 
-use muon_core::{Result, Transpose};
+use muon_core::{Precision, Real, Result, Transpose};
 
 use super::{check_len, CpuReal, HostBackend};
 use crate::ops::BaseOps;
@@ -32,8 +32,16 @@ impl<B: HostBackend> BaseOps for B {
         host_available_memory()
     }
 
+    fn in_precision(&self, precision: Precision) -> Result<Self> {
+        self.host_in_precision(precision)
+    }
+
+    fn product_precision(&self) -> Precision {
+        self.host_precision()
+    }
+
     fn warm_up(&self) -> Result<()> {
-        warm_up_threads();
+        warm_up_threads(self);
         Ok(())
     }
 
@@ -52,10 +60,12 @@ fn host_available_memory() -> Option<u64> {
 }
 
 /// Runs one faer product per element type on every thread of the current rayon pool (the
-/// global one outside any pool). faer's x86 kernels create a thread-local workspace on a
-/// thread's first product; without this, that allocation falls inside whichever later
-/// training step first lands a product on the thread, which under load can be any step.
-fn warm_up_threads() {
+/// global one outside any pool), and one product in the backend's precision. faer's x86
+/// kernels create a thread-local workspace on a thread's first product, and a bf16 backend
+/// its pool of packing buffers on its first bf16 product; without this, that allocation
+/// falls inside whichever later training step first lands a product on the thread, which
+/// under load can be any step.
+fn warm_up_threads<B: HostBackend>(backend: &B) {
     fn product<T: CpuReal>() {
         const N: usize = 32; // above faer's small-matrix path, so the x86 kernels run
         let (a, mut c) = ([T::ONE; N * N], [T::ZERO; N * N]);
@@ -73,4 +83,8 @@ fn warm_up_threads() {
         product::<f32>();
         product::<f64>();
     });
+    const N: usize = 32;
+    let (a, mut c) = ([B::Elem::ONE; N * N], [B::Elem::ZERO; N * N]);
+    let op = (&a[..], N, N, Transpose::No);
+    backend.product_on_thread(&mut c, N, N, op, op, B::Elem::ONE, false);
 }

@@ -473,7 +473,7 @@ impl<B: HostBackend> FfnOps for B {
                     let rows = ac.len() / k.max(1);
                     let accumulate = scale_for_beta(dc, beta);
                     let wop = (we, ws.rows, ws.cols, transpose_w);
-                    CpuReal::matmul(dc, rows, n, (ac, rows, k, Transpose::No), wop, alpha, accumulate);
+                    self.product_on_thread(dc, rows, n, (ac, rows, k, Transpose::No), wop, alpha, accumulate);
                 });
         }
         Ok(())
@@ -512,7 +512,7 @@ impl<B: HostBackend> FfnOps for B {
                 let rows = hi - lo;
                 let xe = (&xs[lo * p..hi * p], rows, p, Transpose::Yes);
                 let ye = (&ys[lo * q..hi * q], rows, q, Transpose::No);
-                CpuReal::matmul(dwe, p, q, xe, ye, alpha, accumulate);
+                self.product_on_thread(dwe, p, q, xe, ye, alpha, accumulate);
             });
         Ok(())
     }

@@ -21,14 +21,92 @@ mod base;
 mod ffn;
 mod token;
 
-use muon_core::{check_shape, Backend, Error, HostMatrix, Portable, Real, Result, Shape, Transpose};
+use muon_core::{
+    check_shape, Backend, Error, HostMatrix, Portable, Precision, Real, Result, Shape, Transpose,
+};
 
 /// A backend whose matrices are [`HostMatrix`] stacks of a [`CpuReal`]: every op family is
 /// implemented once for all of them.
-pub trait HostBackend: Backend<Elem: CpuReal, Matrix = HostMatrix<<Self as Backend>::Elem>> {}
+///
+/// Its [`Backend::gemm`] runs in the backend's [`Precision`]; the products the kernels issue
+/// themselves on rayon's threads (the grouped expert GEMMs' row blocks, one per task) go
+/// through [`product_on_thread`](Self::product_on_thread), so they run in it too.
+pub trait HostBackend:
+    Backend<Elem: CpuReal, Matrix = HostMatrix<<Self as Backend>::Elem>> + Clone + Send + Sync
+{
+    /// This backend with its products in `precision` (sharing its threads), or an error
+    /// naming the precision it cannot run.
+    fn host_in_precision(&self, precision: Precision) -> Result<Self>;
 
-impl<T: CpuReal> HostBackend for Portable<T> {}
-impl<T: muon_faer::Elem + CpuReal> HostBackend for muon_faer::Faer<T> {}
+    /// The precision its products run in.
+    fn host_precision(&self) -> Precision;
+
+    /// One product on the calling thread, as [`CpuReal::matmul`] has it, in the backend's
+    /// precision.
+    #[allow(clippy::too_many_arguments)]
+    fn product_on_thread(
+        &self,
+        c: &mut [Self::Elem],
+        m: usize,
+        n: usize,
+        a: (&[Self::Elem], usize, usize, Transpose),
+        b: (&[Self::Elem], usize, usize, Transpose),
+        alpha: Self::Elem,
+        accumulate: bool,
+    );
+}
+
+impl<T: CpuReal> HostBackend for Portable<T> {
+    fn host_in_precision(&self, precision: Precision) -> Result<Self> {
+        match precision {
+            Precision::F32 => Ok(*self),
+            other => Err(Error::Backend(format!(
+                "the portable backend runs its products in its element type only, not {other}: \
+                 use muon-faer's Faer for {other}"
+            ))),
+        }
+    }
+
+    fn host_precision(&self) -> Precision {
+        Precision::F32
+    }
+
+    fn product_on_thread(
+        &self,
+        c: &mut [T],
+        m: usize,
+        n: usize,
+        a: (&[T], usize, usize, Transpose),
+        b: (&[T], usize, usize, Transpose),
+        alpha: T,
+        accumulate: bool,
+    ) {
+        T::matmul(c, m, n, a, b, alpha, accumulate);
+    }
+}
+
+impl<T: muon_faer::Elem + CpuReal> HostBackend for muon_faer::Faer<T> {
+    fn host_in_precision(&self, precision: Precision) -> Result<Self> {
+        Ok(self.clone().with_precision(precision))
+    }
+
+    fn host_precision(&self) -> Precision {
+        self.precision()
+    }
+
+    fn product_on_thread(
+        &self,
+        c: &mut [T],
+        m: usize,
+        n: usize,
+        a: (&[T], usize, usize, Transpose),
+        b: (&[T], usize, usize, Transpose),
+        alpha: T,
+        accumulate: bool,
+    ) {
+        muon_faer::Faer::product_on_thread(self, c, m, n, a, b, alpha, accumulate);
+    }
+}
 
 /// The element types of the host kernels: [`Real`] plus the exponential in the element's own
 /// precision and a single-threaded faer product.

@@ -209,6 +209,10 @@ where
     let settings = &opts.settings;
     opts.validate()?;
     let (world, rank) = (group.world_size(), group.rank());
+    // The settings fix the products' arithmetic, whatever the caller's backend was set to.
+    let backend = &backend
+        .in_precision(settings.precision)
+        .map_err(ModelError::Backend)?;
     let (b, t) = (settings.batch, settings.seq);
     // Before anything large is allocated: a run larger than the machine is refused whole.
     let memory = check_memory(opts, parallel::rank_rows(b, world, rank)?.len(), world)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use muon_core::{HybridConfig, LrSchedule, OptimizerKind, ParamSpec};
+use muon_core::{HybridConfig, LrSchedule, OptimizerKind, ParamSpec, Precision};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
@@ -36,6 +36,8 @@ pub mod defaults {
     pub const EVAL_BATCHES: usize = 8;
     /// Save a checkpoint every this many steps (when the run has an output directory).
     pub const CHECKPOINT_EVERY: u64 = 100;
+    /// The products' arithmetic: f32 (the README's "bf16 products" section says why).
+    pub const PRECISION: muon_core::Precision = muon_core::Precision::F32;
 }
 
 /// Which optimizer steps the hidden matrices.
@@ -84,6 +86,13 @@ pub struct RunSettings {
     pub seq: usize,
     /// Fixes the initialization and the data order.
     pub seed: u64,
+    /// The arithmetic of every matrix product of the forward and backward passes (dense
+    /// layers, attention scores and values, the grouped expert GEMMs, the weight gradients)
+    /// and of Newton-Schulz: `f32`, or `bf16` inputs with `f32` accumulation. Master weights,
+    /// gradients, norms, softmax, the router, the loss and the optimizer state are `f32`
+    /// either way. Runs saved before the setting existed were `f32`.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl RunSettings {
@@ -101,6 +110,7 @@ impl RunSettings {
             batch: defaults::BATCH,
             seq: defaults::SEQ,
             seed: defaults::SEED,
+            precision: defaults::PRECISION,
         }
     }
 
@@ -141,6 +151,11 @@ impl RunSettings {
                 "the warm-up (--warmup {}) must not exceed the run (--steps {})",
                 self.warmup, self.steps
             )));
+        }
+        if self.precision == Precision::Tf32 {
+            return Err(TrainError::Config(
+                "--precision tf32 is a GPU format (a CPU has no TF32 units): use f32 or bf16".into(),
+            ));
         }
         self.hybrid.muon.validate()?;
         self.hybrid.adamw.validate()?;
