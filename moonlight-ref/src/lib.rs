@@ -21,5 +21,6 @@ pub mod data;
 pub mod files;
 pub mod log;
 pub mod memory;
+pub mod repro;
 pub mod rng;
 pub mod train;

@@ -4,6 +4,7 @@
 //! moonlight-ref [train] [--preset tiny] [--optimizer muon|adamw] [--steps N] ...
 //! moonlight-ref params --preset moonlight-16b-a3b
 //! moonlight-ref plot runs/tiny-muon/log.jsonl runs/tiny-adamw/log.jsonl --out loss.svg
+//! moonlight-ref repro scaling --out reproduction      (the report's experiments; `report`)
 //! ```
 //! Errors go to stderr with a non-zero exit status.
 
@@ -67,6 +68,9 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         smooth: usize,
     },
+    /// Run one of the report's experiments (or `all`), resumably, and write its table, plots
+    /// and summary; `repro report` writes REPRODUCTION.md from them.
+    Repro(moonlight_ref::repro::ReproArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -379,6 +383,18 @@ fn run_train(args: &TrainArgs) -> Result<(), Exit> {
     )
 }
 
+fn run_repro(args: &moonlight_ref::repro::ReproArgs) -> Result<(), Exit> {
+    use moonlight_ref::repro::ReproError;
+    let lines = moonlight_ref::repro::main(args, Some(stop_on_signals()?)).map_err(|e| match e {
+        ReproError::Interrupted(m) => Exit::Interrupted(m),
+        ReproError::Failed(m) => Exit::Error(m),
+    })?;
+    for line in lines {
+        out!("{line}")?;
+    }
+    Ok(())
+}
+
 fn run_params(preset: &str) -> Result<(), Exit> {
     let config = ModelConfig::preset(preset)?;
     config.validate()?;
@@ -508,6 +524,7 @@ fn main() -> ExitCode {
         Some(Command::Params { preset }) => run_params(preset),
         Some(Command::Plot { logs, out, smooth }) => run_plot(logs, out, *smooth),
         Some(Command::Corpus { bytes, out }) => run_corpus(*bytes, out),
+        Some(Command::Repro(args)) => run_repro(args),
     };
     match result {
         Ok(()) | Err(Exit::ClosedPipe) => ExitCode::SUCCESS,
