@@ -171,6 +171,16 @@ fn an_interrupted_experiment_resumes_to_the_same_losses() {
             x.name
         );
     }
+    // A finished run recorded with other data (a plan whose corpus size changed) is refused,
+    // not mixed in.
+    let mut other = b[0].clone();
+    assert!(other.data.starts_with("corpus-"), "{}", other.data);
+    other.data = "corpus-1.txt".into();
+    moonlight_ref::repro::record::append(&straight.join(RECORDS_FILE), &other).unwrap();
+    match repro::run(Experiment::Curves, &opts(&straight, None)) {
+        Err(ReproError::Failed(msg)) => assert!(msg.contains("other settings or data"), "{msg}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     let _ = std::fs::remove_dir_all(&stopped);
     let _ = std::fs::remove_dir_all(&straight);
 }

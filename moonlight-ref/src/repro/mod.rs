@@ -147,6 +147,16 @@ fn corpus(out: &Path, plan: &Plan) -> Result<DataSource, String> {
     })
 }
 
+/// The corpus file's name, as records keep it.
+fn data_name(data: &DataSource) -> String {
+    match data {
+        DataSource::File { path, .. } => path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        DataSource::Embedded => "embedded".into(),
+    }
+}
+
 /// Whether a run's log ends in a summary: the run finished.
 fn finished(log: &[Record]) -> bool {
     matches!(log.last(), Some(Record::Summary(_)))
@@ -171,6 +181,21 @@ fn run_one<B: crate::ops::ModelOps<Elem = f32>>(
     } else {
         Vec::new()
     };
+    let have = record::read_records(records_path)?;
+    let data_name = data_name(data);
+    if let Some(old) = have.iter().find(|r| r.name == spec.name) {
+        // A finished run of other settings or data (the plan or the corpus size changed since)
+        // must not be mixed into the analysis.
+        if finished(&log) && (old.settings != spec.settings || old.data != data_name) {
+            return Err(ReproError::Failed(format!(
+                "run {} in {} was trained with other settings or data ({}) than this plan's ({}); remove that directory (and use a fresh --out for a clean record) to train it again",
+                spec.name,
+                dir.display(),
+                old.data,
+                data_name
+            )));
+        }
+    }
     let mut trained = false;
     let mut wall_s = None;
     let mut resumed = false;
@@ -199,10 +224,10 @@ fn run_one<B: crate::ops::ModelOps<Elem = f32>>(
         wall_s = Some(result.summary.wall_s);
         trained = true;
     }
-    let have = record::read_records(records_path)?;
     if trained || !have.iter().any(|r| r.name == spec.name) {
         let log = read_log(&log_path)?;
-        let rec = make_record(spec, plan, &log, &ckpt_path, opts.threads, wall_s, resumed)?;
+        let mut rec = make_record(spec, plan, &log, &ckpt_path, opts.threads, wall_s, resumed)?;
+        rec.data = data_name;
         record::append(records_path, &rec)?;
     }
     Ok(trained)
@@ -233,6 +258,7 @@ fn make_record(
         experiment: plan.experiment.name().into(),
         tags: spec.tags.clone(),
         settings: s.clone(),
+        data: String::new(),
         seed: s.seed,
         commit: record::git_commit(),
         machine: record::machine(),

@@ -39,6 +39,10 @@ pub struct RunRecord {
     pub tags: BTreeMap<String, String>,
     /// The run's full settings (model, optimizer, hyperparameters, schedule, seed).
     pub settings: RunSettings,
+    /// The data it trained on: the corpus file's name inside `DIR/data` (its size is in the
+    /// name), so that a finished run is never mixed with runs on other data.
+    #[serde(default)]
+    pub data: String,
     /// The seed (also in `settings`), for grouping.
     pub seed: u64,
     /// The git commit of the code, when known.
@@ -307,6 +311,7 @@ mod tests {
             experiment: "curves".into(),
             tags: BTreeMap::new(),
             settings,
+            data: "corpus-1000.txt".into(),
             seed: 1,
             commit: None,
             machine: machine(),

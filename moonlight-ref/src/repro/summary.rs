@@ -402,6 +402,12 @@ fn scaling(records: &[RunRecord], dir: &Path, a: &mut Analysis) -> Result<(), St
     Ok(())
 }
 
+/// `(x, low, high)` of a band.
+type Band = (f64, f64, f64);
+
+/// The x value of a curve's point `i`.
+type XOf = Box<dyn Fn(&RunRecord, usize) -> f64>;
+
 /// Mean and spread over seeds of the curves of `records`, point by point (the runs of one
 /// configuration share their steps). `x` picks the x value of a point: step, FLOPs, seconds.
 fn mean_curve(
@@ -428,7 +434,7 @@ fn curves(records: &[RunRecord], dir: &Path, a: &mut Analysis) -> Result<(), Str
         |opt: &str| -> Vec<&RunRecord> { records.iter().filter(|r| tag(r, "optimizer") == opt).collect() };
     let (muon, adamw) = (by("muon"), by("adamw"));
     let flops_per_step = |r: &RunRecord| r.flops / r.settings.steps as f64;
-    let xs: [(&str, &str, Box<dyn Fn(&RunRecord, usize) -> f64>); 3] = [
+    let xs: [(&str, &str, XOf); 3] = [
         (
             "loss_vs_steps.svg",
             "step",
