@@ -172,7 +172,7 @@ pub fn scaling_lrs(quick: bool) -> &'static [f64] {
     if quick {
         &[1e-2, 3e-2]
     } else {
-        &[5e-3, 1e-2, 2e-2]
+        &[5e-3, 1e-2, 2e-2, 4e-2]
     }
 }
 

@@ -45,7 +45,9 @@ pub struct RunRecord {
     pub data: String,
     /// The seed (also in `settings`), for grouping.
     pub seed: u64,
-    /// The git commit of the code, when known.
+    /// The git commit when the record was written, when known: `MOONLIGHT_REF_COMMIT` if set
+    /// (at run or build time), else the checked-out `HEAD` (which a binary built from a dirty
+    /// tree or an older checkout does not match: set the variable to pin it).
     pub commit: Option<String>,
     /// The machine: CPU model and core count.
     pub machine: String,

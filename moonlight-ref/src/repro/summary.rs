@@ -224,8 +224,10 @@ fn write_table(records: &[RunRecord], path: &Path) -> Result<(), String> {
 
 /// The scaling law, both protocols.
 fn scaling(records: &[RunRecord], dir: &Path, a: &mut Analysis) -> Result<(), String> {
-    let mut sizes: Vec<&str> = records.iter().map(|r| tag(r, "size")).collect();
-    sizes.sort();
+    // The sizes in order of compute.
+    let mut sized: Vec<(f64, &str)> = records.iter().map(|r| (r.flops, tag(r, "size"))).collect();
+    sized.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut sizes: Vec<&str> = sized.into_iter().map(|s| s.1).collect();
     sizes.dedup();
     // Per size and optimizer: mean val loss over seeds at each lr.
     let mean_at = |size: &str, opt: &str, lr: &str| -> Option<(f64, f64)> {
@@ -254,10 +256,25 @@ fn scaling(records: &[RunRecord], dir: &Path, a: &mut Analysis) -> Result<(), St
     };
     let (mut adamw, mut muon, mut muon_transfer) = (Vec::new(), Vec::new(), Vec::new());
     let mut lines = String::new();
+    // Tuned lrs at an end of the grid: the optimum may lie beyond it.
+    let mut edges: Vec<String> = Vec::new();
     for size in &sizes {
         let (Some(ba), Some(bm)) = (best(size, "adamw"), best(size, "muon")) else {
             continue;
         };
+        for (opt, b) in [("AdamW", &ba), ("Muon", &bm)] {
+            let grid = lrs(size, &opt.to_lowercase());
+            let f = |l: &String| l.parse::<f64>().unwrap_or(f64::NAN);
+            let (lo, hi) = grid
+                .iter()
+                .map(f)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
+                    (l.min(v), h.max(v))
+                });
+            if grid.len() > 1 && (f(&b.0) == lo || f(&b.0) == hi) {
+                edges.push(format!("{opt} at {size} (lr {})", b.0));
+            }
+        }
         adamw.push((ba.1, ba.2));
         muon.push((bm.1, bm.2));
         let transfer = mean_at(size, "muon", &ba.0);
@@ -292,13 +309,13 @@ fn scaling(records: &[RunRecord], dir: &Path, a: &mut Analysis) -> Result<(), St
         .iter()
         .fold((f64::INFINITY, 0.0f64), |(l, h), p| (l.min(p.0), h.max(p.0)));
     a.setup = format!(
-        "{} sizes from {:.2e} to {:.2e} training FLOPs ({:.0}x), each trained on {} tokens per active parameter of fresh generated text (FLOPs = 6·N_active·D plus attention's scores and weighted sum, 6·L·T·H·(d_qk+d_v) per token), lr tuned on the grid {:?} per optimizer and size by final validation loss. Fits by least squares in log space; the ratio is Muon's FLOPs over AdamW's at AdamW's fitted loss in the middle of the range (log scale), its interval a bootstrap over the sizes. Per size: {}",
+        "{} sizes from {:.2e} to {:.2e} training FLOPs ({:.0}x), each trained on {} tokens per active parameter of fresh generated text (FLOPs = 6·N_active·D plus attention's scores and weighted sum, 6·L·T·H·(d_qk+d_v) per token), lr tuned on the grid {{{}}} per optimizer and size by final validation loss. Fits by least squares in log space; the ratio is Muon's FLOPs over AdamW's at AdamW's fitted loss in the middle of the range (log scale), its interval a bootstrap over the sizes. Per size: {}",
         adamw.len(),
         c_lo,
         c_hi,
         c_hi / c_lo,
         super::experiments::TOKENS_PER_PARAM,
-        lrs(sizes.first().copied().unwrap_or(""), "adamw"),
+        lrs(sizes.first().copied().unwrap_or(""), "adamw").join(", "),
         lines.trim_end_matches("; ")
     );
     a.figures = vec![
@@ -343,6 +360,13 @@ fn scaling(records: &[RunRecord], dir: &Path, a: &mut Analysis) -> Result<(), St
         (Ok(r), _) => (Verdict::Not, format!("Muon needs {:.2}x AdamW's FLOPs", r.estimate)),
         (Err(e), _) => (Verdict::Not, format!("no ratio: {e}")),
     };
+    if !edges.is_empty() {
+        let _ = write!(
+            a.why,
+            ". The best lr is at an end of the grid for {}: those optimizers may be under-tuned there, and the ratio is uncertain by that much more",
+            edges.join(", ")
+        );
+    }
     // The plot: measured best losses as dots, the fits as dashed lines over the range.
     let fit_line = |f: &PowerLaw| -> Vec<(f64, f64)> {
         (0..=20)
@@ -410,10 +434,7 @@ type XOf = Box<dyn Fn(&RunRecord, usize) -> f64>;
 
 /// Mean and spread over seeds of the curves of `records`, point by point (the runs of one
 /// configuration share their steps). `x` picks the x value of a point: step, FLOPs, seconds.
-fn mean_curve(
-    records: &[&RunRecord],
-    x: impl Fn(&RunRecord, usize) -> f64,
-) -> (Vec<(f64, f64)>, Vec<(f64, f64, f64)>) {
+fn mean_curve(records: &[&RunRecord], x: impl Fn(&RunRecord, usize) -> f64) -> (Vec<(f64, f64)>, Vec<Band>) {
     let n = records.iter().map(|r| r.curve.len()).min().unwrap_or(0);
     let (mut line, mut band) = (Vec::new(), Vec::new());
     for i in 0..n {
@@ -753,7 +774,7 @@ fn wd_overtrain(records: &[RunRecord], dir: &Path, a: &mut Analysis) -> Result<(
     };
     let r = &records[0];
     a.setup = format!(
-        "{} active parameters trained on {} tokens ({}x the {}-tokens-per-parameter rule, fresh generated text), B={} T={}, lr {}, {} seeds; wd 0.1 vs 0",
+        "{} active parameters trained on {} tokens ({:.1}x the {}-tokens-per-parameter rule, fresh generated text), B={} T={}, lr {}, {} seeds; wd 0.1 vs 0",
         r.params_active,
         r.tokens,
         r.tokens as f64 / (r.params_active * super::experiments::TOKENS_PER_PARAM) as f64,
