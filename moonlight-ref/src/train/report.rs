@@ -66,6 +66,7 @@ pub(super) struct Reporter {
 impl Reporter {
     /// Opens the output directory and the log (continued on a resume), draws the bar at
     /// `start` and prints the run's header line.
+    #[allow(clippy::too_many_arguments)]
     pub fn new<B: ModelOps<Elem = f32>>(
         opts: &TrainOptions,
         run_dir: Option<RunDir>,
