@@ -124,6 +124,10 @@ fn every_quick_experiment_writes_its_table_plots_and_summary() {
             text.contains(&format!("## {} (--quick)", e.name())),
             "{e} missing from REPRODUCTION.md"
         );
+        assert!(
+            text.contains(&format!("| [{0}](#{0}---quick) | no verdict |", e.name())),
+            "{e}'s line missing from REPRODUCTION.md's verdict table"
+        );
     }
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -933,14 +933,18 @@ pub fn render(a: &Analysis, plot_dir: &Path) -> String {
     for f in &a.figures {
         let _ = writeln!(md, "| {} | {} | {} |", f.what, f.ours, f.report);
     }
-    let verdict = match a.verdict {
+    let _ = writeln!(md, "\n**Verdict: {}.** {}\n", verdict_words(a.verdict), a.why);
+    md
+}
+
+/// A verdict in words.
+fn verdict_words(v: Verdict) -> &'static str {
+    match v {
         Verdict::Reproduced => "reproduced",
         Verdict::Partly => "partly reproduced",
         Verdict::Not => "not reproduced",
         Verdict::Quick => "no verdict",
-    };
-    let _ = writeln!(md, "\n**Verdict: {verdict}.** {}\n", a.why);
-    md
+    }
 }
 
 /// REPRODUCTION.md from the analyses under `out`: each experiment's section, or, for one
@@ -958,6 +962,30 @@ pub fn report(out: &Path, md: &Path, notes: &str) -> Result<String, String> {
     let _ = writeln!(text, "`{}` (`runs.jsonl`: one line per run with its settings, seed, commit, wall time, FLOPs and losses). Every figure under \"this project\" comes from those runs; the report's figures are quoted beside them.\n", rel.display());
     if !notes.is_empty() {
         let _ = writeln!(text, "{notes}\n");
+    }
+    // The verdicts at a glance, each with the first sentence of its reason.
+    let mut glance = String::from("| experiment | verdict | in short |\n| --- | --- | --- |\n");
+    let mut any = false;
+    for e in Experiment::ALL {
+        let path = out.join(e.name()).join(ANALYSIS_FILE);
+        if let Ok(bytes) = std::fs::read(&path) {
+            let a: Analysis =
+                serde_json::from_slice(&bytes).map_err(|err| format!("{}: {err}", path.display()))?;
+            let short = a.why.split(". ").next().unwrap_or("").trim_end_matches('.');
+            let _ = writeln!(
+                glance,
+                "| [{}](#{}{}) | {} | {short} |",
+                e.name(),
+                e.name(),
+                // The section's anchor, as GitHub makes it from the heading `render` writes.
+                if a.quick { "---quick" } else { "" },
+                verdict_words(a.verdict)
+            );
+            any = true;
+        }
+    }
+    if any {
+        let _ = writeln!(text, "{glance}");
     }
     for e in Experiment::ALL {
         let path = out.join(e.name()).join(ANALYSIS_FILE);
