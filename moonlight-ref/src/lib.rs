@@ -26,6 +26,7 @@ pub mod files;
 pub mod hf;
 pub mod log;
 pub mod memory;
+pub mod repro;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

@@ -8,6 +8,7 @@
 //! moonlight-ref eval --checkpoint runs/tiny-muon/checkpoint.safetensors --data text.txt
 //! moonlight-ref export --checkpoint runs/tiny-muon/checkpoint.safetensors --out hf/tiny
 //! moonlight-ref import hf/tiny --out tiny.safetensors
+//! moonlight-ref repro scaling --out reproduction      (the report's experiments; `report`)
 //! ```
 //! Errors go to stderr with a non-zero exit status.
 
@@ -105,6 +106,9 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         smooth: usize,
     },
+    /// Run one of the report's experiments (or `all`), resumably, and write its table, plots
+    /// and summary; `repro report` writes REPRODUCTION.md from them.
+    Repro(moonlight_ref::repro::ReproArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -475,6 +479,18 @@ fn run_train(args: &TrainArgs) -> Result<(), Exit> {
     )
 }
 
+fn run_repro(args: &moonlight_ref::repro::ReproArgs) -> Result<(), Exit> {
+    use moonlight_ref::repro::ReproError;
+    let lines = moonlight_ref::repro::main(args, Some(stop_on_signals()?)).map_err(|e| match e {
+        ReproError::Interrupted(m) => Exit::Interrupted(m),
+        ReproError::Failed(m) => Exit::Error(m),
+    })?;
+    for line in lines {
+        out!("{line}")?;
+    }
+    Ok(())
+}
+
 fn run_params(preset: &str) -> Result<(), Exit> {
     let config = ModelConfig::preset(preset)?;
     config.validate()?;
@@ -609,6 +625,7 @@ fn main() -> ExitCode {
         Some(Command::Export { checkpoint, out }) => use_cli::run_export(checkpoint, out),
         Some(Command::Import { dir, out }) => use_cli::run_import(dir, out),
         Some(Command::Tokenizer { data, vocab, out }) => use_cli::run_tokenizer(data, *vocab, out),
+        Some(Command::Repro(args)) => run_repro(args),
     };
     match result {
         Ok(()) | Err(Exit::ClosedPipe) => ExitCode::SUCCESS,
