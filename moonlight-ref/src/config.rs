@@ -202,6 +202,29 @@ impl ModelConfig {
         }
     }
 
+    /// `tiny` shrunk so that a training step takes milliseconds, for tests: width 32, one dense
+    /// block then one MoE block of 4 experts (top-2, one shared), MLA with a latent of 16.
+    pub fn micro() -> ModelConfig {
+        ModelConfig {
+            dim: 32,
+            n_layers: 2,
+            n_heads: 2,
+            head_dim: 16,
+            attention: Attention::Mla {
+                kv_lora_rank: 16,
+                qk_nope_head_dim: 16,
+                qk_rope_head_dim: 8,
+                v_head_dim: 16,
+            },
+            dense_ffn_width: 64,
+            n_routed_experts: 4,
+            expert_width: 32,
+            top_k: 2,
+            max_seq_len: 32,
+            ..ModelConfig::tiny()
+        }
+    }
+
     /// Bytes in, 7.5M parameters (2.3M active): MLA, one dense block then five MoE blocks of 16
     /// experts (top-2, one shared).
     pub fn small() -> ModelConfig {

@@ -24,7 +24,7 @@
 //! 3. **Training reaches the f32 run's validation loss** at equal steps over several seeds
 //!    (see the test's comment for the tolerance).
 
-use moonlight_ref::config::{Attention, ModelConfig};
+use moonlight_ref::config::ModelConfig;
 use moonlight_ref::model::Model;
 use moonlight_ref::ops::{FfnOps, ModelOps};
 use moonlight_ref::train::{self, OptimizerChoice, RunSettings, TrainOptions};
@@ -141,28 +141,6 @@ fn grouped_expert_gemms_round_their_inputs_to_bf16_and_sum_in_f32() {
     }
 }
 
-/// `tiny` shrunk so a step takes milliseconds (as in trainer_train.rs).
-fn micro() -> ModelConfig {
-    ModelConfig {
-        dim: 32,
-        n_layers: 2,
-        n_heads: 2,
-        head_dim: 16,
-        attention: Attention::Mla {
-            kv_lora_rank: 16,
-            qk_nope_head_dim: 16,
-            qk_rope_head_dim: 8,
-            v_head_dim: 16,
-        },
-        dense_ffn_width: 64,
-        n_routed_experts: 4,
-        expert_width: 32,
-        top_k: 2,
-        max_seq_len: 32,
-        ..ModelConfig::tiny()
-    }
-}
-
 /// Loss and gradients (as f64) of one forward and backward of `cfg` on `b`, with the
 /// parameters `params` (f32 values) loaded.
 fn pass<B: ModelOps<Matrix = HostMatrix<<B as Backend>::Elem>>>(
@@ -205,7 +183,7 @@ fn worst_grad_error(got: &[Vec<f64>], want: &[Vec<f64>]) -> f64 {
 #[test]
 fn a_bf16_forward_and_backward_stays_within_the_bound_of_the_f64_model() {
     for (label, cfg, shape) in [
-        ("micro", micro(), (2, 16)),
+        ("micro", ModelConfig::micro(), (2, 16)),
         ("tiny", ModelConfig::tiny(), (2, 24)),
     ] {
         let f32b = Faer::<f32>::with_threads(2);
@@ -272,7 +250,7 @@ fn bf16_training_reaches_the_f32_validation_loss() {
     // differences are 0.0003-0.003 nats. A broken bf16 path (a product not accumulated in
     // f32, a wrong rounding, a lost operand) moves it by much more or makes it NaN.
     for (label, cfg, steps, shape, seeds) in [
-        ("micro", micro(), 40, (4, 16), &[1u64, 2, 3, 4][..]),
+        ("micro", ModelConfig::micro(), 40, (4, 16), &[1u64, 2, 3, 4][..]),
         ("tiny", ModelConfig::tiny(), 20, (4, 32), &[1, 2][..]),
     ] {
         let mut diffs = Vec::new();

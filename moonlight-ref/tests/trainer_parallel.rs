@@ -43,20 +43,11 @@ fn scratch(test: &str) -> PathBuf {
     dir
 }
 
-/// A shrunken `tiny` (as tests/trainer_train.rs): a step takes milliseconds.
+/// The `micro` model with `attention`.
 fn micro(attention: Attention) -> ModelConfig {
     ModelConfig {
-        dim: 32,
-        n_layers: 2,
-        n_heads: 2,
-        head_dim: 16,
         attention,
-        dense_ffn_width: 64,
-        n_routed_experts: 4,
-        expert_width: 32,
-        top_k: 2,
-        max_seq_len: 32,
-        ..ModelConfig::tiny()
+        ..ModelConfig::micro()
     }
 }
 

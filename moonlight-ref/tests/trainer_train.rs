@@ -15,31 +15,8 @@ fn scratch(test: &str) -> PathBuf {
     dir
 }
 
-/// `tiny` shrunk further so a test step takes milliseconds: width 32, one dense block and one
-/// MoE block of 4 experts (top-2), MLA.
-fn micro() -> ModelConfig {
-    ModelConfig {
-        dim: 32,
-        n_layers: 2,
-        n_heads: 2,
-        head_dim: 16,
-        attention: Attention::Mla {
-            kv_lora_rank: 16,
-            qk_nope_head_dim: 16,
-            qk_rope_head_dim: 8,
-            v_head_dim: 16,
-        },
-        dense_ffn_width: 64,
-        n_routed_experts: 4,
-        expert_width: 32,
-        top_k: 2,
-        max_seq_len: 32,
-        ..ModelConfig::tiny()
-    }
-}
-
 fn options(optimizer: OptimizerChoice, steps: u64) -> TrainOptions {
-    let mut settings = RunSettings::new("micro", micro(), optimizer);
+    let mut settings = RunSettings::new("micro", ModelConfig::micro(), optimizer);
     settings.steps = steps;
     settings.batch = 4;
     settings.seq = 16;
@@ -273,7 +250,7 @@ fn trains_on_a_bin_shard_and_with_either_attention() {
     assert_eq!(run.losses.len(), 6);
 
     // MHA instead of the preset's MLA, and back.
-    let mha = train::with_attention(micro(), false);
+    let mha = train::with_attention(ModelConfig::micro(), false);
     assert_eq!(mha.attention, Attention::Mha);
     let mla = train::with_attention(mha.clone(), true);
     assert!(matches!(mla.attention, Attention::Mla { .. }));
@@ -349,7 +326,7 @@ fn the_sequence_balance_loss_trains_and_is_logged_apart() {
         .sum::<f64>()
         / 5.0;
     assert!(last < first - 0.3, "loss {first:.3} -> {last:.3}");
-    let bound = alpha * micro().n_routed_experts as f64 / micro().top_k as f64;
+    let bound = alpha * ModelConfig::micro().n_routed_experts as f64 / ModelConfig::micro().top_k as f64;
     let log = read_log(&dir.join(train::LOG_FILE)).unwrap();
     let mut seen = 0;
     for r in &log {

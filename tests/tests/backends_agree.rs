@@ -3,7 +3,7 @@
 //! same steps on muon-core's portable backend (naive loops) and on muon-faer (faer's kernels,
 //! its own Newton-Schulz, several threads), in f64.
 
-use moonlight_ref::config::{Attention, ModelConfig};
+use moonlight_ref::config::ModelConfig;
 use moonlight_ref::corpus::embedded_corpus;
 use moonlight_ref::data::BatchSampler;
 use moonlight_ref::model::Model;
@@ -11,33 +11,11 @@ use moonlight_ref::ops::ModelOps;
 use muon_core::{HybridConfig, HybridOptimizer, LrSchedule, Portable};
 use muon_faer::Faer;
 
-/// A small MLA model with one dense and one MoE block, so every kind of parameter is stepped.
-fn micro() -> ModelConfig {
-    ModelConfig {
-        dim: 32,
-        n_layers: 2,
-        n_heads: 2,
-        head_dim: 16,
-        attention: Attention::Mla {
-            kv_lora_rank: 16,
-            qk_nope_head_dim: 16,
-            qk_rope_head_dim: 8,
-            v_head_dim: 16,
-        },
-        dense_ffn_width: 64,
-        n_routed_experts: 4,
-        expert_width: 32,
-        top_k: 2,
-        max_seq_len: 32,
-        ..ModelConfig::tiny()
-    }
-}
-
 /// Six training steps; returns the losses and the final parameters.
 fn train<B: ModelOps<Elem = f64>>(backend: &B) -> (Vec<f64>, Vec<Vec<f64>>) {
     let (batch, seq, steps) = (4, 16, 6);
     let data: Vec<u16> = embedded_corpus()[..20_000].iter().map(|&b| b as u16).collect();
-    let mut model = Model::new(backend, micro(), batch, seq, 7).unwrap();
+    let mut model = Model::new(backend, ModelConfig::micro(), batch, seq, 7).unwrap();
     let mut optimizer = HybridOptimizer::new(backend, model.param_specs(), HybridConfig::default()).unwrap();
     let mut sampler = BatchSampler::new(3, batch, seq);
     let schedule = LrSchedule::moonlight(2, steps);
