@@ -397,18 +397,31 @@ pub(crate) fn stream_avx512(token: Avx512Bf16, src: &[f32], out: &mut [u32]) {
                     first_lanes(n.saturating_sub(e)),
                     first_lanes(n.saturating_sub(e + 16)),
                 );
-                // SAFETY: a masked load reads only the lanes its mask sets, here elements
-                // `e..e + 32` below `n = src.len()`, and suppresses faults on the others.
+                // SAFETY: elements `e..e + 32` of `src` when they all exist (plain loads);
+                // otherwise masked loads, which read only the lanes their masks set (elements
+                // below `n = src.len()`) and suppress faults on the others.
                 let (x0, x1) = unsafe {
-                    (
-                        _mm512_maskz_loadu_epi32(m0, s.add(e.min(n)).cast()),
-                        _mm512_maskz_loadu_epi32(m1, s.add((e + 16).min(n)).cast()),
-                    )
+                    if e + 32 <= n {
+                        (
+                            _mm512_loadu_si512(s.add(e).cast()),
+                            _mm512_loadu_si512(s.add(e + 16).cast()),
+                        )
+                    } else {
+                        (
+                            _mm512_maskz_loadu_epi32(m0, s.add(e.min(n)).cast()),
+                            _mm512_maskz_loadu_epi32(m1, s.add((e + 16).min(n)).cast()),
+                        )
+                    }
                 };
                 let pairs = _mm512_permutex2var_epi16(round_high(x0), idx, round_high(x1));
-                // SAFETY: the store writes lanes `q..q + 16` below `lanes = out.len()` only.
+                // SAFETY: the store writes lanes `q..q + 16` below `lanes = out.len()` only
+                // (a plain store where all 16 exist, else masked).
                 unsafe {
-                    _mm512_mask_storeu_epi32(o.add(q).cast(), first_lanes(lanes - q), pairs);
+                    if q + 16 <= lanes {
+                        _mm512_storeu_si512(o.add(q).cast(), pairs);
+                    } else {
+                        _mm512_mask_storeu_epi32(o.add(q).cast(), first_lanes(lanes - q), pairs);
+                    }
                 }
             }
         }
@@ -439,20 +452,29 @@ pub(crate) fn interleave_avx512(token: Avx512Bf16, lo: &[f32], hi: Option<&[f32]
             let lanes = out.len();
             let o = out.as_mut_ptr();
             for q in (0..lanes).step_by(16) {
+                let full = q + 16 <= lanes;
                 let m = first_lanes(lanes - q);
                 // SAFETY: `lo`, `hi` (when present) and `out` all hold `lanes` elements (cut
-                // above); each masked load and store touches lanes `q..q + 16` below `lanes`.
+                // above); each load and store touches lanes `q..q + 16`, all below `lanes`
+                // when `full` (plain), else only those below `lanes` (masked).
                 unsafe {
-                    let l = _mm512_maskz_loadu_epi32(m, lo.as_ptr().add(q).cast());
-                    let low = _mm512_srli_epi32::<16>(round_high(l));
-                    let pairs = match hi {
-                        Some(hi) => {
-                            let h = _mm512_maskz_loadu_epi32(m, hi.as_ptr().add(q).cast());
-                            _mm512_mask_blend_epi16(0xaaaa_aaaa, low, round_high(h))
+                    let load = |x: &[f32]| {
+                        if full {
+                            _mm512_loadu_si512(x.as_ptr().add(q).cast())
+                        } else {
+                            _mm512_maskz_loadu_epi32(m, x.as_ptr().add(q).cast())
                         }
+                    };
+                    let low = _mm512_srli_epi32::<16>(round_high(load(lo)));
+                    let pairs = match hi {
+                        Some(hi) => _mm512_mask_blend_epi16(0xaaaa_aaaa, low, round_high(load(hi))),
                         None => low,
                     };
-                    _mm512_mask_storeu_epi32(o.add(q).cast(), m, pairs);
+                    if full {
+                        _mm512_storeu_si512(o.add(q).cast(), pairs);
+                    } else {
+                        _mm512_mask_storeu_epi32(o.add(q).cast(), m, pairs);
+                    }
                 }
             }
         }
@@ -529,7 +551,14 @@ pub(crate) fn transpose_store_avx512(
                             // SAFETY: lanes `c * width + r0 ..` up to `c * width + width`
                             // (the mask keeps `r < width`), inside `out` (len * width lanes,
                             // checked, and c < len).
-                            unsafe { _mm512_mask_storeu_epi32(o.add(c * width + r0).cast(), mask, col) };
+                            unsafe {
+                                let at = o.add(c * width + r0);
+                                if mask == u16::MAX {
+                                    _mm512_storeu_si512(at.cast(), col);
+                                } else {
+                                    _mm512_mask_storeu_epi32(at.cast(), mask, col);
+                                }
+                            }
                         }
                     }
                 }

@@ -18,7 +18,7 @@
 use faer::MatMut;
 
 use super::model::merge;
-use super::pack::{pack_pair_major, pack_row_major, KView, Packer};
+use super::pack::{pack_pair_major, pack_pair_major_panels, pack_row_major, KView, Packer};
 
 /// An A micro-panel of `MR` rows: lane `(i, p)` at `lanes[i * row + p * pair]`. Pair-major
 /// (`row = 1`, `pair = MR`) when A is stored with `k` down its columns, row-major (`row =
@@ -127,18 +127,15 @@ pub(crate) fn register_product<K: RegisterKernel>(
         for pc in (0..pairs).step_by(KC_PAIRS) {
             let kc = KC_PAIRS.min(pairs - pc);
             let beta = if pc == 0 { beta } else { 1.0 };
-            for (q, jr) in (0..nc).step_by(nr).enumerate() {
-                pack_pair_major(pk, b, jc + jr, nr, pc, kc, &mut b_panel[q * nr * kc..]);
-            }
+            pack_pair_major_panels(pk, b, jc, nc, nr, pc, kc, b_panel);
             for ic in (first_row..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
-                for (q, ir) in (0..mc).step_by(mr).enumerate() {
-                    let panel = &mut a_block[q * mr * kc..];
-                    if a.k_contiguous() {
-                        pack_row_major(pk, a, ic + ir, mr, pc, kc, panel);
-                    } else {
-                        pack_pair_major(pk, a, ic + ir, mr, pc, kc, panel);
+                if a.k_contiguous() {
+                    for (q, ir) in (0..mc).step_by(mr).enumerate() {
+                        pack_row_major(pk, a, ic + ir, mr, pc, kc, &mut a_block[q * mr * kc..]);
                     }
+                } else {
+                    pack_pair_major_panels(pk, a, ic, mc, mr, pc, kc, a_block);
                 }
                 let (row, pair) = if a.k_contiguous() { (kc, 1) } else { (1, mr) };
                 for (qj, jr) in (0..nc).step_by(nr).enumerate() {

@@ -247,16 +247,76 @@ pub(crate) fn pack_pair_major(
     } else {
         // Pair p is rows 2p and 2p + 1 of the stored matrix, side by side: interleave them.
         for (p, group) in out.chunks_exact_mut(width).enumerate() {
+            interleave_group(pk, v, r0, 2 * (p0 + p), group);
+        }
+    }
+}
+
+/// One pair of a pair-major panel of a view with `k` down its stored columns: lane `r` of
+/// `group` = pair `kk / 2` of row `r0 + r` (zero past the view's rows or `k`).
+#[inline(always)]
+fn interleave_group(pk: Packer, v: &KView<'_>, r0: usize, kk: usize, group: &mut [u32]) {
+    let live = group.len().min(v.rows.saturating_sub(r0));
+    let (lanes, pad) = group.split_at_mut(live);
+    pad.iter_mut().for_each(|x| *x = 0);
+    if kk >= v.k || live == 0 {
+        lanes.iter_mut().for_each(|x| *x = 0);
+        return;
+    }
+    let lo = &v.data[kk * v.ld + v.first + r0..][..live];
+    let hi = (kk + 1 < v.k).then(|| &v.data[(kk + 1) * v.ld + v.first + r0..][..live]);
+    pk.interleave(lo, hi, lanes);
+}
+
+/// Rows `r0..r0 + rows` as consecutive [`pack_pair_major`] panels of `width` rows (the last
+/// padded with zero rows), panel `q` at `out[q * width * np..]`: the same lanes as one call per
+/// panel. Where `k` runs down the stored columns, each pair's two stored rows are read once,
+/// left to right across every panel (the order they lie in memory, which the prefetchers
+/// follow), instead of a panel at a time down `2 np` rows a whole stored row apart.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn pack_pair_major_panels(
+    pk: Packer,
+    v: &KView<'_>,
+    r0: usize,
+    rows: usize,
+    width: usize,
+    p0: usize,
+    np: usize,
+    out: &mut [u32],
+) {
+    let panels = rows.div_ceil(width);
+    if v.k_contiguous {
+        for q in 0..panels {
+            pack_pair_major(pk, v, r0 + q * width, width, p0, np, &mut out[q * width * np..]);
+        }
+        return;
+    }
+    let out = &mut out[..panels * width * np];
+    if width.is_multiple_of(16) {
+        for p in 0..np {
             let kk = 2 * (p0 + p);
-            let (lanes, pad) = group.split_at_mut(live);
-            pad.iter_mut().for_each(|x| *x = 0);
-            if kk >= k || live == 0 {
-                lanes.iter_mut().for_each(|x| *x = 0);
-                continue;
+            for (q, panel) in out.chunks_exact_mut(width * np).enumerate() {
+                interleave_group(pk, v, r0 + q * width, kk, &mut panel[p * width..][..width]);
             }
-            let lo = &v.data[kk * v.ld + v.first + r0..][..live];
-            let hi = (kk + 1 < k).then(|| &v.data[(kk + 1) * v.ld + v.first + r0..][..live]);
-            pk.interleave(lo, hi, lanes);
+        }
+        return;
+    }
+    // Panels narrower than a vector (the A panels of the register kernel, 6 rows): convert a
+    // run of whole panels at once, then copy each panel's lanes into place.
+    const RUN: usize = 256;
+    assert!(width <= RUN, "pack_pair_major_panels: width {width} > {RUN}");
+    let per_run = RUN / width;
+    let mut run = [0u32; RUN];
+    for p in 0..np {
+        let kk = 2 * (p0 + p);
+        for q0 in (0..panels).step_by(per_run) {
+            let count = per_run.min(panels - q0);
+            let lanes = &mut run[..count * width];
+            interleave_group(pk, v, r0 + q0 * width, kk, lanes);
+            for (q, src) in lanes.chunks_exact(width).enumerate() {
+                out[(q0 + q) * width * np + p * width..][..width].copy_from_slice(src);
+            }
         }
     }
 }
@@ -384,6 +444,16 @@ mod tests {
                             );
                         }
                     }
+                    // Three panels at once, as one call each.
+                    let rows = (3 * width).min(len.saturating_sub(r0)).max(1);
+                    let panels = rows.div_ceil(width);
+                    let mut want = vec![u32::MAX; panels * width * np];
+                    for q in 0..panels {
+                        pack_pair_major(pk, &v, r0 + q * width, width, p0, np, &mut want[q * width * np..]);
+                    }
+                    let mut got = vec![u32::MAX - 1; panels * width * np];
+                    pack_pair_major_panels(pk, &v, r0, rows, width, p0, np, &mut got);
+                    assert_eq!(got, want, "panels {rows}x{k} {kc} {pk:?}");
                     let mut out = vec![u32::MAX; width * np];
                     pack_row_major(pk, &v, r0, width, p0, np, &mut out);
                     for r in 0..width {
