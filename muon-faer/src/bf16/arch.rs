@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use faer::MatMut;
 
 use super::driver::{self, APanel, RegisterKernel};
-use super::pack::KView;
+use super::pack::{KView, Packer};
 
 /// Rows of the AVX512-BF16 kernel's tile: 6 x 4 accumulators, 4 B registers and a broadcast
 /// use 29 of the 32 zmm registers, and a pair costs 6 broadcasts for 24 VDPBF16PS (measured on
@@ -196,6 +196,11 @@ impl RegisterKernel for Avx512Bf16 {
     const NR: usize = AVX512_NR;
 
     #[inline(always)]
+    fn packer(self) -> Packer {
+        Packer::Avx512(self)
+    }
+
+    #[inline(always)]
     fn tile(self, pairs: usize, a: APanel<'_>, b: &[u32], c: MatMut<'_, f32>, alpha: f32, beta: f32) {
         let (rows, cols) = (c.nrows(), c.ncols());
         let last = (AVX512_MR - 1) * a.row + pairs.saturating_sub(1) * a.pair;
@@ -229,6 +234,9 @@ impl RegisterKernel for Avx512Bf16 {
 impl RegisterKernel for Avx512Bf16 {
     const MR: usize = AVX512_MR;
     const NR: usize = AVX512_NR;
+    fn packer(self) -> Packer {
+        match self._proof {}
+    }
     fn tile(self, _: usize, _: APanel<'_>, _: &[u32], _: MatMut<'_, f32>, _: f32, _: f32) {
         match self._proof {}
     }
@@ -338,6 +346,235 @@ pub(crate) fn avx512_product(
     }
 }
 
+// ----- Packing: f32 -> bf16 pairs, 16 lanes at a time -----
+
+/// Each 32-bit lane of `x` (f32 bits) with its high half made the bf16 of `x` rounded to
+/// nearest even, as [`bf16_bits`](super::pack::bf16_bits) computes it: `bits + 0x7fff + ((bits
+/// >> 16) & 1)`, and for a NaN `bits | 0x0040_0000` (the quiet bit). The low half is garbage.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn round_high(x: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd);
+    let f = _mm512_castsi512_ps(x);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(f, f);
+    _mm512_mask_or_epi32(rounded, nan, x, _mm512_set1_epi32(0x0040_0000))
+}
+
+/// The mask of the first `n` (at most 16) lanes.
+#[inline(always)]
+fn first_lanes(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// [`Packer::stream`] on AVX-512: 32 values (two loads) give 16 pair lanes, their rounded high
+/// halves gathered in order by one VPERMT2W; masked loads read zeros past `src`'s end and
+/// masked stores write only `out`.
+#[inline(always)]
+pub(crate) fn stream_avx512(token: Avx512Bf16, src: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        #[inline]
+        fn run(src: &[f32], out: &mut [u32]) {
+            use std::arch::x86_64::*;
+            // Word j of the result is word 2j + 1 (a high half) of the 64 words of (t0, t1).
+            let idx = _mm512_set_epi16(
+                63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19,
+                17, 15, 13, 11, 9, 7, 5, 3, 1,
+            );
+            let (n, lanes) = (src.len(), out.len());
+            let (s, o) = (src.as_ptr(), out.as_mut_ptr());
+            for q in (0..lanes).step_by(16) {
+                let e = 2 * q;
+                let (m0, m1) = (
+                    first_lanes(n.saturating_sub(e)),
+                    first_lanes(n.saturating_sub(e + 16)),
+                );
+                // SAFETY: elements `e..e + 32` of `src` when they all exist (plain loads);
+                // otherwise masked loads, which read only the lanes their masks set (elements
+                // below `n = src.len()`) and suppress faults on the others.
+                let (x0, x1) = unsafe {
+                    if e + 32 <= n {
+                        (
+                            _mm512_loadu_si512(s.add(e).cast()),
+                            _mm512_loadu_si512(s.add(e + 16).cast()),
+                        )
+                    } else {
+                        (
+                            _mm512_maskz_loadu_epi32(m0, s.add(e.min(n)).cast()),
+                            _mm512_maskz_loadu_epi32(m1, s.add((e + 16).min(n)).cast()),
+                        )
+                    }
+                };
+                let pairs = _mm512_permutex2var_epi16(round_high(x0), idx, round_high(x1));
+                // SAFETY: the store writes lanes `q..q + 16` below `lanes = out.len()` only
+                // (a plain store where all 16 exist, else masked).
+                unsafe {
+                    if q + 16 <= lanes {
+                        _mm512_storeu_si512(o.add(q).cast(), pairs);
+                    } else {
+                        _mm512_mask_storeu_epi32(o.add(q).cast(), first_lanes(lanes - q), pairs);
+                    }
+                }
+            }
+        }
+        let _ = token;
+        // SAFETY: the token proves AVX512F and AVX512BW (detected at run time).
+        unsafe { run(src, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (src, out);
+        match token._proof {}
+    }
+}
+
+/// [`Packer::interleave`] on AVX-512: per 16 lanes, the rounded high halves of `lo` shifted
+/// down, blended with those of `hi` (VPBLENDMW on the odd words).
+#[inline(always)]
+pub(crate) fn interleave_avx512(token: Avx512Bf16, lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+    let lanes = out.len();
+    let lo = &lo[..lanes];
+    let hi = hi.map(|h| &h[..lanes]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        #[inline]
+        fn run(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+            use std::arch::x86_64::*;
+            let lanes = out.len();
+            let o = out.as_mut_ptr();
+            for q in (0..lanes).step_by(16) {
+                let full = q + 16 <= lanes;
+                let m = first_lanes(lanes - q);
+                // SAFETY: `lo`, `hi` (when present) and `out` all hold `lanes` elements (cut
+                // above); each load and store touches lanes `q..q + 16`, all below `lanes`
+                // when `full` (plain), else only those below `lanes` (masked).
+                unsafe {
+                    let load = |x: &[f32]| {
+                        if full {
+                            _mm512_loadu_si512(x.as_ptr().add(q).cast())
+                        } else {
+                            _mm512_maskz_loadu_epi32(m, x.as_ptr().add(q).cast())
+                        }
+                    };
+                    let low = _mm512_srli_epi32::<16>(round_high(load(lo)));
+                    let pairs = match hi {
+                        Some(hi) => _mm512_mask_blend_epi16(0xaaaa_aaaa, low, round_high(load(hi))),
+                        None => low,
+                    };
+                    if full {
+                        _mm512_storeu_si512(o.add(q).cast(), pairs);
+                    } else {
+                        _mm512_mask_storeu_epi32(o.add(q).cast(), m, pairs);
+                    }
+                }
+            }
+        }
+        let _ = token;
+        // SAFETY: the token proves AVX512F and AVX512BW (detected at run time).
+        unsafe { run(lo, hi, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (lo, hi, out);
+        match token._proof {}
+    }
+}
+
+/// [`transpose_store`](super::pack) on AVX-512: `out[q * width + r] = tile[r][q]` for
+/// `r < width`, `q < len`, sixteen rows at a time transposed in registers (16 x 16 lanes: two
+/// rounds of VPUNPCK, two of VSHUFI32X4) and stored a column per masked store.
+#[inline(always)]
+pub(crate) fn transpose_store_avx512(
+    token: Avx512Bf16,
+    tile: &[[u32; 16]; 64],
+    width: usize,
+    len: usize,
+    out: &mut [u32],
+) {
+    assert!(width <= 64 && len <= 16 && out.len() >= len * width);
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn run(tile: &[[u32; 16]; 64], width: usize, len: usize, out: &mut [u32]) {
+            use std::arch::x86_64::*;
+            let o = out.as_mut_ptr();
+            for r0 in (0..width).step_by(16) {
+                // SAFETY: rows r0..r0 + 16 of the 64-row tile (r0 < width <= 64, a multiple of
+                // 16), 64 bytes each.
+                let r: [__m512i; 16] =
+                    std::array::from_fn(|i| unsafe { _mm512_loadu_si512(tile[r0 + i].as_ptr().cast()) });
+                // a[2i], a[2i + 1]: rows 2i and 2i + 1 interleaved (low and high pairs of each
+                // 128-bit lane).
+                let a: [__m512i; 16] = std::array::from_fn(|x| {
+                    let (i, hi) = (x / 2, x % 2 == 1);
+                    if hi {
+                        _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1])
+                    } else {
+                        _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1])
+                    }
+                });
+                // b[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i + 4.
+                let b: [__m512i; 16] = std::array::from_fn(|x| {
+                    let (i, j) = (x / 4, x % 4);
+                    let (u, v) = (a[4 * i + j / 2], a[4 * i + 2 + j / 2]);
+                    if j % 2 == 0 {
+                        _mm512_unpacklo_epi64(u, v)
+                    } else {
+                        _mm512_unpackhi_epi64(u, v)
+                    }
+                });
+                let mask = first_lanes(width - r0);
+                for j in 0..4 {
+                    let p = _mm512_shuffle_i32x4::<0x44>(b[j], b[4 + j]);
+                    let q = _mm512_shuffle_i32x4::<0xee>(b[j], b[4 + j]);
+                    let p2 = _mm512_shuffle_i32x4::<0x44>(b[8 + j], b[12 + j]);
+                    let q2 = _mm512_shuffle_i32x4::<0xee>(b[8 + j], b[12 + j]);
+                    let columns = [
+                        _mm512_shuffle_i32x4::<0x88>(p, p2),
+                        _mm512_shuffle_i32x4::<0xdd>(p, p2),
+                        _mm512_shuffle_i32x4::<0x88>(q, q2),
+                        _mm512_shuffle_i32x4::<0xdd>(q, q2),
+                    ];
+                    for (l, &col) in columns.iter().enumerate() {
+                        let c = 4 * l + j;
+                        if c < len {
+                            // SAFETY: lanes `c * width + r0 ..` up to `c * width + width`
+                            // (the mask keeps `r < width`), inside `out` (len * width lanes,
+                            // checked, and c < len).
+                            unsafe {
+                                let at = o.add(c * width + r0);
+                                if mask == u16::MAX {
+                                    _mm512_storeu_si512(at.cast(), col);
+                                } else {
+                                    _mm512_mask_storeu_epi32(at.cast(), mask, col);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let _ = token;
+        // SAFETY: the token proves AVX512F (detected at run time).
+        unsafe { run(tile, width, len, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (tile, width, len, out);
+        match token._proof {}
+    }
+}
+
 // ----- AMX -----
 
 /// The tile state of the calling thread, configured; released when dropped. Not `Send`: the
@@ -349,6 +586,12 @@ pub(crate) struct AmxTiles {
 #[cfg(target_arch = "x86_64")]
 impl driver::TileUnit for Amx {
     type Tiles = AmxTiles;
+
+    #[inline(always)]
+    fn packer(&self) -> Packer {
+        // detect_amx makes an `Amx` only where AVX512F/BW/VL/BF16 were detected.
+        Packer::Avx512(Avx512Bf16 { _proof: self._proof })
+    }
 
     fn configure(&self) -> AmxTiles {
         // SAFETY: the token proves AMX-TILE and the OS permission; LDTILECFG reads the 64-byte

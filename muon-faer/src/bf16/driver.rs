@@ -18,7 +18,7 @@
 use faer::MatMut;
 
 use super::model::merge;
-use super::pack::{pack_pair_major, pack_row_major, KView};
+use super::pack::{pack_pair_major, pack_pair_major_panels, pack_row_major, KView, Packer};
 
 /// An A micro-panel of `MR` rows: lane `(i, p)` at `lanes[i * row + p * pair]`. Pair-major
 /// (`row = 1`, `pair = MR`) when A is stored with `k` down its columns, row-major (`row =
@@ -40,6 +40,8 @@ pub(crate) trait RegisterKernel: Copy {
     /// the panels `a` (`MR x pairs` lanes) and `b` (pair-major, `pairs x NR`); `c` is at most
     /// `MR x NR`, row-major (unit column stride).
     fn tile(self, pairs: usize, a: APanel<'_>, b: &[u32], c: MatMut<'_, f32>, alpha: f32, beta: f32);
+    /// How the driver packs this kernel's operands (the same bits either way).
+    fn packer(self) -> Packer;
 }
 
 /// Pairs of `k` per block (`KC / 2`): a B micro-panel is `128 x 32` lanes, 16 KiB, in L1.
@@ -113,6 +115,7 @@ pub(crate) fn register_product<K: RegisterKernel>(
         return scale(c, alpha, beta);
     }
     let (mr, nr) = (K::MR, K::NR);
+    let pk = kernel.packer();
     let mc_max = MC.div_ceil(mr) * mr;
     let (b_panel, a_block) = buf.split_at_mut(NC * KC_PAIRS);
     let a_block = &mut a_block[..mc_max * KC_PAIRS];
@@ -124,18 +127,15 @@ pub(crate) fn register_product<K: RegisterKernel>(
         for pc in (0..pairs).step_by(KC_PAIRS) {
             let kc = KC_PAIRS.min(pairs - pc);
             let beta = if pc == 0 { beta } else { 1.0 };
-            for (q, jr) in (0..nc).step_by(nr).enumerate() {
-                pack_pair_major(b, jc + jr, nr, pc, kc, &mut b_panel[q * nr * kc..]);
-            }
+            pack_pair_major_panels(pk, b, jc, nc, nr, pc, kc, b_panel);
             for ic in (first_row..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
-                for (q, ir) in (0..mc).step_by(mr).enumerate() {
-                    let panel = &mut a_block[q * mr * kc..];
-                    if a.k_contiguous() {
-                        pack_row_major(a, ic + ir, mr, pc, kc, panel);
-                    } else {
-                        pack_pair_major(a, ic + ir, mr, pc, kc, panel);
+                if a.k_contiguous() {
+                    for (q, ir) in (0..mc).step_by(mr).enumerate() {
+                        pack_row_major(pk, a, ic + ir, mr, pc, kc, &mut a_block[q * mr * kc..]);
                     }
+                } else {
+                    pack_pair_major_panels(pk, a, ic, mc, mr, pc, kc, a_block);
                 }
                 let (row, pair) = if a.k_contiguous() { (kc, 1) } else { (1, mr) };
                 for (qj, jr) in (0..nc).step_by(nr).enumerate() {
@@ -186,6 +186,8 @@ pub(crate) trait TileUnit: Copy {
     type Tiles: TileOps;
     /// LDTILECFG with [`TILE_CONFIG`], on the calling thread.
     fn configure(&self) -> Self::Tiles;
+    /// How the driver packs this unit's operands (the same bits either way).
+    fn packer(&self) -> Packer;
 }
 
 /// The three instruction sequences the AMX driver issues.
@@ -226,6 +228,7 @@ pub(crate) fn tile_product<U: TileUnit>(
     }
     let (b_panel, a_block) = buf.split_at_mut(TILE_NC * TILE_KC_PAIRS);
     let n_needed = needed_columns(m, n, lower);
+    let pk = unit.packer();
     let mut tiles = unit.configure();
     let mut block = [0.0f32; SIDE * SIDE];
     for jc in (0..n_needed).step_by(TILE_NC) {
@@ -240,8 +243,8 @@ pub(crate) fn tile_product<U: TileUnit>(
                 for (s, step) in panel.chunks_exact_mut(STEP_LANES).enumerate() {
                     let (lo, hi) = step.split_at_mut(256);
                     let p0 = pc + s * TILE_PAIRS;
-                    pack_pair_major(b, jc + jr, 16, p0, TILE_PAIRS, lo);
-                    pack_pair_major(b, jc + jr + 16, 16, p0, TILE_PAIRS, hi);
+                    pack_pair_major(pk, b, jc + jr, 16, p0, TILE_PAIRS, lo);
+                    pack_pair_major(pk, b, jc + jr + 16, 16, p0, TILE_PAIRS, hi);
                 }
             }
             for ic in (first_row..m).step_by(TILE_MC) {
@@ -251,8 +254,8 @@ pub(crate) fn tile_product<U: TileUnit>(
                     for (s, step) in panel.chunks_exact_mut(STEP_LANES).enumerate() {
                         let (lo, hi) = step.split_at_mut(256);
                         let p0 = pc + s * TILE_PAIRS;
-                        pack_row_major(a, ic + ir, 16, p0, TILE_PAIRS, lo);
-                        pack_row_major(a, ic + ir + 16, 16, p0, TILE_PAIRS, hi);
+                        pack_row_major(pk, a, ic + ir, 16, p0, TILE_PAIRS, lo);
+                        pack_row_major(pk, a, ic + ir + 16, 16, p0, TILE_PAIRS, hi);
                     }
                 }
                 for (qj, jr) in (0..nc).step_by(SIDE).enumerate() {

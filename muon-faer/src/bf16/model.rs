@@ -10,7 +10,7 @@
 //! MXCSR plays no part.
 
 use super::driver::{APanel, RegisterKernel, TileOps, TileUnit, TILE_BYTES};
-use super::pack::bf16_value;
+use super::pack::{bf16_value, Packer};
 use faer::MatMut;
 
 /// A bf16 input as the instructions read it: subnormals are zero (sign kept).
@@ -83,6 +83,10 @@ impl RegisterKernel for Vdpbf16psModel {
     const MR: usize = super::arch::AVX512_MR;
     const NR: usize = super::arch::AVX512_NR;
 
+    fn packer(self) -> Packer {
+        Packer::Scalar
+    }
+
     fn tile(self, pairs: usize, a: APanel<'_>, b: &[u32], mut c: MatMut<'_, f32>, alpha: f32, beta: f32) {
         let (mr, nr) = (Self::MR, Self::NR);
         assert!(b.len() >= pairs * nr);
@@ -121,6 +125,10 @@ pub(crate) struct AmxModel;
 
 impl TileUnit for AmxModel {
     type Tiles = ModelTiles;
+
+    fn packer(&self) -> Packer {
+        Packer::Scalar
+    }
 
     fn configure(&self) -> ModelTiles {
         let cfg = &super::driver::TILE_CONFIG.0;

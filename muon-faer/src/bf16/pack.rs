@@ -118,23 +118,76 @@ impl<'a> KView<'a> {
     }
 }
 
+/// How a pack converts f32 to bf16 pairs: the scalar loop ([`pair`]), or AVX-512 sixteen lanes
+/// at a time (`arch`), which gives the same bits (the same integer rounding, the same NaNs).
+/// The real kernels pack with AVX-512, their scalar models with the loop, so every test of a
+/// kernel against its model checks the two conversions against each other.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Packer {
+    Scalar,
+    Avx512(super::arch::Avx512Bf16),
+}
+
+impl Packer {
+    /// `out[p] = pair(src[2p], src[2p + 1])`, values past `src`'s end read as zero (the
+    /// pairs of one row stored with `k` along it, from its first pair on).
+    #[inline(always)]
+    pub(crate) fn stream(self, src: &[f32], out: &mut [u32]) {
+        match self {
+            Packer::Scalar => stream_scalar(src, out),
+            Packer::Avx512(t) => super::arch::stream_avx512(t, src, out),
+        }
+    }
+
+    /// `out[r] = pair(lo[r], hi[r])` (`hi` absent: zero), for `r < out.len()` (the pairs
+    /// of two consecutive stored rows when `k` runs down the columns).
+    #[inline(always)]
+    pub(crate) fn interleave(self, lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+        match self {
+            Packer::Scalar => interleave_scalar(lo, hi, out),
+            Packer::Avx512(t) => super::arch::interleave_avx512(t, lo, hi, out),
+        }
+    }
+}
+
+/// [`Packer::stream`] one lane at a time.
+#[inline(always)]
+pub(crate) fn stream_scalar(src: &[f32], out: &mut [u32]) {
+    let full = out.len().min(src.len() / 2);
+    for (x, two) in out[..full].iter_mut().zip(src.chunks_exact(2)) {
+        *x = pair(two[0], two[1]);
+    }
+    for (p, x) in out.iter_mut().enumerate().skip(full) {
+        *x = src.get(2 * p).map_or(0, |&lo| pair(lo, 0.0));
+    }
+}
+
+/// [`Packer::interleave`] one lane at a time.
+#[inline(always)]
+pub(crate) fn interleave_scalar(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+    let lo = &lo[..out.len()];
+    match hi {
+        Some(hi) => {
+            for ((x, &l), &h) in out.iter_mut().zip(lo).zip(&hi[..lo.len()]) {
+                *x = pair(l, h);
+            }
+        }
+        None => {
+            for (x, &l) in out.iter_mut().zip(lo) {
+                *x = pair(l, 0.0);
+            }
+        }
+    }
+}
+
 /// Pairs per block of the transposing pack, and the widest panel it serves.
 const BLOCK: usize = 16;
 const MAX_WIDTH: usize = 64;
 
 /// Pairs `p0..p0 + out.len()` of one row of `k = row.len()` values (zero past its end).
 #[inline(always)]
-fn row_pairs(row: &[f32], p0: usize, out: &mut [u32]) {
-    let k = row.len();
-    let full = out.len().min((k / 2).saturating_sub(p0));
-    let from = row.get(2 * p0..).unwrap_or(&[]);
-    for (x, two) in out[..full].iter_mut().zip(from.chunks_exact(2)) {
-        *x = pair(two[0], two[1]);
-    }
-    for (p, x) in out.iter_mut().enumerate().skip(full) {
-        let kk = 2 * (p0 + p);
-        *x = if kk < k { pair(row[kk], 0.0) } else { 0 };
-    }
+fn row_pairs(pk: Packer, row: &[f32], p0: usize, out: &mut [u32]) {
+    pk.stream(row.get(2 * p0..).unwrap_or(&[]), out);
 }
 
 /// `out[q * width + r] = tile[r][q]` for `r < width`, `q < len`. Kept out of line: inlined into
@@ -142,7 +195,7 @@ fn row_pairs(row: &[f32], p0: usize, out: &mut [u32]) {
 /// microcoded and several times slower than plain stores (a quarter of a 2048^3 product's time
 /// went there on Zen 4).
 #[inline(never)]
-fn transpose_store(tile: &[[u32; BLOCK]; MAX_WIDTH], width: usize, len: usize, out: &mut [u32]) {
+fn transpose_store_scalar(tile: &[[u32; BLOCK]; MAX_WIDTH], width: usize, len: usize, out: &mut [u32]) {
     for q in 0..len {
         for (r, lanes) in tile.iter().enumerate().take(width) {
             out[q * width + r] = lanes[q];
@@ -150,10 +203,27 @@ fn transpose_store(tile: &[[u32; BLOCK]; MAX_WIDTH], width: usize, len: usize, o
     }
 }
 
+/// `out[q * width + r] = tile[r][q]` with the packer's instructions.
+#[inline(always)]
+fn transpose_store(pk: Packer, tile: &[[u32; BLOCK]; MAX_WIDTH], width: usize, len: usize, out: &mut [u32]) {
+    match pk {
+        Packer::Scalar => transpose_store_scalar(tile, width, len, out),
+        Packer::Avx512(t) => super::arch::transpose_store_avx512(t, tile, width, len, out),
+    }
+}
+
 /// `out[p * width + r]` = pair `p0 + p` of row `r0 + r`, for `p < np`, `r < width`; zero for
 /// rows past the view (`out` holds `np * width` lanes).
 #[inline(always)]
-pub(crate) fn pack_pair_major(v: &KView<'_>, r0: usize, width: usize, p0: usize, np: usize, out: &mut [u32]) {
+pub(crate) fn pack_pair_major(
+    pk: Packer,
+    v: &KView<'_>,
+    r0: usize,
+    width: usize,
+    p0: usize,
+    np: usize,
+    out: &mut [u32],
+) {
     let out = &mut out[..np * width];
     let live = width.min(v.rows.saturating_sub(r0));
     let k = v.k;
@@ -167,33 +237,85 @@ pub(crate) fn pack_pair_major(v: &KView<'_>, r0: usize, width: usize, p0: usize,
             for (r, lanes) in tile.iter_mut().enumerate().take(width) {
                 if r < live {
                     let row = &v.data[(v.first + r0 + r) * v.ld..][..k];
-                    row_pairs(row, p0 + q0, &mut lanes[..len]);
+                    row_pairs(pk, row, p0 + q0, &mut lanes[..len]);
                 } else {
                     lanes.fill(0);
                 }
             }
-            transpose_store(&tile, width, len, &mut out[q0 * width..]);
+            transpose_store(pk, &tile, width, len, &mut out[q0 * width..]);
         }
     } else {
         // Pair p is rows 2p and 2p + 1 of the stored matrix, side by side: interleave them.
         for (p, group) in out.chunks_exact_mut(width).enumerate() {
+            interleave_group(pk, v, r0, 2 * (p0 + p), group);
+        }
+    }
+}
+
+/// One pair of a pair-major panel of a view with `k` down its stored columns: lane `r` of
+/// `group` = pair `kk / 2` of row `r0 + r` (zero past the view's rows or `k`).
+#[inline(always)]
+fn interleave_group(pk: Packer, v: &KView<'_>, r0: usize, kk: usize, group: &mut [u32]) {
+    let live = group.len().min(v.rows.saturating_sub(r0));
+    let (lanes, pad) = group.split_at_mut(live);
+    pad.iter_mut().for_each(|x| *x = 0);
+    if kk >= v.k || live == 0 {
+        lanes.iter_mut().for_each(|x| *x = 0);
+        return;
+    }
+    let lo = &v.data[kk * v.ld + v.first + r0..][..live];
+    let hi = (kk + 1 < v.k).then(|| &v.data[(kk + 1) * v.ld + v.first + r0..][..live]);
+    pk.interleave(lo, hi, lanes);
+}
+
+/// Rows `r0..r0 + rows` as consecutive [`pack_pair_major`] panels of `width` rows (the last
+/// padded with zero rows), panel `q` at `out[q * width * np..]`: the same lanes as one call per
+/// panel. Where `k` runs down the stored columns, each pair's two stored rows are read once,
+/// left to right across every panel (the order they lie in memory, which the prefetchers
+/// follow), instead of a panel at a time down `2 np` rows a whole stored row apart.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn pack_pair_major_panels(
+    pk: Packer,
+    v: &KView<'_>,
+    r0: usize,
+    rows: usize,
+    width: usize,
+    p0: usize,
+    np: usize,
+    out: &mut [u32],
+) {
+    let panels = rows.div_ceil(width);
+    if v.k_contiguous {
+        for q in 0..panels {
+            pack_pair_major(pk, v, r0 + q * width, width, p0, np, &mut out[q * width * np..]);
+        }
+        return;
+    }
+    let out = &mut out[..panels * width * np];
+    if width.is_multiple_of(16) {
+        for p in 0..np {
             let kk = 2 * (p0 + p);
-            let (lanes, pad) = group.split_at_mut(live);
-            pad.iter_mut().for_each(|x| *x = 0);
-            if kk >= k || live == 0 {
-                lanes.iter_mut().for_each(|x| *x = 0);
-                continue;
+            for (q, panel) in out.chunks_exact_mut(width * np).enumerate() {
+                interleave_group(pk, v, r0 + q * width, kk, &mut panel[p * width..][..width]);
             }
-            let lo = &v.data[kk * v.ld + v.first + r0..][..live];
-            if kk + 1 < k {
-                let hi = &v.data[(kk + 1) * v.ld + v.first + r0..][..live];
-                for ((x, &l), &h) in lanes.iter_mut().zip(lo).zip(hi) {
-                    *x = pair(l, h);
-                }
-            } else {
-                for (x, &l) in lanes.iter_mut().zip(lo) {
-                    *x = pair(l, 0.0);
-                }
+        }
+        return;
+    }
+    // Panels narrower than a vector (the A panels of the register kernel, 6 rows): convert a
+    // run of whole panels at once, then copy each panel's lanes into place.
+    const RUN: usize = 256;
+    assert!(width <= RUN, "pack_pair_major_panels: width {width} > {RUN}");
+    let per_run = RUN / width;
+    let mut run = [0u32; RUN];
+    for p in 0..np {
+        let kk = 2 * (p0 + p);
+        for q0 in (0..panels).step_by(per_run) {
+            let count = per_run.min(panels - q0);
+            let lanes = &mut run[..count * width];
+            interleave_group(pk, v, r0 + q0 * width, kk, lanes);
+            for (q, src) in lanes.chunks_exact(width).enumerate() {
+                out[(q0 + q) * width * np + p * width..][..width].copy_from_slice(src);
             }
         }
     }
@@ -202,7 +324,15 @@ pub(crate) fn pack_pair_major(v: &KView<'_>, r0: usize, width: usize, p0: usize,
 /// `out[r * np + p]` = pair `p0 + p` of row `r0 + r`, for `r < height`, `p < np`; zero past
 /// the view.
 #[inline(always)]
-pub(crate) fn pack_row_major(v: &KView<'_>, r0: usize, height: usize, p0: usize, np: usize, out: &mut [u32]) {
+pub(crate) fn pack_row_major(
+    pk: Packer,
+    v: &KView<'_>,
+    r0: usize,
+    height: usize,
+    p0: usize,
+    np: usize,
+    out: &mut [u32],
+) {
     let out = &mut out[..height * np];
     let live = height.min(v.rows.saturating_sub(r0));
     let k = v.k;
@@ -211,7 +341,7 @@ pub(crate) fn pack_row_major(v: &KView<'_>, r0: usize, height: usize, p0: usize,
     for (r, lanes) in rows.chunks_exact_mut(np).enumerate() {
         let row = r0 + r;
         if v.k_contiguous {
-            row_pairs(&v.data[(v.first + row) * v.ld..][..k], p0, lanes);
+            row_pairs(pk, &v.data[(v.first + row) * v.ld..][..k], p0, lanes);
         } else {
             for (p, x) in lanes.iter_mut().enumerate() {
                 let kk = 2 * (p0 + p);
@@ -261,9 +391,24 @@ mod tests {
         [(data.to_vec(), true), (t, false)]
     }
 
+    /// The packers this machine runs: the scalar loop, and AVX-512 where the CPU has it.
+    fn packers() -> Vec<Packer> {
+        let fast = super::super::arch::support().avx512.as_ref().ok();
+        [Packer::Scalar]
+            .into_iter()
+            .chain(fast.map(|&t| Packer::Avx512(t)))
+            .collect()
+    }
+
     #[test]
     fn packs_hold_the_right_pairs_with_zero_padding() {
-        for (rows, k) in [(1, 1), (5, 7), (16, 32), (17, 33), (40, 3)] {
+        for pk in packers() {
+            packs_hold_the_right_pairs(pk);
+        }
+    }
+
+    fn packs_hold_the_right_pairs(pk: Packer) {
+        for (rows, k) in [(1, 1), (5, 7), (16, 32), (17, 33), (40, 3), (70, 45)] {
             let data: Vec<f32> = (0..rows * k).map(|i| 1.0 + i as f32).collect();
             for (stored, kc) in views(&data, rows, k) {
                 let full = KView::new(&stored, rows, k, kc);
@@ -280,30 +425,114 @@ mod tests {
                     };
                     pair(at(2 * p), at(2 * p + 1))
                 };
-                for (r0, width, p0, np) in [(0, 16, 0, 17), (1, 5, 1, 3), (len, 4, 0, 2), (0, 32, 2, 16)] {
+                for (r0, width, p0, np) in [
+                    (0, 16, 0, 17),
+                    (1, 5, 1, 3),
+                    (len, 4, 0, 2),
+                    (0, 32, 2, 16),
+                    (1, 64, 1, 20),
+                    (0, 6, 0, 9),
+                ] {
                     let mut out = vec![u32::MAX; width * np];
-                    pack_pair_major(&v, r0, width, p0, np, &mut out);
+                    pack_pair_major(pk, &v, r0, width, p0, np, &mut out);
                     for p in 0..np {
                         for r in 0..width {
                             assert_eq!(
                                 out[p * width + r],
                                 expect(r0 + r, p0 + p),
-                                "pair-major {rows}x{k} {kc}"
+                                "pair-major {rows}x{k} {kc} {pk:?}"
                             );
                         }
                     }
+                    // Three panels at once, as one call each.
+                    let rows = (3 * width).min(len.saturating_sub(r0)).max(1);
+                    let panels = rows.div_ceil(width);
+                    let mut want = vec![u32::MAX; panels * width * np];
+                    for q in 0..panels {
+                        pack_pair_major(pk, &v, r0 + q * width, width, p0, np, &mut want[q * width * np..]);
+                    }
+                    let mut got = vec![u32::MAX - 1; panels * width * np];
+                    pack_pair_major_panels(pk, &v, r0, rows, width, p0, np, &mut got);
+                    assert_eq!(got, want, "panels {rows}x{k} {kc} {pk:?}");
                     let mut out = vec![u32::MAX; width * np];
-                    pack_row_major(&v, r0, width, p0, np, &mut out);
+                    pack_row_major(pk, &v, r0, width, p0, np, &mut out);
                     for r in 0..width {
                         for p in 0..np {
                             assert_eq!(
                                 out[r * np + p],
                                 expect(r0 + r, p0 + p),
-                                "row-major {rows}x{k} {kc}"
+                                "row-major {rows}x{k} {kc} {pk:?}"
                             );
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The AVX-512 conversions give the scalar loop's bits on every kind of value (ties,
+    /// neighbours of ties, subnormals, infinities, NaNs with payloads in either half, values
+    /// that round up to infinity) and every length and tail.
+    #[test]
+    fn avx512_packing_matches_the_scalar_loop() {
+        let Ok(&t) = super::super::arch::support().avx512.as_ref() else {
+            eprintln!("no AVX512-BF16 here: only the scalar packing runs");
+            return;
+        };
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let special = [
+            0x0000_0000u32,
+            0x8000_0000,
+            0x0000_0001,
+            0x807f_ffff,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_7fff,
+            0x3f80_8001,
+            0x7f7f_ffff,
+            0xff7f_8000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f80_0001,
+            0xffc0_0000,
+            0x7fbf_ffff,
+            0x7fff_ffff,
+            0x0080_0000,
+            0x007f_8000,
+        ];
+        let values: Vec<f32> = (0..4096)
+            .map(|i| {
+                let r = next();
+                let bits = match i % 3 {
+                    0 => special[(r % special.len() as u64) as usize],
+                    1 => r as u32,
+                    _ => (r as u32 & 0xffff_0000) | [0x7fff, 0x8000, 0x8001][(r >> 40) as usize % 3],
+                };
+                f32::from_bits(bits)
+            })
+            .collect();
+        let fast = Packer::Avx512(t);
+        for len in (0..70).chain([127, 128, 129, 255, 256, 257, 1000, 4096]) {
+            let src = &values[4096 - len..];
+            for lanes in [0, 1, len / 2, len.div_ceil(2), len.div_ceil(2) + 3, 17, 40] {
+                let (mut want, mut got) = (vec![1u32; lanes], vec![2u32; lanes]);
+                Packer::Scalar.stream(src, &mut want);
+                fast.stream(src, &mut got);
+                assert_eq!(got, want, "stream of {len} into {lanes}");
+            }
+            let lanes = len / 2;
+            let (lo, hi) = (&values[..lanes], &values[1000..1000 + lanes]);
+            for h in [Some(hi), None] {
+                let (mut want, mut got) = (vec![1u32; lanes], vec![2u32; lanes]);
+                Packer::Scalar.interleave(lo, h, &mut want);
+                fast.interleave(lo, h, &mut got);
+                assert_eq!(got, want, "interleave of {lanes}");
             }
         }
     }
