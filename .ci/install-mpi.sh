@@ -19,8 +19,10 @@ if ! command -v apt-get >/dev/null 2>&1; then
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
-if ! { apt-get update -qq && apt-get install -y -qq "${packages[@]}"; } >/tmp/install-mpi.log 2>&1; then
-    tail -n 20 /tmp/install-mpi.log >&2
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+if ! { apt-get update -qq && apt-get install -y -qq "${packages[@]}"; } >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
     echo "install-mpi: apt-get could not install ${packages[*]}" >&2
     exit 1
 fi
