@@ -113,15 +113,17 @@ fn python(args: &[&str]) -> Option<String> {
     let out = match Command::new(&exe).arg(&script).args(args).output() {
         Ok(out) => out,
         Err(e) => {
-            println!("SKIPPED: cannot run {exe} ({e}); set MOONLIGHT_PYTHON to a Python with torch and transformers");
+            muon_test_support::skip(format!(
+                "cannot run {exe} ({e}); set MOONLIGHT_PYTHON to a Python with torch and transformers"
+            ));
             return None;
         }
     };
     if out.status.code() == Some(3) {
-        println!(
-            "SKIPPED: {} (set MOONLIGHT_PYTHON to a Python with torch and transformers)",
+        muon_test_support::skip(format!(
+            "{} (set MOONLIGHT_PYTHON to a Python with torch and transformers)",
             String::from_utf8_lossy(&out.stderr).trim()
-        );
+        ));
         return None;
     }
     assert!(

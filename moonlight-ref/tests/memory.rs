@@ -66,7 +66,7 @@ fn the_estimate_bounds_the_measured_peak_and_stays_near_it() {
             .memory_estimate_bytes
             .expect("the summary has the estimate") as f64;
         let Some(peak) = summary.memory_peak_bytes.map(|p| p as f64) else {
-            println!("skipped: this OS reports no peak resident set (VmHWM)");
+            muon_test_support::skip("this OS reports no peak resident set (VmHWM)");
             return;
         };
         println!(
@@ -103,7 +103,7 @@ fn a_run_larger_than_the_machine_is_refused_before_it_starts() {
     let err = String::from_utf8_lossy(&result.stderr);
     let _ = std::fs::remove_dir_all(&out);
     if moonlight_ref::memory::available().is_none() {
-        println!("skipped: this OS reports no available memory (MemAvailable)");
+        muon_test_support::skip("this OS reports no available memory (MemAvailable)");
         return;
     }
     assert!(!result.status.success());

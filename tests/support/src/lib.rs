@@ -124,3 +124,14 @@ pub fn assert_counting() {
         "no allocation counted: install muon_test_support::CountingAllocator with #[global_allocator]"
     );
 }
+
+/// Says that the running test skips and why, as `<test>: skipped: <why>` on standard error
+/// written directly: libtest captures `println!` and `eprintln!` and drops what a passing test
+/// printed, so a skip said that way would not show in CI's output. The test's name is its
+/// thread's, as libtest names it.
+pub fn skip(why: impl std::fmt::Display) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let _ = writeln!(std::io::stderr(), "{test}: skipped: {why}");
+}
