@@ -4,7 +4,10 @@
 # (benches/trainer_torch.py), side by side on the same machine in one run.
 #
 #   moonlight-ref/benches/compare_trainer.sh [--presets tiny,small] [--shape 32x128]
-#       [--threads 1,2] [--reps 2] [--hf-steps 8] [--ml-steps 3]
+#       [--threads 1,2] [--reps 2] [--hf-steps 8] [--ml-steps 3] [--hf-dtypes f32,bf16]
+#
+# `--hf-dtypes f32` leaves HF's bf16 autocast out: on a CPU without AVX-512 torch runs bf16
+# products without vector units (~100x slower than its f32), and "HF's best" is then its f32.
 #
 # PYTHON names the interpreter with torch and transformers installed (default python3). The
 # runs alternate (for each repetition and thread count: HF, then moonlight-ref), so a load that
@@ -15,7 +18,7 @@
 # (Muon + AdamW, `HybridOptimizer::step`) for each precision.
 set -euo pipefail
 
-presets=tiny,small shape=32x128 threads=1,2 reps=2 hf_steps=8 ml_steps=3
+presets=tiny,small shape=32x128 threads=1,2 reps=2 hf_steps=8 ml_steps=3 hf_dtypes=f32,bf16
 while [[ $# -gt 0 ]]; do
     case $1 in
         --presets) presets=$2 ;;
@@ -24,6 +27,7 @@ while [[ $# -gt 0 ]]; do
         --reps) reps=$2 ;;
         --hf-steps) hf_steps=$2 ;;
         --ml-steps) ml_steps=$2 ;;
+        --hf-dtypes) hf_dtypes=$2 ;;
         *) echo "compare_trainer.sh: unknown option $1 (see the header)" >&2; exit 2 ;;
     esac
     [[ $# -ge 2 ]] || { echo "compare_trainer.sh: $1 needs a value" >&2; exit 2; }
@@ -56,7 +60,7 @@ for rep in $(seq "$reps"); do
     for t in ${threads//,/ }; do
         echo "rep $rep, $t threads: HF DeepseekV3" >&2
         "$python" "$here/trainer_torch.py" --presets "$presets" --shapes "$shape" --threads "$t" \
-            --dtypes f32,bf16 --steps "$hf_steps" --warmup 2 | sed "s/^/rep=$rep hf /" >>"$log"
+            --dtypes "$hf_dtypes" --steps "$hf_steps" --warmup 2 | sed "s/^/rep=$rep hf /" >>"$log"
         for p in ${presets//,/ }; do
             echo "rep $rep, $t threads: moonlight-ref $p" >&2
             "$bench" --preset "$p" --batch "$batch" --seq "$seq" --steps "$ml_steps" --threads "$t" \
@@ -97,10 +101,11 @@ for preset, th in keys:
     for name, dt in [("ml32", "f32"), ("ml16", "bf16")]:
         col[name] = med([get(ml, r, dt)[0] for r in reps if get(ml, r, dt)])
         col[name + "s"] = med([get(ml, r, dt)[1] for r in reps if get(ml, r, dt)])
-    vs_hf = med([min(get(hf, r, "f32"), get(hf, r, "bf16")) / get(ml, r, "bf16")[0]
-                 for r in reps if get(hf, r, "f32") and get(hf, r, "bf16") and get(ml, r, "bf16")])
+    best_hf = lambda r: min((x for x in (get(hf, r, "f32"), get(hf, r, "bf16")) if x), default=None)
+    vs_hf = med([best_hf(r) / get(ml, r, "bf16")[0] for r in reps if best_hf(r) and get(ml, r, "bf16")])
     vs_f32 = med([get(ml, r, "f32")[0] / get(ml, r, "bf16")[0]
                   for r in reps if get(ml, r, "f32") and get(ml, r, "bf16")])
-    print(f"| {preset} | {sys.argv[2]} | {th} | {col['hf32']:.1f} | {col['hf16']:.1f} | {col['ml32']:.1f} | "
+    ms = lambda x: "-" if x != x else f"{x:.1f}"  # NaN: not measured
+    print(f"| {preset} | {sys.argv[2]} | {th} | {ms(col['hf32'])} | {ms(col['hf16'])} | {col['ml32']:.1f} | "
           f"{col['ml16']:.1f} | {vs_hf:.2f}x | {vs_f32:.2f}x | {col['ml32s']:.1f}% / {col['ml16s']:.1f}% |")
 EOF

@@ -7,7 +7,10 @@
 //! ```
 //!
 //! Prints tokens/s, the split between forward and backward and the optimizer step's time and
-//! share of the whole step, for each precision, then bf16's speed-up over f32. The model runs
+//! share of the whole step, for each precision, then bf16's speed-up over f32. A second line
+//! counts the flops of forward + backward and of Newton-Schulz per step (nominal), their rates,
+//! and the share the optimizer would have if both ran at the same rate: the floor that the
+//! batch size and the model's shape set, whatever the kernels. The model runs
 //! inside `rayon::scope` (as the training loop does); `--outside` also runs it from the main
 //! thread first (each rayon loop handed to the pool through its injector queue). Without
 //! `--preset`: `tiny` and `small` at batch 32 x 128 (4096 tokens, 5 and 3 steps); `--batch`,
@@ -23,7 +26,8 @@ use std::time::Instant;
 use moonlight_ref::config::ModelConfig;
 use moonlight_ref::model::Model;
 use moonlight_ref::ops::BaseOps;
-use muon_core::{HybridConfig, HybridOptimizer};
+use moonlight_ref::repro::record::training_flops;
+use muon_core::{HybridConfig, HybridOptimizer, OptimizerKind};
 use muon_faer::{Bf16Kernel, Faer, Precision};
 
 /// One measured configuration.
@@ -56,8 +60,18 @@ fn measure(run: &Run, threads: usize, precision: Precision) -> Result<f64, Strin
         }
         Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()))
     };
-    let mut optimizer =
-        HybridOptimizer::new(&b, model.param_specs(), HybridConfig::default()).map_err(|e| e.to_string())?;
+    let config = HybridConfig::default();
+    // Newton-Schulz's work per step is fixed while the model's grows with the tokens: at equal
+    // rates the optimizer's share would be `ns / (ns + model)`. Both are nominal counts (the
+    // backend computes one triangle of S and S S, 2/3 of S's and S S's nominal flops).
+    let ns_flops: f64 = model
+        .param_specs()
+        .iter()
+        .filter(|spec| spec.optimizer() == OptimizerKind::Muon)
+        .map(|spec| config.muon.newton_schulz.flops(spec.shape))
+        .sum();
+    let model_flops = training_flops(&cfg, batch, seq, 1);
+    let mut optimizer = HybridOptimizer::new(&b, model.param_specs(), config).map_err(|e| e.to_string())?;
     let mut opt_step = |model: &mut Model<Faer<f32>>| -> Result<f64, String> {
         let t0 = Instant::now();
         let (params, grads) = model.params_and_grads();
@@ -87,6 +101,14 @@ fn measure(run: &Run, threads: usize, precision: Precision) -> Result<f64, Strin
         bwd / steps as f64 * 1e3,
         opt / steps as f64 * 1e3,
         100.0 * opt / (opt + fwd + bwd),
+    );
+    println!(
+        "  flops per step (nominal): forward+backward {:.1} GFLOP at {:.0} GFLOP/s; Newton-Schulz {:.1} GFLOP, {:.0} GFLOP/s over the whole optimizer step; at equal rates the optimizer's share would be {:.1}%",
+        model_flops / 1e9,
+        model_flops / per_step / 1e9,
+        ns_flops / 1e9,
+        ns_flops / (opt / steps as f64) / 1e9,
+        100.0 * ns_flops / (ns_flops + model_flops),
     );
     Ok(per_step)
 }

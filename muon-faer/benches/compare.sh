@@ -7,6 +7,9 @@
 #
 #   muon-faer/benches/compare.sh [target_s] [shapes] [threads] [rounds]
 #   PEERS=numpy,torch muon-faer/benches/compare.sh ...     (default PEERS=numpy)
+#   TORCH_IMPLS=torch-f32 ...    (ns_torch.py's implementations; default torch-f32,torch-muon:
+#                                 torch-muon casts to bf16, which torch runs ~100x slower than
+#                                 f32 on a CPU without AVX-512, so large shapes take minutes)
 # Needs: pip install numpy threadpoolctl (and torch for the torch peer). Runs from any
 # directory: paths are found from this script's location.
 set -euo pipefail
@@ -17,6 +20,7 @@ SHAPES=${2:-128x128,256x1024,512x512,1024x1024,1024x4096,2048x2048,64x128x352}
 THREADS=${3:-1,2}
 ROUNDS=${4:-1}
 PEERS=${PEERS:-numpy}
+TORCH_IMPLS=${TORCH_IMPLS:-torch-f32,torch-muon}
 cd "$ROOT"
 cargo bench -p muon-faer --bench ns --no-run >&2
 BENCH=$(cargo bench -p muon-faer --bench ns --no-run --message-format=json 2>/dev/null \
@@ -34,7 +38,7 @@ for round in $(seq "$ROUNDS"); do
         env -u OPENBLAS_L2_SIZE OPENBLAS_CORETYPE=Haswell python3 "$HERE/ns_numpy.py" "${args[@]}" 2>/dev/null
       fi
       if [[ ",$PEERS," == *,torch,* ]]; then
-        python3 "$HERE/ns_torch.py" "${args[@]}" 2>/dev/null
+        python3 "$HERE/ns_torch.py" "${args[@]}" --impls "$TORCH_IMPLS" 2>/dev/null
       fi
       "$BENCH" "${args[@]}" --no-gemm --no-step --generic 2>/dev/null
     done
