@@ -24,6 +24,11 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]==sys.argv[1] and m.get("executable"): print(m["executable"])' "$1" | tail -1
 }
+if ! grep -qw -e avx512_bf16 -e amx_bf16 /proc/cpuinfo 2>/dev/null; then
+  echo "compare_bf16.sh: this CPU has neither AVX512-BF16 nor AMX-BF16: muon-faer's bf16 runs" \
+       "its f32 products, and torch's bf16 products run ~100x slower than its f32 here, so the" \
+       "large sizes take minutes each; compare.sh (PEERS=numpy,torch) is the comparison for it" >&2
+fi
 cargo bench -p muon-faer --bench ns --bench gemm --no-run >&2
 NS=$(bench_exe ns)
 GEMM=$(bench_exe gemm)
