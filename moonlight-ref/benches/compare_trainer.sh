@@ -6,8 +6,8 @@
 #   moonlight-ref/benches/compare_trainer.sh [--presets tiny,small] [--shape 32x128]
 #       [--threads 1,2] [--reps 2] [--hf-steps 8] [--ml-steps 3] [--hf-dtypes f32,bf16]
 #
-# `--hf-dtypes f32` leaves HF's bf16 autocast out: on a CPU without AVX-512 torch runs bf16
-# products without vector units (~100x slower than its f32), and "HF's best" is then its f32.
+# `--hf-dtypes f32` leaves HF's bf16 autocast out: on a CPU without a bf16 path in torch (an
+# AMD Zen 3, measured: bf16 products ~100x slower than its f32) "HF's best" is its f32.
 #
 # PYTHON names the interpreter with torch and transformers installed (default python3). The
 # runs alternate (for each repetition and thread count: HF, then moonlight-ref), so a load that

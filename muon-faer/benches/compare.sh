@@ -8,8 +8,8 @@
 #   muon-faer/benches/compare.sh [target_s] [shapes] [threads] [rounds]
 #   PEERS=numpy,torch muon-faer/benches/compare.sh ...     (default PEERS=numpy)
 #   TORCH_IMPLS=torch-f32 ...    (ns_torch.py's implementations; default torch-f32,torch-muon:
-#                                 torch-muon casts to bf16, which torch runs ~100x slower than
-#                                 f32 on a CPU without AVX-512, so large shapes take minutes)
+#                                 torch-muon casts to bf16, which torch ran ~100x slower than
+#                                 f32 on an AMD Zen 3, so large shapes take minutes there)
 # Needs: pip install numpy threadpoolctl (and torch for the torch peer). Runs from any
 # directory: paths are found from this script's location.
 set -euo pipefail

@@ -26,8 +26,9 @@ for l in sys.stdin:
 }
 if ! grep -qw -e avx512_bf16 -e amx_bf16 /proc/cpuinfo 2>/dev/null; then
   echo "compare_bf16.sh: this CPU has neither AVX512-BF16 nor AMX-BF16: muon-faer's bf16 runs" \
-       "its f32 products, and torch's bf16 products run ~100x slower than its f32 here, so the" \
-       "large sizes take minutes each; compare.sh (PEERS=numpy,torch) is the comparison for it" >&2
+       "its f32 products, and torch's bf16 may have no fast path (~100x slower than its f32 on" \
+       "an AMD Zen 3), making the large sizes take minutes; compare.sh (PEERS=numpy,torch)" \
+       "compares the f32 products" >&2
 fi
 cargo bench -p muon-faer --bench ns --bench gemm --no-run >&2
 NS=$(bench_exe ns)

@@ -29,7 +29,7 @@ const PARALLEL_MIN_FLOPS: f64 = 1.0e6;
 /// A single matrix product is split across threads only above this many flops (each half
 /// then still outlasts a wake-up). Measured on 2 Zen 3 cores against the earlier 4e6 / 8e6:
 /// Newton-Schulz on the single matrices of a small model (128x192 to 192x288) ~1.2x faster
-/// at two threads, no shape slower.
+/// at two threads, no shape slower beyond the machine's noise.
 const SPLIT_MIN_FLOPS: f64 = 2.0e6;
 
 /// A row-major `rows x cols` matrix (one item of a stack) as a faer view, transposed if asked:

@@ -36,7 +36,6 @@ use muon_core::{
 };
 use muon_faer::{Bf16Kernel, Faer, Precision};
 use nalgebra::DMatrix;
-use std::sync::Mutex;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
 const U_B: f64 = 1.0 / 256.0;
@@ -49,10 +48,8 @@ const OPS: [(Transpose, Transpose); 4] = [
 ];
 
 /// `kernel` forced, as a bf16 backend on `threads` threads; `None` where this machine does
-/// not run it, saying why (the CPU feature or the OS permission it lacks) once per test and
-/// kernel.
+/// not run it, saying why (the CPU feature or the OS permission it lacks).
 fn backend(kernel: Bf16Kernel, threads: usize) -> Option<Faer<f32>> {
-    static SAID: Mutex<Vec<(String, Bf16Kernel)>> = Mutex::new(Vec::new());
     match Faer::<f32>::with_threads(threads)
         .with_precision(Precision::Bf16)
         .with_bf16_kernel(kernel)
@@ -62,12 +59,7 @@ fn backend(kernel: Bf16Kernel, threads: usize) -> Option<Faer<f32>> {
             Some(cpu)
         }
         Err(muon_core::Error::Backend(reason)) => {
-            let test = std::thread::current().name().unwrap_or("test").to_string();
-            let mut said = SAID.lock().unwrap();
-            if !said.contains(&(test.clone(), kernel)) {
-                said.push((test, kernel));
-                muon_test_support::skip(reason);
-            }
+            muon_test_support::skip(reason);
             None
         }
         Err(e) => panic!("{kernel}: unexpected error {e}"),

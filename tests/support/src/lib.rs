@@ -125,13 +125,19 @@ pub fn assert_counting() {
     );
 }
 
-/// Says that the running test skips and why, as `<test>: skipped: <why>` on standard error
-/// written directly: libtest captures `println!` and `eprintln!` and drops what a passing test
-/// printed, so a skip said that way would not show in CI's output. The test's name is its
-/// thread's, as libtest names it.
+/// Says that the running test skips (a case or all of it) and why, as `<test>: skipped: <why>`
+/// on standard error written directly: libtest captures `println!` and `eprintln!` and drops
+/// what a passing test printed, so a skip said that way would not show in CI's output. The
+/// test's name is its thread's, as libtest names it; a test that skips for the same reason in
+/// a loop says it once.
 pub fn skip(why: impl std::fmt::Display) {
     use std::io::Write;
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let thread = std::thread::current();
-    let test = thread.name().unwrap_or("test");
-    let _ = writeln!(std::io::stderr(), "{test}: skipped: {why}");
+    let line = format!("{}: skipped: {why}", thread.name().unwrap_or("test"));
+    let mut said = SAID.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !said.contains(&line) {
+        let _ = writeln!(std::io::stderr(), "{line}");
+        said.push(line);
+    }
 }
