@@ -168,8 +168,8 @@ fn check_gemm(cpu: &Faer<f32>, rng: &mut Rng, g: &Gemm, check: bool) -> Vec<f32>
 }
 
 /// Every side against every other (cycling transposes, alphas and betas), then shapes that
-/// cross the drivers' blocks (rows past 168 and 128, columns past 1024 and 512, `k` past 256
-/// and 512), stacks split over the team, and `k = 0`. Returns all results, in order.
+/// cross the drivers' blocks (rows past 168 and 128, columns past 1024 and 512, `k` past 512
+/// and 1024), stacks split over the team, and `k = 0`. Returns all results, in order.
 fn gemm_suite(cpu: &Faer<f32>, check: bool) -> Vec<f32> {
     let mut rng = Rng::new(11);
     let mut out = Vec::new();
