@@ -223,6 +223,50 @@ pub trait AttentionOps: BaseOps {
     /// In place: `grad` holds dL/dP on entry and dL/dS on exit,
     /// `dS[i,j] = P[i,j] * (dP[i,j] - sum_k P[i,k] dP[i,k])`. grad, probs: `[M, T, T]`.
     fn causal_softmax_backward(&self, grad: &mut Self::Matrix, probs: &Self::Matrix) -> Result<()>;
+
+    /// Attention's core, head by head, for the `M = B*H` heads of the stacks:
+    ///
+    /// ```text
+    /// probs[m] = causal_softmax(scale q[m] k[m]^T)      [T, T]
+    /// out[m]   = probs[m] v[m]                          [T, Dv]
+    /// ```
+    ///
+    /// q, k: `[M, T, Dqk]`, v: `[M, T, Dv]`. The same values as [`BaseOps`]'s `gemm`, then
+    /// [`causal_softmax_forward`](Self::causal_softmax_forward), then `gemm` again, with each
+    /// head's scores still in cache for the softmax and the second product.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_core_forward(
+        &self,
+        probs: &mut Self::Matrix,
+        out: &mut Self::Matrix,
+        q: &Self::Matrix,
+        k: &Self::Matrix,
+        v: &Self::Matrix,
+        scale: Self::Elem,
+    ) -> Result<()>;
+
+    /// The backward of [`attention_core_forward`](Self::attention_core_forward), head by
+    /// head, given `d_out` `[M, T, Dv]` and the forward's `probs`:
+    ///
+    /// ```text
+    /// dv[m] = probs[m]^T d_out[m]
+    /// dS[m] = causal_softmax_backward(d_out[m] v[m]^T, probs[m])   (left in dprobs)
+    /// dq[m] = scale dS[m] k[m],   dk[m] = scale dS[m]^T q[m]
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    fn attention_core_backward(
+        &self,
+        dq: &mut Self::Matrix,
+        dk: &mut Self::Matrix,
+        dv: &mut Self::Matrix,
+        dprobs: &mut Self::Matrix,
+        d_out: &Self::Matrix,
+        probs: &Self::Matrix,
+        q: &Self::Matrix,
+        k: &Self::Matrix,
+        v: &Self::Matrix,
+        scale: Self::Elem,
+    ) -> Result<()>;
 }
 
 /// The ops of the feed-forward halves ([`crate::model::ffn`]): SwiGLU, and the MoE layer's

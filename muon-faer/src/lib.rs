@@ -251,6 +251,15 @@ impl<T: Elem> Faer<T> {
         self.bf16_path().map(Path::kernel)
     }
 
+    /// Whether a product cut into blocks of rows (of `c` and `op(a)`) gives the bits of the
+    /// whole product, so a caller may choose its blocks freely: true when products run in
+    /// bf16 (each element's sum runs over the same fixed blocks of `k` in the same order
+    /// whatever its row), false in f32 and f64 (faer's kernels sum a product of few rows in
+    /// another order than a taller one).
+    pub fn row_blocks_exact(&self) -> bool {
+        self.bf16_path().is_some()
+    }
+
     fn bf16_path(&self) -> Option<Path> {
         let f32_elems = T::as_f32(&[]).is_some();
         if self.precision == Precision::Bf16 && f32_elems {
@@ -301,8 +310,8 @@ impl<T: Elem> Faer<T> {
     /// with `accumulate`, on row-major slices: `a` is `(data, rows, cols, op)` as stored, `b`
     /// likewise, `c` is `m x n`. In bf16 it takes one of the backend's packing buffers (the
     /// pool is allocated on the first bf16 product, then reused): nothing allocates after that.
-    /// Each element of `c` gets the same operations whatever rows the caller hands it, so the
-    /// caller's split does not change the bits.
+    /// Whether cutting `c` into row blocks changes the bits depends on the precision:
+    /// [`row_blocks_exact`](Self::row_blocks_exact).
     ///
     /// # Panics
     /// If a slice is shorter than its shape or the inner dimensions differ: the caller has

@@ -1,6 +1,6 @@
 //! Column blocks, the token-rows/heads layouts, RoPE and the causal softmax on the host.
 
-use muon_core::{check_shape, Error, HostMatrix, Real, Result, Shape};
+use muon_core::{check_shape, Error, HostMatrix, Real, Result, Shape, Transpose};
 use rayon::prelude::*;
 
 use super::{dims, f, floored, same, t, CpuReal, HostBackend, MIN_ROWS};
@@ -206,17 +206,7 @@ impl<B: HostBackend> AttentionOps for B {
             .par_chunks_mut(seq)
             .with_min_len(MIN_ROWS)
             .enumerate()
-            .for_each(|(r, row)| {
-                let i = r % seq;
-                let (live, masked) = row.split_at_mut(i + 1);
-                // Three passes the compiler vectorizes (max, exp, sum over lanes) instead of
-                // one whose running f64 sum serializes the exponentials.
-                let max = lane_max(live);
-                live.iter_mut().for_each(|v| *v = (*v - max).exp());
-                let inv: Self::Elem = t(1.0 / lane_dot(live, None));
-                live.iter_mut().for_each(|v| *v = floored(*v * inv));
-                masked.fill(Self::Elem::ZERO);
-            });
+            .for_each(|(r, row)| softmax_row(row, r % seq));
         Ok(())
     }
 
@@ -228,16 +218,185 @@ impl<B: HostBackend> AttentionOps for B {
             .with_min_len(MIN_ROWS)
             .zip(probs.as_slice().par_chunks(seq))
             .enumerate()
-            .for_each(|(r, (g, p))| {
-                // Row i has probabilities only up to i; past it P = 0 and so is dS.
-                let i = r % seq;
-                let (live, masked) = g.split_at_mut(i + 1);
-                let dot: Self::Elem = t(lane_dot(live, Some(&p[..i + 1])));
-                live.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
-                masked.fill(Self::Elem::ZERO);
+            .for_each(|(r, (g, p))| softmax_backward_row(g, p, r % seq));
+        Ok(())
+    }
+
+    fn attention_core_forward(
+        &self,
+        probs: &mut Self::Matrix,
+        out: &mut Self::Matrix,
+        q: &Self::Matrix,
+        k: &Self::Matrix,
+        v: &Self::Matrix,
+        scale: Self::Elem,
+    ) -> Result<()> {
+        let h = HeadShapes::of("attention_core_forward", q, v)?;
+        h.check(
+            "attention_core_forward",
+            &[("k", k, h.qk), ("out", out, h.dv)],
+            probs,
+        )?;
+        let (seq, qk, dv) = (h.seq, h.qk, h.dv);
+        let one = Self::Elem::ONE;
+        // One task per head: its scores (T x T) stay in cache from the first product through
+        // the softmax to the second, instead of three passes over the whole stack.
+        probs
+            .as_mut_slice()
+            .par_chunks_mut(seq * seq)
+            .zip(out.as_mut_slice().par_chunks_mut(seq * dv))
+            .zip(q.as_slice().par_chunks(seq * qk))
+            .zip(k.as_slice().par_chunks(seq * qk))
+            .zip(v.as_slice().par_chunks(seq * dv))
+            .for_each(|((((p, o), q), k), v)| {
+                let (qm, km) = ((q, seq, qk, Transpose::No), (k, seq, qk, Transpose::Yes));
+                self.product_on_thread(p, seq, seq, qm, km, scale, false);
+                for (i, row) in p.chunks_exact_mut(seq).enumerate() {
+                    softmax_row(row, i);
+                }
+                let (pm, vm) = ((&*p, seq, seq, Transpose::No), (v, seq, dv, Transpose::No));
+                self.product_on_thread(o, seq, dv, pm, vm, one, false);
             });
         Ok(())
     }
+
+    fn attention_core_backward(
+        &self,
+        dq: &mut Self::Matrix,
+        dk: &mut Self::Matrix,
+        dv: &mut Self::Matrix,
+        dprobs: &mut Self::Matrix,
+        d_out: &Self::Matrix,
+        probs: &Self::Matrix,
+        q: &Self::Matrix,
+        k: &Self::Matrix,
+        v: &Self::Matrix,
+        scale: Self::Elem,
+    ) -> Result<()> {
+        let h = HeadShapes::of("attention_core_backward", q, v)?;
+        let w = "attention_core_backward";
+        h.check(w, &[("k", k, h.qk), ("dq", dq, h.qk), ("dk", dk, h.qk)], probs)?;
+        h.check(w, &[("dv", dv, h.dv), ("d_out", d_out, h.dv)], dprobs)?;
+        let (seq, qk, dvw) = (h.seq, h.qk, h.dv);
+        let one = Self::Elem::ONE;
+        dprobs
+            .as_mut_slice()
+            .par_chunks_mut(seq * seq)
+            .zip(dq.as_mut_slice().par_chunks_mut(seq * qk))
+            .zip(dk.as_mut_slice().par_chunks_mut(seq * qk))
+            .zip(dv.as_mut_slice().par_chunks_mut(seq * dvw))
+            .zip(d_out.as_slice().par_chunks(seq * dvw))
+            .zip(probs.as_slice().par_chunks(seq * seq))
+            .zip(q.as_slice().par_chunks(seq * qk))
+            .zip(k.as_slice().par_chunks(seq * qk))
+            .zip(v.as_slice().par_chunks(seq * dvw))
+            .for_each(|((((((((ds, dq), dk), dv), d_o), p), q), k), v)| {
+                let stored = |x, cols, op| (x, seq, cols, op);
+                let (no, yes) = (Transpose::No, Transpose::Yes);
+                // O = P V: dV = P^T dO, dP = dO V^T.
+                self.product_on_thread(
+                    dv,
+                    seq,
+                    dvw,
+                    stored(p, seq, yes),
+                    stored(d_o, dvw, no),
+                    one,
+                    false,
+                );
+                self.product_on_thread(
+                    ds,
+                    seq,
+                    seq,
+                    stored(d_o, dvw, no),
+                    stored(v, dvw, yes),
+                    one,
+                    false,
+                );
+                for (i, (g, pr)) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)).enumerate() {
+                    softmax_backward_row(g, pr, i);
+                }
+                // S = scale Q K^T: dQ = scale dS K, dK = scale dS^T Q.
+                let ds = &*ds;
+                self.product_on_thread(dq, seq, qk, stored(ds, seq, no), stored(k, qk, no), scale, false);
+                self.product_on_thread(dk, seq, qk, stored(ds, seq, yes), stored(q, qk, no), scale, false);
+            });
+        Ok(())
+    }
+}
+
+/// The sizes of attention's head stacks: `M` heads of `T` positions, `Dqk` query/key and `Dv`
+/// value columns.
+struct HeadShapes {
+    heads: usize,
+    seq: usize,
+    qk: usize,
+    dv: usize,
+}
+
+impl HeadShapes {
+    /// Read off the queries `[M, T, Dqk]` and the values `[M, T, Dv]`.
+    fn of<T: CpuReal>(what: &str, q: &HostMatrix<T>, v: &HostMatrix<T>) -> Result<Self> {
+        let (qs, vs) = (q.shape(), v.shape());
+        if qs.rows == 0 || qs.cols == 0 || vs.cols == 0 {
+            return Err(Error::EmptyMatrix {
+                what: format!("{what} q {qs} or v {vs}"),
+            });
+        }
+        expect_shape(what, "v", Shape::batched(qs.batch, qs.rows, vs.cols), vs)?;
+        Ok(HeadShapes {
+            heads: qs.batch,
+            seq: qs.rows,
+            qk: qs.cols,
+            dv: vs.cols,
+        })
+    }
+
+    /// Checks that each named stack is `[M, T, cols]` and `square` is `[M, T, T]`.
+    fn check<T: CpuReal>(
+        &self,
+        what: &str,
+        stacks: &[(&str, &HostMatrix<T>, usize)],
+        square: &HostMatrix<T>,
+    ) -> Result<()> {
+        for &(name, m, cols) in stacks {
+            expect_shape(what, name, Shape::batched(self.heads, self.seq, cols), m.shape())?;
+        }
+        let want = Shape::batched(self.heads, self.seq, self.seq);
+        expect_shape(what, "scores", want, square.shape())
+    }
+}
+
+/// [`check_shape`] with the operand named `"{what} {name}"`, the name built only for the
+/// error: a step allocates nothing.
+fn expect_shape(what: &str, name: &str, want: Shape, got: Shape) -> Result<()> {
+    if want == got {
+        Ok(())
+    } else {
+        check_shape(&format!("{what} {name}"), want, got)
+    }
+}
+
+/// Row `i` of a causal score matrix, in place: `softmax(s[0..=i])`, zeros after `i`.
+#[inline]
+fn softmax_row<T: CpuReal>(row: &mut [T], i: usize) {
+    let (live, masked) = row.split_at_mut(i + 1);
+    // Three passes the compiler vectorizes (max, exp, sum over lanes) instead of one whose
+    // running f64 sum serializes the exponentials.
+    let max = lane_max(live);
+    live.iter_mut().for_each(|v| *v = (*v - max).exp());
+    let inv: T = t(1.0 / lane_dot(live, None));
+    live.iter_mut().for_each(|v| *v = floored(*v * inv));
+    masked.fill(T::ZERO);
+}
+
+/// Row `i` of the softmax's backward, in place: `g` holds dL/dP on entry and dL/dS on exit.
+#[inline]
+fn softmax_backward_row<T: CpuReal>(g: &mut [T], p: &[T], i: usize) {
+    // Row i has probabilities only up to i; past it P = 0 and so is dS.
+    let (live, masked) = g.split_at_mut(i + 1);
+    let dot: T = t(lane_dot(live, Some(&p[..i + 1])));
+    live.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
+    masked.fill(T::ZERO);
 }
 
 /// Lanes of the softmaxes' reductions: independent accumulators the compiler keeps in vector

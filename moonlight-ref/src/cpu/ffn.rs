@@ -7,8 +7,9 @@ use rayon::prelude::*;
 use super::{check_indices, check_len, dims, f, gather_rows, same, t, CpuReal, HostBackend, MIN_ROWS};
 use crate::ops::FfnOps;
 
-/// Rows of an expert's range per product of [`FfnOps::grouped_gemm`]: fixed, so the results
-/// do not depend on the thread count; tall enough for faer's kernels to run at speed.
+/// Rows of an expert's range per product of [`FfnOps::grouped_gemm`] in f32: fixed, so the
+/// results do not depend on the thread count; tall enough for faer's kernels to run at speed.
+/// (In bf16, where blocks do not change the bits, one block per thread and at least this.)
 const GROUPED_GEMM_ROWS: usize = 64;
 
 #[inline]
@@ -456,19 +457,27 @@ impl<B: HostBackend> FfnOps for B {
         check_offsets("grouped_gemm offsets", offsets, r, true)?;
         let (asl, wsl) = (a.as_slice(), w.as_slice());
         let d = dst.as_mut_slice();
+        let (exact, threads) = (self.row_blocks_exact(), rayon::current_num_threads());
         for e in 0..ws.batch {
             let (lo, hi) = (offsets[e] as usize, offsets[e + 1] as usize);
             if lo == hi {
                 continue;
             }
             let we = &wsl[e * ws.batch_stride()..(e + 1) * ws.batch_stride()];
-            // Row blocks of this expert's range, one faer product each, across the threads.
-            // The blocks are fixed, not one per thread: faer rounds a product of few rows
+            // Row blocks of this expert's range, one product each, across the threads. In
+            // f32 the blocks are fixed, not one per thread: faer rounds a product of few rows
             // differently from a taller one, so blocks that followed the thread count would
-            // make the results depend on it.
+            // make the results depend on it. Where blocks do not change the bits (bf16), one
+            // block per thread: each block packs the expert's weights once, and 64-row blocks
+            // spent a third of their time doing so.
+            let rows = if exact {
+                (hi - lo).div_ceil(threads).max(GROUPED_GEMM_ROWS)
+            } else {
+                GROUPED_GEMM_ROWS
+            };
             d[lo * n..hi * n]
-                .par_chunks_mut(GROUPED_GEMM_ROWS * n)
-                .zip(asl[lo * k..hi * k].par_chunks(GROUPED_GEMM_ROWS * k))
+                .par_chunks_mut(rows * n)
+                .zip(asl[lo * k..hi * k].par_chunks(rows * k))
                 .for_each(|(dc, ac)| {
                     let rows = ac.len() / k.max(1);
                     let accumulate = scale_for_beta(dc, beta);

@@ -41,6 +41,11 @@ pub trait HostBackend:
     /// The precision its products run in.
     fn host_precision(&self) -> Precision;
 
+    /// Whether [`product_on_thread`](Self::product_on_thread) gives the same bits for a
+    /// product cut into blocks of rows as for the whole: then callers may cut by the thread
+    /// count (fewer, taller products) without making results depend on it.
+    fn row_blocks_exact(&self) -> bool;
+
     /// One product on the calling thread, as [`CpuReal::matmul`] has it, in the backend's
     /// precision.
     #[allow(clippy::too_many_arguments)]
@@ -71,6 +76,10 @@ impl<T: CpuReal> HostBackend for Portable<T> {
         Precision::F32
     }
 
+    fn row_blocks_exact(&self) -> bool {
+        false
+    }
+
     fn product_on_thread(
         &self,
         c: &mut [T],
@@ -92,6 +101,10 @@ impl<T: muon_faer::Elem + CpuReal> HostBackend for muon_faer::Faer<T> {
 
     fn host_precision(&self) -> Precision {
         self.precision()
+    }
+
+    fn row_blocks_exact(&self) -> bool {
+        muon_faer::Faer::row_blocks_exact(self)
     }
 
     fn product_on_thread(

@@ -182,3 +182,151 @@ fn indices_out_of_range_are_errors_and_nothing_is_written() {
     let err = b.router_backward(&mut mat(2, 3, 0.0), &dgates, &scores, &vec![0, 1, 2, 3], 1.0);
     assert!(named(err.unwrap_err()).starts_with("router_backward experts[3] = 3"));
 }
+
+/// A stack of `heads` matrices `rows x cols` of reproducible values in about [-2, 2].
+fn stack(heads: usize, rows: usize, cols: usize, seed: u64) -> HostMatrix<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let data = (0..heads * rows * cols)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    HostMatrix::from_vec(Shape::batched(heads, rows, cols), data).unwrap()
+}
+
+/// The fused attention core gives the bits of the op sequence it replaces (the stack's
+/// products, then the softmax, then the products), forward and backward, on faer in f32 at 1
+/// and 2 threads and in bf16 (the AVX512-BF16 path's scalar model, which every machine runs):
+/// per head the same products in the same precision and the same row passes, only in another
+/// order over the heads. The portable backend's stacked `gemm` is its own loop while its
+/// per-thread products are faer's, so there the two agree to f32 rounding: sums of at most 20
+/// terms in another order differ by under `40 u` (u = 2^-24) of the terms' magnitudes, and
+/// 1e-5 of each tensor's largest value leaves room for that through two products.
+#[test]
+fn fused_attention_core_equals_the_op_sequence() {
+    use muon_core::Precision;
+    use muon_faer::{Bf16Kernel, Faer};
+    fn check<B: AttentionOps + BaseOps<Elem = f32, Matrix = HostMatrix<f32>>>(
+        b: &B,
+        what: &str,
+        exact: bool,
+    ) {
+        // 12 heads of 20 positions: queries and keys of 7 columns, values of 5.
+        let (m, seq, qk, dv) = (12, 20, 7, 5);
+        let (q, k, v, d_out) = (
+            stack(m, seq, qk, 1),
+            stack(m, seq, qk, 2),
+            stack(m, seq, dv, 3),
+            stack(m, seq, dv, 4),
+        );
+        let scale = 0.37f32;
+        let zeros = |cols| HostMatrix::<f32>::zeros(Shape::batched(m, seq, cols));
+        // The sequence.
+        let (mut probs, mut out) = (zeros(seq), zeros(dv));
+        b.gemm(&mut probs, scale, &q, Transpose::No, &k, Transpose::Yes, 0.0)
+            .unwrap();
+        b.causal_softmax_forward(&mut probs).unwrap();
+        b.gemm(&mut out, 1.0, &probs, Transpose::No, &v, Transpose::No, 0.0)
+            .unwrap();
+        let (mut ds, mut dq, mut dk, mut dvv) = (zeros(seq), zeros(qk), zeros(qk), zeros(dv));
+        b.gemm(&mut ds, 1.0, &d_out, Transpose::No, &v, Transpose::Yes, 0.0)
+            .unwrap();
+        b.gemm(&mut dvv, 1.0, &probs, Transpose::Yes, &d_out, Transpose::No, 0.0)
+            .unwrap();
+        b.causal_softmax_backward(&mut ds, &probs).unwrap();
+        b.gemm(&mut dq, scale, &ds, Transpose::No, &k, Transpose::No, 0.0)
+            .unwrap();
+        b.gemm(&mut dk, scale, &ds, Transpose::Yes, &q, Transpose::No, 0.0)
+            .unwrap();
+        // Fused, into buffers holding other values (every output is overwritten).
+        let (mut fprobs, mut fout) = (stack(m, seq, seq, 5), stack(m, seq, dv, 6));
+        b.attention_core_forward(&mut fprobs, &mut fout, &q, &k, &v, scale)
+            .unwrap();
+        let (mut fds, mut fdq, mut fdk, mut fdv) = (
+            stack(m, seq, seq, 7),
+            stack(m, seq, qk, 8),
+            stack(m, seq, qk, 9),
+            stack(m, seq, dv, 10),
+        );
+        b.attention_core_backward(
+            &mut fdq, &mut fdk, &mut fdv, &mut fds, &d_out, &fprobs, &q, &k, &v, scale,
+        )
+        .unwrap();
+        let pairs = [
+            ("probs", &probs, &fprobs),
+            ("out", &out, &fout),
+            ("dS", &ds, &fds),
+            ("dq", &dq, &fdq),
+            ("dk", &dk, &fdk),
+            ("dv", &dvv, &fdv),
+        ];
+        for (name, want, got) in pairs {
+            let (want, got) = (want.as_slice(), got.as_slice());
+            let largest = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let close = |a: f32, b: f32| {
+                if exact {
+                    a.to_bits() == b.to_bits()
+                } else {
+                    (a - b).abs() <= 1e-5 * largest
+                }
+            };
+            let worst = want.iter().zip(got).find(|&(&a, &b)| !close(a, b));
+            assert!(
+                worst.is_none(),
+                "{what}: fused {name} differs from the op sequence: {worst:?}"
+            );
+        }
+        // Causal: nothing above the diagonal, and each row a distribution.
+        assert!(fprobs.as_slice().chunks(seq).enumerate().all(|(r, row)| {
+            let i = r % seq;
+            row[i + 1..].iter().all(|&p| p == 0.0) && (row.iter().sum::<f32>() - 1.0).abs() < 1e-5
+        }));
+    }
+    check(&Portable::<f32>::new(), "portable", false);
+    for threads in [1, 2] {
+        check(
+            &Faer::<f32>::with_threads(threads),
+            &format!("faer f32, {threads} threads"),
+            true,
+        );
+        let bf16 = Faer::<f32>::with_threads(threads)
+            .with_precision(Precision::Bf16)
+            .with_bf16_kernel(Bf16Kernel::Avx512Bf16Model)
+            .unwrap();
+        check(&bf16, &format!("faer bf16 (model), {threads} threads"), true);
+    }
+    // Operands of the wrong shape are errors naming them.
+    let b = Portable::<f32>::new();
+    let (q, k) = (stack(4, 6, 3, 1), stack(4, 6, 3, 2));
+    let (mut probs, mut out) = (stack(4, 6, 6, 3), stack(4, 6, 2, 4));
+    let err = b.attention_core_forward(&mut probs, &mut out, &q, &k, &stack(4, 5, 2, 5), 1.0);
+    assert_eq!(named(err.unwrap_err()), "attention_core_forward v");
+    let err = b.attention_core_forward(
+        &mut probs,
+        &mut out,
+        &q,
+        &stack(3, 6, 3, 5),
+        &stack(4, 6, 2, 5),
+        1.0,
+    );
+    assert_eq!(named(err.unwrap_err()), "attention_core_forward k");
+    let err = b.attention_core_forward(&mut stack(4, 6, 5, 3), &mut out, &q, &k, &stack(4, 6, 2, 5), 1.0);
+    assert_eq!(named(err.unwrap_err()), "attention_core_forward scores");
+    let v = stack(4, 6, 2, 5);
+    let err = b.attention_core_backward(
+        &mut stack(4, 6, 3, 0),
+        &mut stack(4, 6, 3, 0),
+        &mut stack(4, 6, 2, 0),
+        &mut stack(4, 6, 6, 0),
+        &stack(4, 6, 3, 0),
+        &probs,
+        &q,
+        &k,
+        &v,
+        1.0,
+    );
+    assert_eq!(named(err.unwrap_err()), "attention_core_backward d_out");
+}

@@ -14,7 +14,7 @@
 //! head `[k_nope (dn), v (dv)]`; RoPE on the `dr` parts only, the one `k_rope` shared by all
 //! heads; scale `1/sqrt(dn + dr)`. Rotations use the rotate-half pairing `(i, i + d/2)`.
 
-use muon_core::{ParamRole, ParamSpec, Real, Shape, Transpose};
+use muon_core::{ParamRole, ParamSpec, Real, Shape};
 
 use super::{declare, linear_backward, linear_forward, Mat, ModelError};
 use crate::config::{Attention as AttentionKind, ModelConfig};
@@ -251,28 +251,9 @@ pub fn attention_forward<B: ModelOps>(
     }
     b.rope(&mut a.qh, a.rope_col, &a.rope_table, false)?; // rotate the RoPE columns
     b.rope(&mut a.kh, a.rope_col, &a.rope_table, false)?;
-    let (one, zero) = (B::Elem::ONE, B::Elem::ZERO);
+    // P = causal_softmax(scale Qh Kh^T)   [B*H, T, T];   Oh = P Vh   [B*H, T, Dv]
     let scale = B::Elem::from_f64(a.scale);
-    // S = scale * Qh Kh^T                                              [B*H, T, T]
-    b.gemm(
-        &mut a.probs,
-        scale,
-        &a.qh,
-        Transpose::No,
-        &a.kh,
-        Transpose::Yes,
-        zero,
-    )?;
-    b.causal_softmax_forward(&mut a.probs)?; // P = causal_softmax(S)
-    b.gemm(
-        &mut a.oh,
-        one,
-        &a.probs,
-        Transpose::No,
-        &a.vh,
-        Transpose::No,
-        zero,
-    )?; // Oh = P Vh
+    b.attention_core_forward(&mut a.probs, &mut a.oh, &a.qh, &a.kh, &a.vh, scale)?;
     b.merge_heads(&mut a.o, 0, dv, &a.oh, 0, dv, false)?; // o = tokens(Oh)   [N, H*Dv]
     linear_forward(b, out, &a.o, &p[a.wo])?; // out = o W_o^T                [N, C]
     Ok(())
@@ -290,51 +271,24 @@ pub fn attention_backward<B: ModelOps>(
     dxn: &mut Mat<B>, // [N, C]
 ) -> Result<(), ModelError> {
     let (qk, dv) = (a.qk, a.dv);
-    let (one, zero) = (B::Elem::ONE, B::Elem::ZERO);
+    let zero = B::Elem::ZERO;
     let scale = B::Elem::from_f64(a.scale);
     // out = o W_o^T
     linear_backward(b, &mut a.d_o, &mut g[a.wo], dout, &a.o, &p[a.wo], false)?;
     // o = tokens(Oh)
     b.split_heads(&mut a.doh, 0, &a.d_o, 0, dv, dv)?;
-    // Oh = P Vh: dP = dOh Vh^T, dVh = P^T dOh
-    b.gemm(
-        &mut a.dprobs,
-        one,
-        &a.doh,
-        Transpose::No,
-        &a.vh,
-        Transpose::Yes,
-        zero,
-    )?;
-    b.gemm(
-        &mut a.dvh,
-        one,
-        &a.probs,
-        Transpose::Yes,
-        &a.doh,
-        Transpose::No,
-        zero,
-    )?;
-    // P = causal_softmax(S)
-    b.causal_softmax_backward(&mut a.dprobs, &a.probs)?;
-    // S = scale * Qh Kh^T: dQh = scale dS Kh, dKh = scale dS^T Qh
-    b.gemm(
+    // Oh = P Vh and P = causal_softmax(scale Qh Kh^T): dVh, dQh, dKh (dS in dprobs)
+    b.attention_core_backward(
         &mut a.dqh,
-        scale,
-        &a.dprobs,
-        Transpose::No,
-        &a.kh,
-        Transpose::No,
-        zero,
-    )?;
-    b.gemm(
         &mut a.dkh,
-        scale,
-        &a.dprobs,
-        Transpose::Yes,
+        &mut a.dvh,
+        &mut a.dprobs,
+        &a.doh,
+        &a.probs,
         &a.qh,
-        Transpose::No,
-        zero,
+        &a.kh,
+        &a.vh,
+        scale,
     )?;
     // rope(Qh), rope(Kh): rotate the gradients back
     b.rope(&mut a.dqh, a.rope_col, &a.rope_table, true)?;
