@@ -30,6 +30,15 @@ const AVX512_NV: usize = 4;
 /// Columns of the AVX512-BF16 kernel's tile.
 pub(crate) const AVX512_NR: usize = 16 * AVX512_NV;
 
+/// The AVX512-BF16 register kernel with an `MR x 16 NV` tile: 6 x 4 for most products, and
+/// narrower tiles of the same 24 accumulators (12 x 2, 8 x 3) for products of at most 32 or
+/// 48 columns, of which a 64-column tile would leave half (or a quarter) padding
+/// (attention's `P V` and its gradients, 32 and 48 columns wide in moonlight-ref's `small`).
+/// Every tile shape gives the same bits: each element of C sees the same VDPBF16PS lanes over
+/// the same blocks of `k` in the same order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512Tile<const MR: usize, const NV: usize>(Avx512Bf16);
+
 #[cfg(target_arch = "x86_64")]
 type Proof = ();
 #[cfg(not(target_arch = "x86_64"))]
@@ -191,30 +200,30 @@ fn request_tile_permission() -> Result<(), String> {
 // ----- AVX512-BF16 -----
 
 #[cfg(target_arch = "x86_64")]
-impl RegisterKernel for Avx512Bf16 {
-    const MR: usize = AVX512_MR;
-    const NR: usize = AVX512_NR;
+impl<const MR: usize, const NV: usize> RegisterKernel for Avx512Tile<MR, NV> {
+    const MR: usize = MR;
+    const NR: usize = 16 * NV;
 
     #[inline(always)]
     fn packer(self) -> Packer {
-        Packer::Avx512(self)
+        Packer::Avx512(self.0)
     }
 
     #[inline(always)]
     fn tile(self, pairs: usize, a: APanel<'_>, b: &[u32], c: MatMut<'_, f32>, alpha: f32, beta: f32) {
         let (rows, cols) = (c.nrows(), c.ncols());
-        let last = (AVX512_MR - 1) * a.row + pairs.saturating_sub(1) * a.pair;
+        let last = (MR - 1) * a.row + pairs.saturating_sub(1) * a.pair;
         assert!(pairs == 0 || a.lanes.len() > last);
-        assert!(b.len() >= pairs * AVX512_NR);
-        assert!(rows <= AVX512_MR && cols <= AVX512_NR && (cols <= 1 || c.col_stride() == 1));
-        // SAFETY: the token proves the target features. The kernel reads the lanes
-        // `i * row + p * pair` of `a` (`i < MR`, `p < pairs`: all below `last`) and `pairs * NR`
-        // of `b` (checked above) and reads and writes elements `(i, j)`,
+        assert!(b.len() >= pairs * 16 * NV);
+        assert!(rows <= MR && cols <= 16 * NV && (cols <= 1 || c.col_stride() == 1));
+        // SAFETY: the token in `self` proves the target features. The kernel reads the lanes
+        // `i * row + p * pair` of `a` (`i < MR`, `p < pairs`: all below `last`) and
+        // `pairs * 16 NV` of `b` (checked above) and reads and writes elements `(i, j)`,
         // `i < rows`, `j < cols`, of `c` at `ptr + i * row_stride + j` (unit column stride,
         // checked): exactly the elements the `MatMut` grants, through masked loads and stores
         // that touch no lane outside them.
         unsafe {
-            avx512_tile(
+            avx512_tile::<MR, NV>(
                 pairs,
                 a.lanes.as_ptr(),
                 (a.row, a.pair),
@@ -231,14 +240,14 @@ impl RegisterKernel for Avx512Bf16 {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-impl RegisterKernel for Avx512Bf16 {
-    const MR: usize = AVX512_MR;
-    const NR: usize = AVX512_NR;
+impl<const MR: usize, const NV: usize> RegisterKernel for Avx512Tile<MR, NV> {
+    const MR: usize = MR;
+    const NR: usize = 16 * NV;
     fn packer(self) -> Packer {
-        match self._proof {}
+        match self.0._proof {}
     }
     fn tile(self, _: usize, _: APanel<'_>, _: &[u32], _: MatMut<'_, f32>, _: f32, _: f32) {
-        match self._proof {}
+        match self.0._proof {}
     }
 }
 
@@ -248,7 +257,7 @@ impl RegisterKernel for Avx512Bf16 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn avx512_tile(
+unsafe fn avx512_tile<const MR: usize, const NV: usize>(
     pairs: usize,
     a: *const u32,
     (a_row, a_pair): (usize, usize),
@@ -261,8 +270,6 @@ unsafe fn avx512_tile(
     beta: f32,
 ) {
     use std::arch::x86_64::*;
-    const MR: usize = AVX512_MR;
-    const NV: usize = AVX512_NV;
     // Ask for the tile of C now, while the loop over `k` runs: otherwise the merge below
     // waits on each of its lines (C's rows lie a whole row of C apart, in L3 or memory; on
     // Zen 5 the merge took a quarter of a 2048^3 product's time). With write intent, as the
@@ -279,10 +286,10 @@ unsafe fn avx512_tile(
     }
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     for p in 0..pairs {
-        // SAFETY (this block and the loads below): the caller guarantees `pairs * NR` lanes
+        // SAFETY (this block and the loads below): the caller guarantees `pairs * 16 NV` lanes
         // at `b` and the lanes `i * a_row + p * a_pair` at `a`; `__m512i` and `__m512bh` are
         // both 64 plain bytes.
-        let bp = unsafe { b.add(p * AVX512_NR) };
+        let bp = unsafe { b.add(p * 16 * NV) };
         let bv: [__m512bh; NV] = std::array::from_fn(|v| unsafe {
             std::mem::transmute(_mm512_loadu_si512(bp.add(16 * v).cast()))
         });
@@ -348,7 +355,25 @@ pub(crate) fn avx512_product(
             lower: Option<usize>,
             buf: &mut [u32],
         ) {
-            driver::register_product(token, a, b, c, alpha, beta, lower, buf);
+            // The narrowest tile that holds C's columns in one or two passes.
+            match b.rows() {
+                0..=32 => {
+                    driver::register_product(Avx512Tile::<12, 2>(token), a, b, c, alpha, beta, lower, buf)
+                }
+                33..=48 => {
+                    driver::register_product(Avx512Tile::<8, 3>(token), a, b, c, alpha, beta, lower, buf)
+                }
+                _ => driver::register_product(
+                    Avx512Tile::<AVX512_MR, AVX512_NV>(token),
+                    a,
+                    b,
+                    c,
+                    alpha,
+                    beta,
+                    lower,
+                    buf,
+                ),
+            }
         }
         // SAFETY: the token proves the CPU has the features `compiled` is built for.
         unsafe { compiled(token, a, b, c, alpha, beta, lower, buf) }
