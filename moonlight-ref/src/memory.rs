@@ -319,7 +319,7 @@ pub fn optimizer_elements(specs: &[ParamSpec], world: usize) -> (u64, u64) {
 /// The process's fixed cost: code and libraries, and per thread its stack, its malloc arena
 /// and the GEMM kernels' packing buffers (muon-faer's bf16 products take 4.2 MiB a thread,
 /// plus one more buffer). Measured on this crate's binary by `tests/memory.rs` (a 2-thread
-/// `tiny` run at 2x16 tokens peaks at about 19 MiB in all), with room to spare.
+/// `tiny` run at 2x16 tokens peaks at about 25 MiB in all), with room to spare.
 pub fn runtime_bytes(threads: usize) -> u64 {
     const BASE: u64 = 36 << 20;
     const PER_THREAD: u64 = 12 << 20;
