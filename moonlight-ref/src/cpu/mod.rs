@@ -205,18 +205,25 @@ impl_cpu_real!(f64, f64::exp, 1e-300);
 pub fn exp_f32(x: f32) -> f32 {
     // `clamp` passes NaN through (unlike min/max).
     let x = x.clamp(-87.3, 88.0);
-    // round(x / ln 2) without `floor` (a libm call on baseline x86-64): truncate, then step
-    // down where truncation rounded a negative value up.
+    // n = floor(x / ln 2 + 1/2), without `floor` (a libm call on baseline x86-64) and without
+    // `as i32` (whose saturating conversion the compiler does one lane at a time, which kept
+    // the callers' loops from vectorizing): adding 1.5 * 2^23 rounds t to an integer (to
+    // nearest even) in the low bits of the sum, then a step down where that rounded up.
+    // |t| < 128 here, far inside the trick's 2^22.
+    const ROUND: f32 = 12_582_912.0;
     let t = x * std::f32::consts::LOG2_E + 0.5;
-    let n = t as i32;
-    let n = (if n as f32 > t { n - 1 } else { n }) as f32;
+    let sum = t + ROUND;
+    let rounded = sum - ROUND;
+    let up = rounded > t;
+    let n = if up { rounded - 1.0 } else { rounded };
+    let n_bits = (sum.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32) - up as i32;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    y * f32::from_bits((n_bits.wrapping_add(127) as u32) << 23)
 }
 
 // ----- shared by the families -----
