@@ -249,13 +249,14 @@ impl<B: HostBackend> AttentionOps for B {
             .zip(k.as_slice().par_chunks(seq * qk))
             .zip(v.as_slice().par_chunks(seq * dv))
             .for_each(|((((p, o), q), k), v)| {
-                let (qm, km) = ((q, seq, qk, Transpose::No), (k, seq, qk, Transpose::Yes));
-                self.product_on_thread(p, seq, seq, qm, km, scale, false);
+                let stored = |x, cols, op| (x, seq, cols, op);
+                let (no, yes) = (Transpose::No, Transpose::Yes);
+                // S = scale Q K^T, P = causal_softmax(S) in place, O = P V.
+                self.product_on_thread(p, seq, seq, stored(q, qk, no), stored(k, qk, yes), scale, false);
                 for (i, row) in p.chunks_exact_mut(seq).enumerate() {
                     softmax_row(row, i);
                 }
-                let (pm, vm) = ((&*p, seq, seq, Transpose::No), (v, seq, dv, Transpose::No));
-                self.product_on_thread(o, seq, dv, pm, vm, one, false);
+                self.product_on_thread(o, seq, dv, stored(&*p, seq, no), stored(v, dv, no), one, false);
             });
         Ok(())
     }

@@ -208,16 +208,11 @@ fn indices_out_of_range_are_errors_and_nothing_is_written() {
     assert!(named(err.unwrap_err()).starts_with("router_backward experts[3] = 3"));
 }
 
-/// A stack of `heads` matrices `rows x cols` of reproducible values in about [-2, 2].
+/// A stack of `heads` matrices `rows x cols` of reproducible values in [-2, 2).
 fn stack(heads: usize, rows: usize, cols: usize, seed: u64) -> HostMatrix<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = crate::rng::Rng::new(seed);
     let data = (0..heads * rows * cols)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
+        .map(|_| (4.0 * rng.uniform() - 2.0) as f32)
         .collect();
     HostMatrix::from_vec(Shape::batched(heads, rows, cols), data).unwrap()
 }

@@ -45,9 +45,10 @@ pub(crate) trait RegisterKernel: Copy {
 }
 
 /// Pairs of `k` per block (`KC / 2`): a B micro-panel is `256 x 64` lanes, 64 KiB, in L2.
-/// Every block of `k` loads and stores all of C once more, so fewer, longer blocks pay:
-/// 256 pairs took a 2048^3 product from 281 to 435 GFLOP/s on a Zen 5 core against 128
-/// (with C prefetched in the kernel; a taller A block, 336 rows, gained nothing).
+/// Every block of `k` loads and stores all of C once more, so fewer, longer blocks pay: with
+/// C prefetched in the kernel, 256 pairs ran a 2048^3 product at ~435 GFLOP/s on a Zen 5 core
+/// against ~370 with 128 (`benches/gemm.rs --threads 1 --sizes 2048 --precisions bf16`; a
+/// taller A block, 336 rows, gained nothing).
 const KC_PAIRS: usize = 256;
 /// Rows of A per block: `MC x KC` lanes, 168 KiB, in L2.
 const MC: usize = 168;
