@@ -293,30 +293,10 @@ pub(crate) fn pack_pair_major_panels(
         return;
     }
     let out = &mut out[..panels * width * np];
-    if width.is_multiple_of(16) {
-        for p in 0..np {
-            let kk = 2 * (p0 + p);
-            for (q, panel) in out.chunks_exact_mut(width * np).enumerate() {
-                interleave_group(pk, v, r0 + q * width, kk, &mut panel[p * width..][..width]);
-            }
-        }
-        return;
-    }
-    // Panels narrower than a vector (the A panels of the register kernel, 6 rows): convert a
-    // run of whole panels at once, then copy each panel's lanes into place.
-    const RUN: usize = 256;
-    assert!(width <= RUN, "pack_pair_major_panels: width {width} > {RUN}");
-    let per_run = RUN / width;
-    let mut run = [0u32; RUN];
     for p in 0..np {
         let kk = 2 * (p0 + p);
-        for q0 in (0..panels).step_by(per_run) {
-            let count = per_run.min(panels - q0);
-            let lanes = &mut run[..count * width];
-            interleave_group(pk, v, r0 + q0 * width, kk, lanes);
-            for (q, src) in lanes.chunks_exact(width).enumerate() {
-                out[(q0 + q) * width * np + p * width..][..width].copy_from_slice(src);
-            }
+        for (q, panel) in out.chunks_exact_mut(width * np).enumerate() {
+            interleave_group(pk, v, r0 + q * width, kk, &mut panel[p * width..][..width]);
         }
     }
 }
