@@ -3,7 +3,7 @@
 use muon_core::{check_shape, Error, HostMatrix, Real, Result, Shape, Transpose};
 use rayon::prelude::*;
 
-use super::{dims, f, floored, same, t, CpuReal, HostBackend, MIN_ROWS};
+use super::{dims, f, floored, lane_max, lane_sum, same, t, vectorized, CpuReal, HostBackend, MIN_ROWS};
 use crate::ops::AttentionOps;
 
 /// Checks that the column block `col..col + width` lies inside `cols` columns.
@@ -206,7 +206,12 @@ impl<B: HostBackend> AttentionOps for B {
             .par_chunks_mut(seq)
             .with_min_len(MIN_ROWS)
             .enumerate()
-            .for_each(|(r, row)| softmax_row(row, r % seq));
+            .for_each(|(r, row)| {
+                vectorized(
+                    #[inline(always)]
+                    || softmax_row(row, r % seq),
+                )
+            });
         Ok(())
     }
 
@@ -218,7 +223,12 @@ impl<B: HostBackend> AttentionOps for B {
             .with_min_len(MIN_ROWS)
             .zip(probs.as_slice().par_chunks(seq))
             .enumerate()
-            .for_each(|(r, (g, p))| softmax_backward_row(g, p, r % seq));
+            .for_each(|(r, (g, p))| {
+                vectorized(
+                    #[inline(always)]
+                    || softmax_backward_row(g, p, r % seq),
+                )
+            });
         Ok(())
     }
 
@@ -253,9 +263,14 @@ impl<B: HostBackend> AttentionOps for B {
                 let (no, yes) = (Transpose::No, Transpose::Yes);
                 // S = scale Q K^T, P = causal_softmax(S) in place, O = P V.
                 self.product_on_thread(p, seq, seq, stored(q, qk, no), stored(k, qk, yes), scale, false);
-                for (i, row) in p.chunks_exact_mut(seq).enumerate() {
-                    softmax_row(row, i);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (i, row) in p.chunks_exact_mut(seq).enumerate() {
+                            softmax_row(row, i);
+                        }
+                    },
+                );
                 self.product_on_thread(o, seq, dv, stored(&*p, seq, no), stored(v, dv, no), one, false);
             });
         Ok(())
@@ -313,9 +328,14 @@ impl<B: HostBackend> AttentionOps for B {
                     one,
                     false,
                 );
-                for (i, (g, pr)) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)).enumerate() {
-                    softmax_backward_row(g, pr, i);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (i, (g, pr)) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)).enumerate() {
+                            softmax_backward_row(g, pr, i);
+                        }
+                    },
+                );
                 // S = scale Q K^T: dQ = scale dS K, dK = scale dS^T Q.
                 let ds = &*ds;
                 self.product_on_thread(dq, seq, qk, stored(ds, seq, no), stored(k, qk, no), scale, false);
@@ -385,7 +405,7 @@ fn softmax_row<T: CpuReal>(row: &mut [T], i: usize) {
     // running f64 sum serializes the exponentials.
     let max = lane_max(live);
     live.iter_mut().for_each(|v| *v = (*v - max).exp());
-    let inv: T = t(1.0 / lane_dot(live, None));
+    let inv: T = t(1.0 / lane_sum([&*live]));
     live.iter_mut().for_each(|v| *v = floored(*v * inv));
     masked.fill(T::ZERO);
 }
@@ -395,59 +415,7 @@ fn softmax_row<T: CpuReal>(row: &mut [T], i: usize) {
 fn softmax_backward_row<T: CpuReal>(g: &mut [T], p: &[T], i: usize) {
     // Row i has probabilities only up to i; past it P = 0 and so is dS.
     let (live, masked) = g.split_at_mut(i + 1);
-    let dot: T = t(lane_dot(live, Some(&p[..i + 1])));
+    let dot: T = t(lane_sum([&*live, &p[..i + 1]]));
     live.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
     masked.fill(T::ZERO);
-}
-
-/// Lanes of the softmaxes' reductions: independent accumulators the compiler keeps in vector
-/// registers.
-const LANES: usize = 8;
-
-/// The largest value of a non-empty row, as `fold(x[0], max)` would give it (NaNs are skipped
-/// unless `x[0]` is one; the maximum of the others does not depend on the order).
-#[inline]
-fn lane_max<T: CpuReal>(x: &[T]) -> T {
-    let pick = |m: T, v: T| if v > m { v } else { m };
-    let mut lanes = [x[0]; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = pick(*m, v);
-        }
-    }
-    let m = lanes.into_iter().fold(x[0], pick);
-    tail.iter().copied().fold(m, pick)
-}
-
-/// `sum x_j y_j` in f64 (`sum x_j` without `y`), accumulated over [`LANES`] lanes.
-#[inline]
-fn lane_dot<T: CpuReal>(x: &[T], y: Option<&[T]>) -> f64 {
-    let mut lanes = [0.0f64; LANES];
-    let (xs, xt) = (x.chunks_exact(LANES), x.len() / LANES * LANES);
-    let mut tail = 0.0;
-    match y {
-        None => {
-            for c in xs {
-                for (s, &v) in lanes.iter_mut().zip(c) {
-                    *s += f(v);
-                }
-            }
-            tail += x[xt..].iter().map(|&v| f(v)).sum::<f64>();
-        }
-        Some(y) => {
-            for (c, d) in xs.zip(y.chunks_exact(LANES)) {
-                for ((s, &v), &w) in lanes.iter_mut().zip(c).zip(d) {
-                    *s += f(v) * f(w);
-                }
-            }
-            tail += x[xt..]
-                .iter()
-                .zip(&y[xt..])
-                .map(|(&v, &w)| f(v) * f(w))
-                .sum::<f64>();
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
 }

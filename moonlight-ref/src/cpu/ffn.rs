@@ -4,7 +4,10 @@
 use muon_core::{check_shape, Error, Real, Result, Shape, Transpose};
 use rayon::prelude::*;
 
-use super::{check_indices, check_len, dims, f, gather_rows, same, t, CpuReal, HostBackend, MIN_ROWS};
+use super::{
+    check_indices, check_len, dims, f, gather_rows, lane_sum, same, t, vectorized, CpuReal, HostBackend,
+    MIN_ROWS,
+};
 use crate::ops::FfnOps;
 
 /// Rows of an expert's range per product of [`FfnOps::grouped_gemm`] in f32: fixed, so the
@@ -58,9 +61,14 @@ impl<B: HostBackend> FfnOps for B {
             .zip(gate.as_slice().par_chunks(1024))
             .zip(up.as_slice().par_chunks(1024))
             .for_each(|((o, g), u)| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                            *o = g * sigmoid(g) * u;
+                        }
+                    },
+                )
             });
         Ok(())
     }
@@ -86,13 +94,17 @@ impl<B: HostBackend> FfnOps for B {
             .zip(gate.as_slice().par_chunks(1024))
             .zip(up.as_slice().par_chunks(1024))
             .for_each(|((((dg, du), d), g), u)| {
-                for i in 0..dg.len() {
-                    let (gv, uv, dv) = (g[i], u[i], d[i]);
-                    let s = sigmoid(gv);
-                    // d silu(g)/dg = s + g s (1 - s)
-                    dg[i] = dv * uv * (s + gv * s * (one - s));
-                    du[i] = dv * gv * s;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((((dg, du), &dv), &gv), &uv) in dg.iter_mut().zip(du).zip(d).zip(g).zip(u) {
+                            let s = sigmoid(gv);
+                            // d silu(g)/dg = s + g s (1 - s)
+                            *dg = dv * uv * (s + gv * s * (one - s));
+                            *du = dv * gv * s;
+                        }
+                    },
+                )
             });
         Ok(())
     }
@@ -370,12 +382,17 @@ impl<B: HostBackend> FfnOps for B {
             .zip(gates.as_slice().par_chunks(k))
             .zip(slot_row.par_chunks(k))
             .for_each(|((o, g), rows)| {
-                for (&gv, &row) in g.iter().zip(rows) {
-                    let row = row as usize;
-                    o.iter_mut()
-                        .zip(&gr[row * c..(row + 1) * c])
-                        .for_each(|(o, &v)| *o += gv * v);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (&gv, &row) in g.iter().zip(rows) {
+                            let row = row as usize;
+                            o.iter_mut()
+                                .zip(&gr[row * c..(row + 1) * c])
+                                .for_each(|(o, &v)| *o += gv * v);
+                        }
+                    },
+                )
             });
         Ok(())
     }
@@ -411,28 +428,33 @@ impl<B: HostBackend> FfnOps for B {
             .zip(dout.as_slice().par_chunks(c))
             .zip(slot_row.par_chunks(k))
             .for_each(|((dg, d), rows)| {
-                for (dg, &row) in dg.iter_mut().zip(rows) {
-                    let row = row as usize;
-                    let dot: f64 = d
-                        .iter()
-                        .zip(&gr[row * c..(row + 1) * c])
-                        .map(|(&a, &b)| f(a) * f(b))
-                        .sum();
-                    *dg = t(dot);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (dg, &row) in dg.iter_mut().zip(rows) {
+                            let row = row as usize;
+                            *dg = t(lane_sum([d, &gr[row * c..(row + 1) * c]]));
+                        }
+                    },
+                )
             });
         // dgrouped: every grouped row is one slot; find it through the inverse map, serially
         // (a scatter of whole rows; N*K*C copies).
         let dgr = dgrouped.as_mut_slice();
         let d = dout.as_slice();
-        for (slot, &row) in slot_row.iter().enumerate() {
-            let (row, n_i) = (row as usize, slot / k);
-            let gv = g[slot];
-            dgr[row * c..(row + 1) * c]
-                .iter_mut()
-                .zip(&d[n_i * c..(n_i + 1) * c])
-                .for_each(|(o, &v)| *o = gv * v);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for (slot, &row) in slot_row.iter().enumerate() {
+                    let (row, n_i) = (row as usize, slot / k);
+                    let gv = g[slot];
+                    dgr[row * c..(row + 1) * c]
+                        .iter_mut()
+                        .zip(&d[n_i * c..(n_i + 1) * c])
+                        .for_each(|(o, &v)| *o = gv * v);
+                }
+            },
+        );
         Ok(())
     }
 

@@ -7,8 +7,10 @@
 //! (SwiGLU and the MoE layer).
 //!
 //! Row-wise work runs on rayon (rows of attention scores over batch x heads, token rows,
-//! expert row ranges); every reduction runs serially inside one task, so results do not
-//! depend on the thread count. Transcendentals and row reductions are computed in `f64`.
+//! expert row ranges); every reduction runs inside one task in a fixed order (eight lanes,
+//! then the lanes summed), so results do not depend on the thread count. Transcendentals and
+//! row reductions are computed in `f64`. The hot loops run compiled for the widest vectors the
+//! CPU has (`simd.rs`: [`vectorized`]), with the same bits at every width.
 //!
 //! Every op checks its operands before touching them: a wrong shape is an
 //! [`Error::ShapeMismatch`] naming the operand, an index buffer of the wrong length an
@@ -19,7 +21,10 @@
 mod attention;
 mod base;
 mod ffn;
+mod simd;
 mod token;
+
+pub use simd::{set_simd_level, simd_level, vectorized, SimdLevel};
 
 use muon_core::{
     check_shape, Backend, Error, HostMatrix, Portable, Precision, Real, Result, Shape, Transpose,
@@ -216,7 +221,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let rounded = sum - ROUND;
     let up = rounded > t;
     let n = if up { rounded - 1.0 } else { rounded };
-    let n_bits = (sum.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32) - up as i32;
+    let n_bits = (sum.to_bits() as i32)
+        .wrapping_sub(ROUND.to_bits() as i32)
+        .wrapping_sub(up as i32);
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
@@ -238,6 +245,48 @@ fn f<T: CpuReal>(x: T) -> f64 {
 #[inline]
 fn t<T: CpuReal>(x: f64) -> T {
     T::from_f64(x)
+}
+
+/// Lanes of the row reductions: independent accumulators the compiler keeps in vector
+/// registers. A single running sum would serialize the loop (each add waits for the last, and
+/// the compiler may not reorder float adds), so every reduction here sums in this fixed
+/// order instead: the same bits on every machine and thread count.
+const LANES: usize = 8;
+
+/// The largest value of a non-empty row, as `fold(x[0], max)` would give it (NaNs are skipped
+/// unless `x[0]` is one; the maximum of the others does not depend on the order).
+#[inline]
+fn lane_max<T: CpuReal>(x: &[T]) -> T {
+    let pick = |m: T, v: T| if v > m { v } else { m };
+    let mut lanes = [x[0]; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = pick(*m, v);
+        }
+    }
+    let m = lanes.into_iter().fold(x[0], pick);
+    tail.iter().copied().fold(m, pick)
+}
+
+/// `sum_j prod_i x_i[j]` in f64 over the shortest factor (`sum_j x[j]` for one factor, a dot
+/// product for two), accumulated over [`LANES`] lanes.
+#[inline]
+fn lane_sum<T: CpuReal, const N: usize>(factors: [&[T]; N]) -> f64 {
+    let len = factors.iter().map(|x| x.len()).min().unwrap_or(0);
+    let factors = factors.map(|x| &x[..len]);
+    // `1.0 * a` is `a` and `(1.0 * a) * b` is `a * b` exactly: one and two factors round as a
+    // plain sum and a plain dot product do.
+    let term = |j: usize| factors.iter().fold(1.0, |p, x| p * f(x[j]));
+    let full = len / LANES * LANES;
+    let mut lanes = [0.0f64; LANES];
+    for c in (0..full).step_by(LANES) {
+        for (l, s) in lanes.iter_mut().enumerate() {
+            *s += term(c + l);
+        }
+    }
+    lanes.iter().sum::<f64>() + (full..len).map(term).sum::<f64>()
 }
 
 /// A probability, or zero below [`CpuReal::PROB_FLOOR`]; NaN stays NaN.

@@ -4,7 +4,8 @@ use muon_core::{check_shape, Result, Shape};
 use rayon::prelude::*;
 
 use super::{
-    check_indices, check_len, dims, f, floored, gather_rows, same, t, CpuReal, HostBackend, MIN_ROWS,
+    check_indices, check_len, dims, f, floored, gather_rows, lane_max, lane_sum, same, t, vectorized,
+    CpuReal, HostBackend, MIN_ROWS,
 };
 use crate::ops::TokenOps;
 
@@ -65,12 +66,17 @@ impl<B: HostBackend> TokenOps for B {
             .zip(x.as_slice().par_chunks(w))
             .zip(rstd.as_mut_slice().par_iter_mut())
             .for_each(|((o, xr), r)| {
-                let ms = xr.iter().map(|&v| f(v) * f(v)).sum::<f64>() / w as f64;
-                let rs = 1.0 / (ms + eps).sqrt();
-                *r = t(rs);
-                for ((o, &xv), &gv) in o.iter_mut().zip(xr).zip(g) {
-                    *o = t(f(xv) * rs * f(gv));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let ms = lane_sum([xr, xr]) / w as f64;
+                        let rs = 1.0 / (ms + eps).sqrt();
+                        *r = t(rs);
+                        for ((o, &xv), &gv) in o.iter_mut().zip(xr).zip(g) {
+                            *o = t(f(xv) * rs * f(gv));
+                        }
+                    },
+                )
             });
         Ok(())
     }
@@ -100,29 +106,35 @@ impl<B: HostBackend> TokenOps for B {
             .zip(x.as_slice().par_chunks(w))
             .zip(rstd.as_slice().par_iter())
             .for_each(|(((dxr, dor), xr), &r)| {
-                let r = f(r);
-                let mut dot = 0.0;
-                for ((&d, &xv), &gv) in dor.iter().zip(xr).zip(g) {
-                    dot += f(d) * f(gv) * f(xv) * r;
-                }
-                let mean = dot / w as f64;
-                for (((dxv, &d), &xv), &gv) in dxr.iter_mut().zip(dor).zip(xr).zip(g) {
-                    *dxv += t(r * (f(d) * f(gv) - f(xv) * r * mean));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let r = f(r);
+                        let mean = lane_sum([dor, g, xr]) * r / w as f64;
+                        for (((dxv, &d), &xv), &gv) in dxr.iter_mut().zip(dor).zip(xr).zip(g) {
+                            *dxv += t(r * (f(d) * f(gv) - f(xv) * r * mean));
+                        }
+                    },
+                )
             });
         // dgain[c] += sum_n dout[n,c] * xhat[n,c]: serial over rows, parallel over nothing (it
         // is N*W work, small next to the GEMMs).
         let dg = dgain.as_mut_slice();
-        for ((dor, xr), &r) in dout
-            .as_slice()
-            .chunks_exact(w)
-            .zip(x.as_slice().chunks_exact(w))
-            .zip(rstd.as_slice())
-        {
-            for ((dgv, &d), &xv) in dg.iter_mut().zip(dor).zip(xr) {
-                *dgv += d * xv * r;
-            }
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for ((dor, xr), &r) in dout
+                    .as_slice()
+                    .chunks_exact(w)
+                    .zip(x.as_slice().chunks_exact(w))
+                    .zip(rstd.as_slice())
+                {
+                    for ((dgv, &d), &xv) in dg.iter_mut().zip(dor).zip(xr) {
+                        *dgv += d * xv * r;
+                    }
+                }
+            },
+        );
         Ok(())
     }
 
@@ -144,15 +156,17 @@ impl<B: HostBackend> TokenOps for B {
             .with_min_len(4)
             .zip(logits.as_slice().par_chunks(v))
             .for_each(|(p, l)| {
-                let max = l.iter().copied().fold(l[0], |m, v| if v > m { v } else { m });
-                let mut sum = 0.0;
-                for (p, &x) in p.iter_mut().zip(l) {
-                    let e = (x - max).exp();
-                    sum += f(e);
-                    *p = e;
-                }
-                let inv: Self::Elem = t(1.0 / sum);
-                p.iter_mut().for_each(|p| *p = floored(*p * inv));
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let max = lane_max(l);
+                        for (p, &x) in p.iter_mut().zip(l) {
+                            *p = (x - max).exp();
+                        }
+                        let inv: Self::Elem = t(1.0 / lane_sum([&*p]));
+                        p.iter_mut().for_each(|p| *p = floored(*p * inv));
+                    },
+                )
             });
         // -log p[target], serially in f64: a probability rounded to the element type has a
         // relative error ~eps, which the log turns into an absolute error ~eps. Where it is so
@@ -195,10 +209,15 @@ impl<B: HostBackend> TokenOps for B {
             .zip(probs.as_slice().par_chunks(v))
             .zip(targets.par_iter())
             .for_each(|((d, p), &tg)| {
-                for (j, (d, &p)) in d.iter_mut().zip(p).enumerate() {
-                    let onehot = if j == tg as usize { 1.0 } else { 0.0 };
-                    *d = t(scale * (f(p) - onehot));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (j, (d, &p)) in d.iter_mut().zip(p).enumerate() {
+                            let onehot = if j == tg as usize { 1.0 } else { 0.0 };
+                            *d = t(scale * (f(p) - onehot));
+                        }
+                    },
+                )
             });
         Ok(())
     }
