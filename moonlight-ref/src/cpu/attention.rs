@@ -398,7 +398,7 @@ fn expect_shape(what: &str, name: &str, want: Shape, got: Shape) -> Result<()> {
 }
 
 /// Row `i` of a causal score matrix, in place: `softmax(s[0..=i])`, zeros after `i`.
-#[inline]
+#[inline(always)]
 fn softmax_row<T: CpuReal>(row: &mut [T], i: usize) {
     let (live, masked) = row.split_at_mut(i + 1);
     // Three passes the compiler vectorizes (max, exp, sum over lanes) instead of one whose
@@ -411,7 +411,7 @@ fn softmax_row<T: CpuReal>(row: &mut [T], i: usize) {
 }
 
 /// Row `i` of the softmax's backward, in place: `g` holds dL/dP on entry and dL/dS on exit.
-#[inline]
+#[inline(always)]
 fn softmax_backward_row<T: CpuReal>(g: &mut [T], p: &[T], i: usize) {
     // Row i has probabilities only up to i; past it P = 0 and so is dS.
     let (live, masked) = g.split_at_mut(i + 1);

@@ -15,7 +15,7 @@ use crate::ops::FfnOps;
 /// (In bf16, where blocks do not change the bits, one block per thread and at least this.)
 const GROUPED_GEMM_ROWS: usize = 64;
 
-#[inline]
+#[inline(always)]
 fn sigmoid<T: CpuReal>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
 }

@@ -165,7 +165,7 @@ macro_rules! impl_cpu_real {
         impl CpuReal for $t {
             const PROB_FLOOR: Self = $floor;
 
-            #[inline]
+            #[inline(always)]
             fn exp(self) -> Self {
                 $exp(self)
             }
@@ -206,7 +206,7 @@ impl_cpu_real!(f64, f64::exp, 1e-300);
 /// polynomial; within 2 ulp of the exact value on `[-87, 88]`). Below -87.3 it returns
 /// ~1e-38 instead of a subnormal (the callers add it to 1 or normalize by a sum that includes
 /// `e^0`), above 88 it saturates near `f32::MAX`; NaN stays NaN.
-#[inline]
+#[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     // `clamp` passes NaN through (unlike min/max).
     let x = x.clamp(-87.3, 88.0);
@@ -238,11 +238,11 @@ pub fn exp_f32(x: f32) -> f32 {
 /// Rows handed to one rayon task at least: keeps tiny problems on one thread.
 const MIN_ROWS: usize = 16;
 
-#[inline]
+#[inline(always)]
 fn f<T: CpuReal>(x: T) -> f64 {
     x.to_f64()
 }
-#[inline]
+#[inline(always)]
 fn t<T: CpuReal>(x: f64) -> T {
     T::from_f64(x)
 }
@@ -255,7 +255,7 @@ const LANES: usize = 8;
 
 /// The largest value of a non-empty row, as `fold(x[0], max)` would give it (NaNs are skipped
 /// unless `x[0]` is one; the maximum of the others does not depend on the order).
-#[inline]
+#[inline(always)]
 fn lane_max<T: CpuReal>(x: &[T]) -> T {
     let pick = |m: T, v: T| if v > m { v } else { m };
     let mut lanes = [x[0]; LANES];
@@ -272,7 +272,7 @@ fn lane_max<T: CpuReal>(x: &[T]) -> T {
 
 /// `sum_j prod_i x_i[j]` in f64 over the shortest factor (`sum_j x[j]` for one factor, a dot
 /// product for two), accumulated over [`LANES`] lanes.
-#[inline]
+#[inline(always)]
 fn lane_sum<T: CpuReal, const N: usize>(factors: [&[T]; N]) -> f64 {
     let len = factors.iter().map(|x| x.len()).min().unwrap_or(0);
     let factors = factors.map(|x| &x[..len]);
@@ -290,7 +290,7 @@ fn lane_sum<T: CpuReal, const N: usize>(factors: [&[T]; N]) -> f64 {
 }
 
 /// A probability, or zero below [`CpuReal::PROB_FLOOR`]; NaN stays NaN.
-#[inline]
+#[inline(always)]
 fn floored<T: CpuReal>(p: T) -> T {
     if p < T::PROB_FLOOR {
         T::ZERO

@@ -96,7 +96,8 @@ pub fn set_simd_level(level: SimdLevel) -> Result<(), String> {
 /// Runs `body` compiled for the [`simd_level`] in use. Only code inlined into the wrapper is
 /// compiled for the wider instructions, and the compiler will not inline a closure there on
 /// its own (it called it, compiled for the baseline): mark the closure `#[inline(always)]`,
-/// and put the loop itself in it, not a call to a function that is not inlined.
+/// and put the loop itself in it: a function it calls runs compiled for the baseline unless
+/// it is inlined too (the helpers these loops call are `#[inline(always)]` for that).
 ///
 /// ```
 /// use moonlight_ref::cpu::vectorized;
