@@ -104,10 +104,15 @@ impl<B: HostBackend> AttentionOps for B {
             .for_each(|(bh, m)| {
                 let (b, hh) = (bh / h, bh % h);
                 let c0 = hh * head_stride + src_col;
-                for (ti, row) in m.chunks_exact_mut(dd).enumerate() {
-                    let sr = &s[(b * seq + ti) * s_cols..][c0..c0 + width];
-                    row[dst_col..dst_col + width].copy_from_slice(sr);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (ti, row) in m.chunks_exact_mut(dd).enumerate() {
+                            let sr = &s[(b * seq + ti) * s_cols..][c0..c0 + width];
+                            row[dst_col..dst_col + width].copy_from_slice(sr);
+                        }
+                    },
+                )
             });
         Ok(())
     }
@@ -136,17 +141,23 @@ impl<B: HostBackend> AttentionOps for B {
             .enumerate()
             .for_each(|(n, row)| {
                 let (b, ti) = (n / seq, n % seq);
-                if !accumulate {
-                    for hh in 0..blocks {
-                        let c0 = hh * head_stride + dst_col;
-                        row[c0..c0 + width].fill(Self::Elem::ZERO);
-                    }
-                }
-                for hh in 0..h {
-                    let c0 = hh * head_stride + dst_col;
-                    let sr = &s[((b * h + hh) * seq + ti) * ds..][src_col..src_col + width];
-                    row[c0..c0 + width].iter_mut().zip(sr).for_each(|(d, &v)| *d += v);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        // Overwriting: the first head that lands on a block is stored, not added
+                        // to a zero (one pass over the row instead of two).
+                        for hh in 0..h {
+                            let c0 = hh * head_stride + dst_col;
+                            let sr = &s[((b * h + hh) * seq + ti) * ds..][src_col..src_col + width];
+                            let d = &mut row[c0..c0 + width];
+                            if accumulate || hh >= blocks {
+                                d.iter_mut().zip(sr).for_each(|(d, &v)| *d += v);
+                            } else {
+                                d.copy_from_slice(sr);
+                            }
+                        }
+                    },
+                )
             });
         Ok(())
     }
