@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench -p moonlight-ref --bench model -- [--preset tiny] [--batch 32] [--seq 128] [--steps 5] \
-//!     [--threads 1] [--precision f32|bf16|both] [--outside]
+//!     [--threads 1] [--precision f32|bf16|both] [--simd baseline|avx2|avx512] [--outside]
 //! ```
 //!
 //! Prints tokens/s, the split between forward and backward and the optimizer step's time and
@@ -18,12 +18,15 @@
 //! team and rayon's global pool (default: every core the OS grants the process). Each run
 //! times `steps` steps after one warm-up step (first touches of every buffer, faer's packing
 //! buffers). The bf16 products run on the unit `muon_faer::Bf16Kernel::detect` names (f32 on
-//! a CPU with none, which the bench says).
+//! a CPU with none, which the bench says). `--simd` runs the host ops' loops at that vector
+//! width (`moonlight_ref::cpu::set_simd_level`; default: the widest the CPU has), to measure
+//! what the width buys: the results are the same bits at every width.
 
 use std::process::exit;
 use std::time::Instant;
 
 use moonlight_ref::config::ModelConfig;
+use moonlight_ref::cpu::{set_simd_level, simd_level, SimdLevel};
 use moonlight_ref::model::Model;
 use moonlight_ref::ops::BaseOps;
 use moonlight_ref::repro::record::training_flops;
@@ -91,8 +94,9 @@ fn measure(run: &Run, threads: usize, precision: Precision) -> Result<f64, Strin
     }
     let per_step = (fwd + bwd) / steps as f64;
     let kernel = b.bf16_kernel().map_or("f32 kernels", Bf16Kernel::name);
+    let simd = simd_level();
     println!(
-        "{} B={batch} T={seq} {precision} ({kernel}) on {} threads: {:.0} tokens/s forward+backward ({:.1} ms/step: forward {:.1}, backward {:.1}); optimizer {:.1} ms ({:.1}% of the step)",
+        "{} B={batch} T={seq} {precision} ({kernel}, {simd:?} loops) on {} threads: {:.0} tokens/s forward+backward ({:.1} ms/step: forward {:.1}, backward {:.1}); optimizer {:.1} ms ({:.1}% of the step)",
         run.preset,
         b.threads(),
         n as f64 / per_step,
@@ -118,6 +122,7 @@ struct Options {
     runs: Vec<Run>,
     threads: usize,
     precisions: Vec<Precision>,
+    simd: Option<SimdLevel>,
     outside: bool,
 }
 
@@ -127,6 +132,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut precisions = vec![Precision::F32, Precision::Bf16];
     let mut outside = false;
+    let mut simd = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if flag == "--outside" {
@@ -155,6 +161,14 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     _ => return Err(format!("--precision {value}: expected f32, bf16 or both")),
                 }
             }
+            "--simd" => {
+                simd = Some(match value.as_str() {
+                    "baseline" => SimdLevel::Baseline,
+                    "avx2" => SimdLevel::Avx2,
+                    "avx512" => SimdLevel::Avx512,
+                    _ => return Err(format!("--simd {value}: expected baseline, avx2 or avx512")),
+                })
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -175,6 +189,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         runs,
         threads,
         precisions,
+        simd,
         outside,
     })
 }
@@ -187,6 +202,9 @@ fn main() {
             .num_threads(o.threads)
             .build_global()
             .map_err(|e| format!("cannot start {} rayon threads: {e}", o.threads))?;
+        if let Some(level) = o.simd {
+            set_simd_level(level).map_err(|e| format!("--simd: {e}"))?;
+        }
         if Bf16Kernel::detect().is_none() && o.precisions.contains(&Precision::Bf16) {
             println!("this CPU has neither AMX nor AVX512-BF16: bf16 runs its products in f32");
         }
