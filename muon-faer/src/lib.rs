@@ -112,6 +112,43 @@ pub use crate::mpi_group::MpiGroup;
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
 pub use muon_core::Precision;
 
+/// What a [`Faer::product_on_thread`] may leave out: a triangle of zeros in `op(a)`, or of
+/// `c` that nobody reads (causal attention: the scores `Q K^T` are read on and below the
+/// diagonal only, the probabilities `P` are lower triangular). A hint the bf16 kernels act
+/// on (whole tiles, whole pairs of `k`), with the needed elements' bits unchanged as long as
+/// `b` is finite; the f32 products compute everything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Structure {
+    /// Every element of `c`, every term.
+    #[default]
+    Full,
+    /// Only `c[i][j]` with `j <= i` is needed; the others may be left as they were.
+    LowerC,
+    /// `op(a)[i][p] == 0` for `p > i` (lower triangular, the diagonal included).
+    LowerA,
+    /// `op(a)[i][p] == 0` for `p < i` (upper triangular, the diagonal included).
+    UpperA,
+}
+
+impl Structure {
+    /// What the bf16 driver leaves out.
+    fn skip(self) -> bf16::Skip {
+        use bf16::{Skip, Triangle};
+        match self {
+            Structure::Full => Skip::NONE,
+            Structure::LowerC => Skip::lower_c(0),
+            Structure::LowerA => Skip {
+                lower_c: None,
+                a: Some(Triangle::Lower),
+            },
+            Structure::UpperA => Skip {
+                lower_c: None,
+                a: Some(Triangle::Upper),
+            },
+        }
+    }
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
@@ -311,7 +348,8 @@ impl<T: Elem> Faer<T> {
     /// likewise, `c` is `m x n`. In bf16 it takes one of the backend's packing buffers (the
     /// pool is allocated on the first bf16 product, then reused): nothing allocates after that.
     /// Whether cutting `c` into row blocks changes the bits depends on the precision:
-    /// [`row_blocks_exact`](Self::row_blocks_exact).
+    /// [`row_blocks_exact`](Self::row_blocks_exact). `structure` names a triangle of zeros in
+    /// `op(a)` or of `c` nobody reads, which the bf16 kernels then skip ([`Structure`]).
     ///
     /// # Panics
     /// If a slice is shorter than its shape or the inner dimensions differ: the caller has
@@ -326,6 +364,7 @@ impl<T: Elem> Faer<T> {
         b: (&[T], usize, usize, Transpose),
         alpha: T,
         accumulate: bool,
+        structure: Structure,
     ) {
         let k = if a.3 == Transpose::No { a.2 } else { a.1 };
         let kb = if b.3 == Transpose::No { b.1 } else { b.2 };
@@ -352,9 +391,11 @@ impl<T: Elem> Faer<T> {
             let bv = bf16::KView::new(b32, n, k, b.3 == Transpose::Yes);
             let beta = if accumulate { 1.0 } else { 0.0 };
             let alpha = alpha.to_f64() as f32;
-            bf.block(&av, &bv, view_mut(c32, m, n), alpha, beta, None);
+            bf.block(&av, &bv, view_mut(c32, m, n), alpha, beta, structure.skip());
             return;
         }
+        // f32: every element, every term (the structure is a hint; faer's triangular products
+        // would change the order of the sums, so the bits, against a full product).
         let accum = if accumulate { Accum::Add } else { Accum::Replace };
         faer::linalg::matmul::matmul(
             view_mut(&mut c[..m * n], m, n),

@@ -15,7 +15,7 @@
 use faer::{Accum, Par};
 use muon_core::{newton_schulz_folded, NewtonSchulz, NsWorkspace, Real, Result, Shape, Transpose};
 
-use crate::bf16::{Bf16, KView};
+use crate::bf16::{Bf16, KView, Skip};
 use crate::elementwise::normalize_item;
 use crate::matmul::{
     lower_product, mirror_lower, plan, split_items, view, view_mut, Plan, TRANSPOSED_GRAM_MIN,
@@ -218,7 +218,7 @@ fn one_matrix_bf16<'a>(
                 view_mut(next, m, n),
                 1.0,
                 0.0,
-                None,
+                Skip::NONE,
             );
         } else {
             // X' = X P: A = X (n x m, k = m along its rows), B = P.
@@ -228,7 +228,7 @@ fn one_matrix_bf16<'a>(
                 view_mut(next, n, m),
                 1.0,
                 0.0,
-                None,
+                Skip::NONE,
             );
         }
         std::mem::swap(&mut x, &mut next);

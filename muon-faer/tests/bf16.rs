@@ -1,7 +1,8 @@
 //! The bf16 products (`Precision::Bf16`): every kernel this machine runs, forced in turn
 //! (AMX, AVX512-BF16, and both paths' drivers on scalar models of their instructions, which
 //! run anywhere), against independent references; Newton-Schulz in bf16 against its derived
-//! singular-value band; a hybrid optimizer step in bf16 against f32.
+//! singular-value band; a hybrid optimizer step in bf16 against f32; the triangular products
+//! (`Structure`) against the full ones.
 //!
 //! A kernel the CPU lacks is skipped, saying so (and why: the CPU feature, or the OS's
 //! permission).
@@ -34,7 +35,7 @@ use muon_core::{
     newton_schulz, round_to_bf16, Backend, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz,
     NsWorkspace, ParamRole, ParamSpec, Shape, Transpose,
 };
-use muon_faer::{Bf16Kernel, Faer, Precision};
+use muon_faer::{Bf16Kernel, Faer, Precision, Structure};
 use nalgebra::DMatrix;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -657,6 +658,91 @@ fn bf16_symmetric_products_match_the_exact_ones() {
                 }
             }
         }
+    }
+}
+
+/// `product_on_thread` with a [`Structure`] gives the bits of the full product where it
+/// promises to: a triangular `op(A)` (its zeros skipped per row panel, in whole pairs of `k`;
+/// `k` up to 530 crosses the drivers' 512-long blocks, where a row panel's first or last
+/// blocks are wholly zero) and the lower triangle of C. Every kernel, both stored layouts of
+/// each operand, with and without accumulation into C.
+#[test]
+fn structured_products_skip_only_zeros_and_unread_elements() {
+    for kernel in [
+        Bf16Kernel::Amx,
+        Bf16Kernel::Avx512Bf16,
+        Bf16Kernel::AmxModel,
+        Bf16Kernel::Avx512Bf16Model,
+    ] {
+        let Some(cpu) = backend(kernel, 1) else { continue };
+        let mut rng = Rng::new(15);
+        let mut data = |n: usize| -> Vec<f32> { rng.vec(n).iter().map(|&v| v as f32 - 0.5).collect() };
+        // (m, n, k): square triangles (attention's P V, P^T dO, dS K, dS^T Q) and a wide one.
+        for (m, n, k) in [
+            (1, 3, 1),
+            (17, 5, 17),
+            (128, 32, 128),
+            (40, 19, 70),
+            (530, 20, 530),
+        ] {
+            for (ta, tb) in OPS {
+                for (structure, zero) in [
+                    (Structure::LowerA, (|i, p| p > i) as fn(usize, usize) -> bool),
+                    (Structure::UpperA, |i, p| p < i),
+                ] {
+                    // op(A) is m x k; stored k x m when transposed.
+                    let mut a = data(m * k);
+                    for i in 0..m {
+                        for p in (0..k).filter(|&p| zero(i, p)) {
+                            let at = if ta == Transpose::No { i * k + p } else { p * m + i };
+                            a[at] = 0.0;
+                        }
+                    }
+                    let b = data(k * n);
+                    let (a_rc, b_rc) = (stored(m, k, ta), stored(k, n, tb));
+                    let c0 = data(m * n);
+                    for accumulate in [false, true] {
+                        let run = |structure| {
+                            let mut c = c0.clone();
+                            let (a, b) = ((&a[..], a_rc.0, a_rc.1, ta), (&b[..], b_rc.0, b_rc.1, tb));
+                            cpu.product_on_thread(&mut c, m, n, a, b, 1.7, accumulate, structure);
+                            c
+                        };
+                        assert!(
+                            bits(&run(structure)) == bits(&run(Structure::Full)),
+                            "{kernel} {structure:?} {m}x{n}x{k} {ta:?}/{tb:?} accumulate {accumulate}: \
+                             other bits than the full product"
+                        );
+                    }
+                }
+            }
+        }
+        // The scores' shape: C = Q K^T, m x m from k columns; only j <= i is compared.
+        for (m, k) in [(1, 4), (33, 48), (128, 48), (530, 20)] {
+            let (q, kk) = (data(m * k), data(m * k));
+            let run = |structure| {
+                let mut c = vec![f32::NAN; m * m];
+                let (a, b) = ((&q[..], m, k, Transpose::No), (&kk[..], m, k, Transpose::Yes));
+                cpu.product_on_thread(&mut c, m, m, a, b, 0.125, false, structure);
+                c
+            };
+            let (lower, full) = (run(Structure::LowerC), run(Structure::Full));
+            for i in 0..m {
+                assert!(
+                    bits(&lower[i * m..=i * m + i]) == bits(&full[i * m..=i * m + i]),
+                    "{kernel} LowerC {m}x{m}x{k}: row {i} differs from the full product"
+                );
+            }
+        }
+    }
+}
+
+/// `(rows, cols)` of an operand stored for `op` that is `rows x cols` after it.
+fn stored(rows: usize, cols: usize, op: Transpose) -> (usize, usize) {
+    if op == Transpose::No {
+        (rows, cols)
+    } else {
+        (cols, rows)
     }
 }
 

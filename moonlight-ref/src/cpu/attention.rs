@@ -3,7 +3,9 @@
 use muon_core::{check_shape, Error, HostMatrix, Real, Result, Shape, Transpose};
 use rayon::prelude::*;
 
-use super::{dims, f, floored, lane_max, lane_sum, same, t, vectorized, CpuReal, HostBackend, MIN_ROWS};
+use super::{
+    dims, f, floored, lane_max, lane_sum, same, t, vectorized, CpuReal, HostBackend, Structure, MIN_ROWS,
+};
 use crate::ops::AttentionOps;
 
 /// Checks that the column block `col..col + width` lies inside `cols` columns.
@@ -272,8 +274,12 @@ impl<B: HostBackend> AttentionOps for B {
             .for_each(|((((p, o), q), k), v)| {
                 let stored = |x, cols, op| (x, seq, cols, op);
                 let (no, yes) = (Transpose::No, Transpose::Yes);
-                // S = scale Q K^T, P = causal_softmax(S) in place, O = P V.
-                self.product_on_thread(p, seq, seq, stored(q, qk, no), stored(k, qk, yes), scale, false);
+                // S = scale Q K^T, P = causal_softmax(S) in place, O = P V. The softmax reads S
+                // on and below the diagonal only, and P is zero above it: a backend may skip
+                // both triangles (the bf16 kernels do, halving the work).
+                let (lower_c, lower_a) = (Structure::LowerC, Structure::LowerA);
+                let s_qk = (stored(q, qk, no), stored(k, qk, yes));
+                self.product_on_thread(p, seq, seq, s_qk.0, s_qk.1, scale, false, lower_c);
                 vectorized(
                     #[inline(always)]
                     || {
@@ -282,7 +288,16 @@ impl<B: HostBackend> AttentionOps for B {
                         }
                     },
                 );
-                self.product_on_thread(o, seq, dv, stored(&*p, seq, no), stored(v, dv, no), one, false);
+                self.product_on_thread(
+                    o,
+                    seq,
+                    dv,
+                    stored(&*p, seq, no),
+                    stored(v, dv, no),
+                    one,
+                    false,
+                    lower_a,
+                );
             });
         Ok(())
     }
@@ -320,25 +335,13 @@ impl<B: HostBackend> AttentionOps for B {
             .for_each(|((((((((ds, dq), dk), dv), d_o), p), q), k), v)| {
                 let stored = |x, cols, op| (x, seq, cols, op);
                 let (no, yes) = (Transpose::No, Transpose::Yes);
-                // O = P V: dV = P^T dO, dP = dO V^T.
-                self.product_on_thread(
-                    dv,
-                    seq,
-                    dvw,
-                    stored(p, seq, yes),
-                    stored(d_o, dvw, no),
-                    one,
-                    false,
-                );
-                self.product_on_thread(
-                    ds,
-                    seq,
-                    seq,
-                    stored(d_o, dvw, no),
-                    stored(v, dvw, yes),
-                    one,
-                    false,
-                );
+                // O = P V: dV = P^T dO, dP = dO V^T. P (so dS) is lower triangular and the
+                // softmax's backward reads dP on and below the diagonal only: P^T and dS^T are
+                // upper triangular.
+                let (lower_c, lower_a, upper_a) = (Structure::LowerC, Structure::LowerA, Structure::UpperA);
+                let (p_t, d_o) = (stored(p, seq, yes), stored(d_o, dvw, no));
+                self.product_on_thread(dv, seq, dvw, p_t, d_o, one, false, upper_a);
+                self.product_on_thread(ds, seq, seq, d_o, stored(v, dvw, yes), one, false, lower_c);
                 vectorized(
                     #[inline(always)]
                     || {
@@ -348,9 +351,9 @@ impl<B: HostBackend> AttentionOps for B {
                     },
                 );
                 // S = scale Q K^T: dQ = scale dS K, dK = scale dS^T Q.
-                let ds = &*ds;
-                self.product_on_thread(dq, seq, qk, stored(ds, seq, no), stored(k, qk, no), scale, false);
-                self.product_on_thread(dk, seq, qk, stored(ds, seq, yes), stored(q, qk, no), scale, false);
+                let (ds, ds_t) = (stored(&*ds, seq, no), stored(&*ds, seq, yes));
+                self.product_on_thread(dq, seq, qk, ds, stored(k, qk, no), scale, false, lower_a);
+                self.product_on_thread(dk, seq, qk, ds_t, stored(q, qk, no), scale, false, upper_a);
             });
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use muon_core::{Precision, Real, Result, Transpose};
 
-use super::{check_len, CpuReal, HostBackend};
+use super::{check_len, CpuReal, HostBackend, Structure};
 use crate::ops::BaseOps;
 
 impl<B: HostBackend> BaseOps for B {
@@ -86,5 +86,5 @@ fn warm_up_threads<B: HostBackend>(backend: &B) {
     const N: usize = 32;
     let (a, mut c) = ([B::Elem::ONE; N * N], [B::Elem::ZERO; N * N]);
     let op = (&a[..], N, N, Transpose::No);
-    backend.product_on_thread(&mut c, N, N, op, op, B::Elem::ONE, false);
+    backend.product_on_thread(&mut c, N, N, op, op, B::Elem::ONE, false, Structure::Full);
 }

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{
     check_indices, check_len, dims, f, gather_rows, lane_sum, same, t, vectorized, CpuReal, HostBackend,
-    MIN_ROWS,
+    Structure, MIN_ROWS,
 };
 use crate::ops::FfnOps;
 
@@ -503,8 +503,8 @@ impl<B: HostBackend> FfnOps for B {
                 .for_each(|(dc, ac)| {
                     let rows = ac.len() / k.max(1);
                     let accumulate = scale_for_beta(dc, beta);
-                    let wop = (we, ws.rows, ws.cols, transpose_w);
-                    self.product_on_thread(dc, rows, n, (ac, rows, k, Transpose::No), wop, alpha, accumulate);
+                    let (aop, wop) = ((ac, rows, k, Transpose::No), (we, ws.rows, ws.cols, transpose_w));
+                    self.product_on_thread(dc, rows, n, aop, wop, alpha, accumulate, Structure::Full);
                 });
         }
         Ok(())
@@ -543,7 +543,7 @@ impl<B: HostBackend> FfnOps for B {
                 let rows = hi - lo;
                 let xe = (&xs[lo * p..hi * p], rows, p, Transpose::Yes);
                 let ye = (&ys[lo * q..hi * q], rows, q, Transpose::No);
-                self.product_on_thread(dwe, p, q, xe, ye, alpha, accumulate);
+                self.product_on_thread(dwe, p, q, xe, ye, alpha, accumulate, Structure::Full);
             });
         Ok(())
     }

@@ -29,6 +29,7 @@ pub use simd::{set_simd_level, simd_level, vectorized, SimdLevel};
 use muon_core::{
     check_shape, Backend, Error, HostMatrix, Portable, Precision, Real, Result, Shape, Transpose,
 };
+pub use muon_faer::Structure;
 
 /// A backend whose matrices are [`HostMatrix`] stacks of a [`CpuReal`]: every op family is
 /// implemented once for all of them.
@@ -52,7 +53,9 @@ pub trait HostBackend:
     fn row_blocks_exact(&self) -> bool;
 
     /// One product on the calling thread, as [`CpuReal::matmul`] has it, in the backend's
-    /// precision.
+    /// precision; `structure` names a triangle of zeros in `op(a)` or of `c` nobody reads,
+    /// which a backend may skip (muon-faer's bf16 kernels do; the needed elements' bits are
+    /// those of the full product).
     #[allow(clippy::too_many_arguments)]
     fn product_on_thread(
         &self,
@@ -63,6 +66,7 @@ pub trait HostBackend:
         b: (&[Self::Elem], usize, usize, Transpose),
         alpha: Self::Elem,
         accumulate: bool,
+        structure: Structure,
     );
 }
 
@@ -94,6 +98,7 @@ impl<T: CpuReal> HostBackend for Portable<T> {
         b: (&[T], usize, usize, Transpose),
         alpha: T,
         accumulate: bool,
+        _: Structure,
     ) {
         T::matmul(c, m, n, a, b, alpha, accumulate);
     }
@@ -121,8 +126,9 @@ impl<T: muon_faer::Elem + CpuReal> HostBackend for muon_faer::Faer<T> {
         b: (&[T], usize, usize, Transpose),
         alpha: T,
         accumulate: bool,
+        structure: Structure,
     ) {
-        muon_faer::Faer::product_on_thread(self, c, m, n, a, b, alpha, accumulate);
+        muon_faer::Faer::product_on_thread(self, c, m, n, a, b, alpha, accumulate, structure);
     }
 }
 

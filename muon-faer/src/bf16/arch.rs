@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 
 use faer::MatMut;
 
-use super::driver::{self, APanel, RegisterKernel};
+use super::driver::{self, APanel, RegisterKernel, Skip};
 use super::pack::{KView, Packer};
 
 /// Rows of the AVX512-BF16 kernel's tile: 6 x 4 accumulators, 4 B registers and a broadcast
@@ -338,7 +338,7 @@ pub(crate) fn avx512_product(
     c: MatMut<'_, f32>,
     alpha: f32,
     beta: f32,
-    lower: Option<usize>,
+    skip: Skip,
     buf: &mut [u32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -352,16 +352,16 @@ pub(crate) fn avx512_product(
             c: MatMut<'_, f32>,
             alpha: f32,
             beta: f32,
-            lower: Option<usize>,
+            skip: Skip,
             buf: &mut [u32],
         ) {
             // The narrowest tile that holds C's columns in one or two passes.
             match b.rows() {
                 0..=32 => {
-                    driver::register_product(Avx512Tile::<12, 2>(token), a, b, c, alpha, beta, lower, buf)
+                    driver::register_product(Avx512Tile::<12, 2>(token), a, b, c, alpha, beta, skip, buf)
                 }
                 33..=48 => {
-                    driver::register_product(Avx512Tile::<8, 3>(token), a, b, c, alpha, beta, lower, buf)
+                    driver::register_product(Avx512Tile::<8, 3>(token), a, b, c, alpha, beta, skip, buf)
                 }
                 _ => driver::register_product(
                     Avx512Tile::<AVX512_MR, AVX512_NV>(token),
@@ -370,17 +370,17 @@ pub(crate) fn avx512_product(
                     c,
                     alpha,
                     beta,
-                    lower,
+                    skip,
                     buf,
                 ),
             }
         }
         // SAFETY: the token proves the CPU has the features `compiled` is built for.
-        unsafe { compiled(token, a, b, c, alpha, beta, lower, buf) }
+        unsafe { compiled(token, a, b, c, alpha, beta, skip, buf) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, b, c, alpha, beta, lower, buf);
+        let _ = (a, b, c, alpha, beta, skip, buf);
         match token._proof {}
     }
 }
@@ -732,7 +732,7 @@ pub(crate) fn amx_product(
     c: MatMut<'_, f32>,
     alpha: f32,
     beta: f32,
-    lower: Option<usize>,
+    skip: Skip,
     buf: &mut [u32],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -746,17 +746,17 @@ pub(crate) fn amx_product(
             c: MatMut<'_, f32>,
             alpha: f32,
             beta: f32,
-            lower: Option<usize>,
+            skip: Skip,
             buf: &mut [u32],
         ) {
-            driver::tile_product(token, a, b, c, alpha, beta, lower, buf);
+            driver::tile_product(token, a, b, c, alpha, beta, skip, buf);
         }
         // SAFETY: the token proves AVX512F/BW/VL/BF16 (detect_amx requires them).
-        unsafe { compiled(token, a, b, c, alpha, beta, lower, buf) }
+        unsafe { compiled(token, a, b, c, alpha, beta, skip, buf) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, b, c, alpha, beta, lower, buf);
+        let _ = (a, b, c, alpha, beta, skip, buf);
         match token._proof {}
     }
 }

@@ -3,7 +3,8 @@
 //! its kernel so the same loops run the real instructions or their scalar models.
 //!
 //! A product is `C = alpha A B^T + beta C` on [`KView`]s (A: `m x k`, B given as `n x k`),
-//! optionally only the tiles of a lower triangle. The loops, outside in (BLIS's names):
+//! optionally only the tiles of a lower triangle, or only the terms where a triangular A is
+//! not zero (`Skip`). The loops, outside in (BLIS's names):
 //! `jc` over panels of `NC` columns of C; `pc` over blocks of `KC` pairs of `k`, packing B's
 //! panel (`KC x NC`, in L2/L3); `ic` over blocks of `MC` rows, packing A's block (`MC x KC`, in
 //! L2); then `jr` over micro-panels of `NR` columns of B (in L1 while `ir` runs) and `ir` over
@@ -86,20 +87,80 @@ fn scale(mut c: MatMut<'_, f32>, alpha: f32, beta: f32) {
     }
 }
 
-/// Columns of C a product must compute: all, or those left of the diagonal band.
-fn needed_columns(m: usize, n: usize, lower: Option<usize>) -> usize {
-    lower.map_or(n, |offset| n.min(m + offset))
+/// What a product may leave out: elements of C nobody reads, terms whose A lane is a known
+/// zero. Skipping either leaves every needed element's bits as they are: accumulators start
+/// at +0, and adding an exact zero product to them (B finite) changes nothing, not even a
+/// zero's sign.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Skip {
+    /// Only the elements `(i, j)` with `j <= i + offset` are needed (a lower triangle,
+    /// `offset` = the block's first row); tiles wholly above are skipped, the rest computed
+    /// whole.
+    pub(crate) lower_c: Option<usize>,
+    /// A is triangular: its zeros (`k > i` for `Lower`, `k < i` for `Upper`) are not
+    /// multiplied (per micro-panel of rows, whole pairs).
+    pub(crate) a: Option<Triangle>,
 }
 
-/// Whether the `rows x cols` tile at `(i0, j0)` lies wholly above the diagonal of a lower
-/// product (element `(i, j)` is needed when `j <= i + offset`).
-fn above_diagonal(i0: usize, rows: usize, j0: usize, lower: Option<usize>) -> bool {
-    lower.is_some_and(|offset| j0 > i0 + rows - 1 + offset)
+/// Which triangle of A holds its nonzeros (the diagonal included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Triangle {
+    Lower,
+    Upper,
 }
 
-/// `C = alpha A B^T + beta C` with a register kernel. `lower`: only the elements `(i, j)` with
-/// `j <= i + offset` are needed (a lower triangle, `offset` = the block's first row); tiles
-/// wholly above are skipped, the rest computed whole. `buf` holds [`BUFFER_LANES`] lanes.
+impl Skip {
+    /// Every element, every term.
+    pub(crate) const NONE: Skip = Skip {
+        lower_c: None,
+        a: None,
+    };
+
+    /// Only C's lower triangle from the block's row `offset` on.
+    pub(crate) fn lower_c(offset: usize) -> Skip {
+        Skip {
+            lower_c: Some(offset),
+            a: None,
+        }
+    }
+
+    /// Columns of C a product must compute: all, or those left of the diagonal band.
+    fn needed_columns(self, m: usize, n: usize) -> usize {
+        self.lower_c.map_or(n, |offset| n.min(m + offset))
+    }
+
+    /// The first row whose needed columns reach column `jc`.
+    fn first_row(self, jc: usize) -> usize {
+        self.lower_c.map_or(0, |offset| jc.saturating_sub(offset))
+    }
+
+    /// Whether the `rows x cols` tile at `(i0, j0)` lies wholly above the diagonal of a lower
+    /// product (element `(i, j)` is needed when `j <= i + offset`).
+    fn above_diagonal(self, i0: usize, rows: usize, j0: usize) -> bool {
+        self.lower_c.is_some_and(|offset| j0 > i0 + rows - 1 + offset)
+    }
+
+    /// The pairs of the block `pc..pc + kc` (numbered from the block's start) that rows
+    /// `i0..i0 + rows` of A may hold nonzeros in (`0..0` when none).
+    fn live_pairs(self, i0: usize, rows: usize, pc: usize, kc: usize) -> std::ops::Range<usize> {
+        let clamp = |pair: usize| pair.saturating_sub(pc).min(kc);
+        let live = match self.a {
+            None => 0..kc,
+            // Lanes k <= i0 + rows - 1: pairs up to (i0 + rows - 1) / 2.
+            Some(Triangle::Lower) => 0..clamp((i0 + rows - 1) / 2 + 1),
+            // Lanes k >= i0: pairs from i0 / 2 on.
+            Some(Triangle::Upper) => clamp(i0 / 2)..kc,
+        };
+        if live.is_empty() {
+            0..0
+        } else {
+            live
+        }
+    }
+}
+
+/// `C = alpha A B^T + beta C` with a register kernel, leaving out what `skip` allows. `buf`
+/// holds [`BUFFER_LANES`] lanes.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn register_product<K: RegisterKernel>(
@@ -109,7 +170,7 @@ pub(crate) fn register_product<K: RegisterKernel>(
     mut c: MatMut<'_, f32>,
     alpha: f32,
     beta: f32,
-    lower: Option<usize>,
+    skip: Skip,
     buf: &mut [u32],
 ) {
     let (m, n) = (c.nrows(), c.ncols());
@@ -123,11 +184,11 @@ pub(crate) fn register_product<K: RegisterKernel>(
     let mc_max = MC.div_ceil(mr) * mr;
     let (b_panel, a_block) = buf.split_at_mut(NC * KC_PAIRS);
     let a_block = &mut a_block[..mc_max * KC_PAIRS];
-    let n_needed = needed_columns(m, n, lower);
+    let n_needed = skip.needed_columns(m, n);
     for jc in (0..n_needed).step_by(NC) {
         let nc = NC.min(n_needed - jc);
         // Rows whose needed columns reach this panel.
-        let first_row = lower.map_or(0, |offset| jc.saturating_sub(offset));
+        let first_row = skip.first_row(jc);
         for pc in (0..pairs).step_by(KC_PAIRS) {
             let kc = KC_PAIRS.min(pairs - pc);
             let beta = if pc == 0 { beta } else { 1.0 };
@@ -137,18 +198,25 @@ pub(crate) fn register_product<K: RegisterKernel>(
                 // A's micro-panel `qi` starts at lane `qi * panel`; lane `(i, p)` of it lies at
                 // `i * row + p * pair`.
                 let mc_pad = mc.div_ceil(mr) * mr;
-                let (panel, row, pair) = if a.k_contiguous() {
+                let k_rows = a.k_contiguous();
+                let (panel, pair) = if k_rows {
+                    // Row-major panels hold only the pairs their rows may be nonzero in (all,
+                    // unless A is triangular), `live.len()` of them a row.
                     for (q, ir) in (0..mc).step_by(mr).enumerate() {
-                        pack_row_major(pk, a, ic + ir, mr, pc, kc, &mut a_block[q * mr * kc..]);
+                        let live = skip.live_pairs(ic + ir, mr.min(mc - ir), pc, kc);
+                        if !live.is_empty() {
+                            let out = &mut a_block[q * mr * kc..];
+                            pack_row_major(pk, a, ic + ir, mr, pc + live.start, live.len(), out);
+                        }
                     }
-                    (mr * kc, kc, 1)
+                    (mr * kc, 1)
                 } else {
                     // `k` down A's stored columns: the whole block pair-major, each pair one
                     // pass over two stored rows. Panels of `mr` rows packed one by one would
                     // cut every pass into `mr`-lane pieces (copied into place, the copies
                     // took two thirds of a 128x32x128 product's time on Zen 5).
                     pack_pair_major(pk, a, ic, mc_pad, pc, kc, a_block);
-                    (mr, 1, mc_pad)
+                    (mr, mc_pad)
                 };
                 let a_block = &a_block[..mc_pad * kc];
                 for (qj, jr) in (0..nc).step_by(nr).enumerate() {
@@ -157,13 +225,27 @@ pub(crate) fn register_product<K: RegisterKernel>(
                     for (qi, ir) in (0..mc).step_by(mr).enumerate() {
                         let rows = mr.min(mc - ir);
                         let (i0, j0) = (ic + ir, jc + jr);
-                        if above_diagonal(i0, rows, j0, lower) {
+                        if skip.above_diagonal(i0, rows, j0) {
                             continue;
                         }
-                        let lanes = &a_block[qi * panel..];
-                        let a_micro = APanel { lanes, row, pair };
+                        let live = skip.live_pairs(i0, rows, pc, kc);
+                        if live.is_empty() && pc > 0 {
+                            continue; // nothing to add to what the first block stored
+                        }
+                        let a_micro = if k_rows {
+                            let lanes = &a_block[qi * panel..];
+                            APanel {
+                                lanes,
+                                row: live.len(),
+                                pair,
+                            }
+                        } else {
+                            let lanes = &a_block[qi * panel + live.start * pair..];
+                            APanel { lanes, row: 1, pair }
+                        };
+                        let b_micro = &b_micro[live.start * nr..];
                         let tile = c.as_mut().submatrix_mut(i0, j0, rows, cols);
-                        kernel.tile(kc, a_micro, b_micro, tile, alpha, beta);
+                        kernel.tile(live.len(), a_micro, b_micro, tile, alpha, beta);
                     }
                 }
             }
@@ -216,7 +298,7 @@ pub(crate) trait TileOps {
     fn store_accumulators(&mut self, out: &mut [f32; 1024]);
 }
 
-/// `C = alpha A B^T + beta C` on a tile unit, like [`register_product`] (same `lower` and
+/// `C = alpha A B^T + beta C` on a tile unit, like [`register_product`] (same `skip` and
 /// `buf` contract). A micro-panel of 32 rows (columns) and `kc` pairs holds, per step of 16
 /// pairs, its two 1 KiB tiles one after the other.
 #[inline(always)]
@@ -228,7 +310,7 @@ pub(crate) fn tile_product<U: TileUnit>(
     mut c: MatMut<'_, f32>,
     alpha: f32,
     beta: f32,
-    lower: Option<usize>,
+    skip: Skip,
     buf: &mut [u32],
 ) {
     const SIDE: usize = 32;
@@ -240,13 +322,13 @@ pub(crate) fn tile_product<U: TileUnit>(
         return scale(c, alpha, beta);
     }
     let (b_panel, a_block) = buf.split_at_mut(TILE_NC * TILE_KC_PAIRS);
-    let n_needed = needed_columns(m, n, lower);
+    let n_needed = skip.needed_columns(m, n);
     let pk = unit.packer();
     let mut tiles = unit.configure();
     let mut block = [0.0f32; SIDE * SIDE];
     for jc in (0..n_needed).step_by(TILE_NC) {
         let nc = TILE_NC.min(n_needed - jc);
-        let first_row = lower.map_or(0, |offset| jc.saturating_sub(offset));
+        let first_row = skip.first_row(jc);
         for pc in (0..pairs).step_by(TILE_KC_PAIRS) {
             let steps = TILE_KC_PAIRS.min(pairs - pc).div_ceil(TILE_PAIRS);
             let micro = steps * STEP_LANES;
@@ -277,14 +359,20 @@ pub(crate) fn tile_product<U: TileUnit>(
                     for (qi, ir) in (0..mc).step_by(SIDE).enumerate() {
                         let rows = SIDE.min(mc - ir);
                         let (i0, j0) = (ic + ir, jc + jr);
-                        if above_diagonal(i0, rows, j0, lower) {
+                        if skip.above_diagonal(i0, rows, j0) {
                             continue;
                         }
+                        let live = skip.live_pairs(i0, rows, pc, steps * TILE_PAIRS);
+                        let live = live.start / TILE_PAIRS..live.end.div_ceil(TILE_PAIRS);
+                        if live.is_empty() && pc > 0 {
+                            continue; // nothing to add to what the first block stored
+                        }
                         let a_micro = &a_block[qi * micro..][..micro];
+                        let lanes = live.start * STEP_LANES..live.end * STEP_LANES;
                         tiles.zero_accumulators();
-                        for (sa, sb) in a_micro
+                        for (sa, sb) in a_micro[lanes.clone()]
                             .chunks_exact(STEP_LANES)
-                            .zip(b_micro.chunks_exact(STEP_LANES))
+                            .zip(b_micro[lanes].chunks_exact(STEP_LANES))
                         {
                             tiles.step(
                                 sa.try_into().expect("512 lanes"),

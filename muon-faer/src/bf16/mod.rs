@@ -32,6 +32,7 @@ use muon_core::{Error, Result, Transpose};
 use crate::matmul::{part_range, plan, split_items, Plan, Product};
 use crate::team::{Team, MAX_PARTS};
 
+pub(crate) use driver::{Skip, Triangle};
 pub(crate) use pack::KView;
 
 /// Which unit runs the backend's bf16 products ([`Faer::with_bf16_kernel`](crate::Faer::with_bf16_kernel)).
@@ -148,15 +149,15 @@ impl Path {
         c: MatMut<'_, f32>,
         alpha: f32,
         beta: f32,
-        lower: Option<usize>,
+        skip: Skip,
         buf: &mut [u32],
     ) {
         match self {
-            Path::Amx(t) => arch::amx_product(t, a, b, c, alpha, beta, lower, buf),
-            Path::Avx512(t) => arch::avx512_product(t, a, b, c, alpha, beta, lower, buf),
-            Path::AmxModel => driver::tile_product(model::AmxModel, a, b, c, alpha, beta, lower, buf),
+            Path::Amx(t) => arch::amx_product(t, a, b, c, alpha, beta, skip, buf),
+            Path::Avx512(t) => arch::avx512_product(t, a, b, c, alpha, beta, skip, buf),
+            Path::AmxModel => driver::tile_product(model::AmxModel, a, b, c, alpha, beta, skip, buf),
             Path::Avx512Model => {
-                driver::register_product(model::Vdpbf16psModel, a, b, c, alpha, beta, lower, buf)
+                driver::register_product(model::Vdpbf16psModel, a, b, c, alpha, beta, skip, buf)
             }
         }
     }
@@ -246,10 +247,10 @@ impl Bf16<'_> {
         c: MatMut<'_, f32>,
         alpha: f32,
         beta: f32,
-        lower: Option<usize>,
+        skip: Skip,
     ) {
         self.pool
-            .with(|buf| self.path.product(a, b, c, alpha, beta, lower, buf));
+            .with(|buf| self.path.product(a, b, c, alpha, beta, skip, buf));
     }
 
     /// `dst = alpha op(a) op(b) + beta dst` for every item (`dst`: `batch x m x n`), split
@@ -260,7 +261,7 @@ impl Bf16<'_> {
         let (alpha, beta) = (prod.alpha, prod.beta);
         let item = |d: &mut [f32], e: usize| {
             let (a, b) = (a_view(&prod, e, m, k), b_view(&prod, e, n, k));
-            self.block(&a, &b, view_mut(d, m, n), alpha, beta, None);
+            self.block(&a, &b, view_mut(d, m, n), alpha, beta, Skip::NONE);
         };
         let flops = 2.0 * (m * n * k) as f64;
         match bf16_plan(self.team.threads(), batch, flops, m.max(n)) {
@@ -300,9 +301,9 @@ impl Bf16<'_> {
                     self.team.for_each_part(&mut blocks[..parts], &|block| {
                         if let Some((start, end, out)) = block.take() {
                             if by_rows {
-                                self.block(&a.subrows(start, end - start), &b, out, alpha, beta, None);
+                                self.block(&a.subrows(start, end - start), &b, out, alpha, beta, Skip::NONE);
                             } else {
-                                self.block(&a, &b.subrows(start, end - start), out, alpha, beta, None);
+                                self.block(&a, &b.subrows(start, end - start), out, alpha, beta, Skip::NONE);
                             }
                         }
                     });
@@ -335,7 +336,7 @@ impl Bf16<'_> {
                     out,
                     alpha,
                     beta,
-                    Some(start),
+                    Skip::lower_c(start),
                 );
             }
         };
