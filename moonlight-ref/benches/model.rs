@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo bench -p moonlight-ref --bench model -- [--preset tiny] [--batch 32] [--seq 128] [--steps 5] \
-//!     [--threads 1] [--precision f32|bf16|both] [--simd baseline|avx2|avx512] [--outside]
+//!     [--threads 1] [--precision f32|bf16|both] [--simd baseline|avx2|avx512] [--outside] \
+//!     [--product-times]
 //! ```
 //!
 //! Prints tokens/s, the split between forward and backward and the optimizer step's time and
@@ -21,6 +22,16 @@
 //! a CPU with none, which the bench says). `--simd` runs the host ops' loops at that vector
 //! width (`moonlight_ref::cpu::set_simd_level`; default: the widest the CPU has), to measure
 //! what the width buys: the results are the same bits at every width.
+//!
+//! `--product-times` (built with `--features product-timer`) then runs `steps` more forward +
+//! backward steps with muon-faer's product timer on and prints where the bf16 products spent
+//! their time: per shape and operand layout, the calls, milliseconds and nominal GFLOP/s per
+//! step, and the share spent packing each operand:
+//!
+//! ```text
+//! cargo bench -p moonlight-ref --features product-timer --bench model -- --preset small \
+//!     --batch 32 --seq 128 --threads 1 --steps 4 --precision bf16 --product-times
+//! ```
 
 use std::process::exit;
 use std::time::Instant;
@@ -43,7 +54,7 @@ struct Run {
 
 /// Prints the figures of one run with `threads` threads; returns the seconds of a forward +
 /// backward.
-fn measure(run: &Run, threads: usize, precision: Precision) -> Result<f64, String> {
+fn measure(run: &Run, threads: usize, precision: Precision, product_times: bool) -> Result<f64, String> {
     let (batch, seq, steps) = (run.batch, run.seq, run.steps);
     let b = Faer::<f32>::with_threads(threads).with_precision(precision);
     b.warm_up().map_err(|e| e.to_string())?;
@@ -93,6 +104,9 @@ fn measure(run: &Run, threads: usize, precision: Precision) -> Result<f64, Strin
         opt += opt_step(&mut model)?;
     }
     let per_step = (fwd + bwd) / steps as f64;
+    if product_times {
+        print_product_times(steps, per_step, || step(&mut model).map(|_| ()))?;
+    }
     let kernel = b.bf16_kernel().map_or("f32 kernels", Bf16Kernel::name);
     let simd = simd_level();
     println!(
@@ -117,6 +131,114 @@ fn measure(run: &Run, threads: usize, precision: Precision) -> Result<f64, Strin
     Ok(per_step)
 }
 
+/// Runs `steps` steps with muon-faer's product timer on and prints a table of its products,
+/// the most time first (`per_step`: the seconds of a step without the timer, for scale).
+#[cfg(feature = "product-timer")]
+fn print_product_times(
+    steps: usize,
+    per_step: f64,
+    mut step: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    muon_faer::start_product_timer();
+    for _ in 0..steps {
+        step()?;
+    }
+    let times = merge_varying(muon_faer::stop_product_timer());
+    let (per, ms) = (steps as f64, |d: std::time::Duration| d.as_secs_f64() * 1e3);
+    let total: f64 = times.iter().map(|t| ms(t.0.total)).sum::<f64>() / per;
+    println!(
+        "  bf16 products: {total:.1} ms a step of {:.1} (thread time; m x n x k as each call ran, \
+         a team's blocks apart; layout: A and op(B)^T stored with k along rows 'r' or down \
+         columns 'c'; '*': part skipped, so the GFLOP/s are nominal):",
+        per_step * 1e3
+    );
+    println!(
+        "  {:>20} {:>6} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "m x n x k", "layout", "calls", "ms", "GFLOP/s", "pack A", "pack B"
+    );
+    for (t, flops, var_m, var_k) in times.iter().take(20) {
+        let layout = |r| if r { 'r' } else { 'c' };
+        let dim = |d: usize, var| if var { "var".to_string() } else { d.to_string() };
+        println!(
+            "  {:>20} {:>5}{} {:>9.0} {:>9.2} {:>9.0} {:>6.0}% {:>6.0}%",
+            format!("{} x {} x {}", dim(t.m, *var_m), t.n, dim(t.k, *var_k)),
+            format!("{}{}", layout(t.a_k_rows), layout(t.b_k_rows)),
+            if t.skipped { '*' } else { ' ' },
+            t.calls as f64 / per,
+            ms(t.total) / per,
+            flops / t.total.as_secs_f64() / 1e9,
+            100.0 * t.pack_a.as_secs_f64() / t.total.as_secs_f64(),
+            100.0 * t.pack_b.as_secs_f64() / t.total.as_secs_f64(),
+        );
+    }
+    if times.len() > 20 {
+        let rest: f64 = times[20..].iter().map(|t| ms(t.0.total)).sum::<f64>() / per;
+        println!("  ... {} more shapes, {rest:.2} ms a step", times.len() - 20);
+    }
+    Ok(())
+}
+
+/// The timings with the grouped expert GEMMs' shapes merged: those that differ only in `m`
+/// (the rows routed to each expert), then, among the others, those that differ only in `k`
+/// (their weight gradients), each as one row with its summed flops and whether `m` or `k`
+/// varies (the shared expert's products, of the same `n` and `k` or `m` and `n`, join them).
+/// The most time first.
+#[cfg(feature = "product-timer")]
+fn merge_varying(times: Vec<muon_faer::ProductTiming>) -> Vec<(muon_faer::ProductTiming, f64, bool, bool)> {
+    type Row = (muon_faer::ProductTiming, f64, bool, bool);
+    fn merge(rows: Vec<Row>, key: impl Fn(&muon_faer::ProductTiming) -> [usize; 5], m: bool) -> Vec<Row> {
+        let mut out: Vec<Row> = Vec::new();
+        for row in rows {
+            // A row merged over `m` stays as it is when merging over `k`.
+            let mergeable = |r: &Row| m || !r.2;
+            let target = out.iter_mut().find(|o| mergeable(o) && key(&o.0) == key(&row.0));
+            match target.filter(|_| mergeable(&row)) {
+                Some(o) => {
+                    let (t, r) = (&mut o.0, &row.0);
+                    (t.calls, t.total) = (t.calls + r.calls, t.total + r.total);
+                    (t.pack_a, t.pack_b) = (t.pack_a + r.pack_a, t.pack_b + r.pack_b);
+                    o.1 += row.1;
+                    if m {
+                        o.2 = true
+                    } else {
+                        o.3 = true
+                    }
+                }
+                None => out.push(row),
+            }
+        }
+        out
+    }
+    let class = |t: &muon_faer::ProductTiming| [t.a_k_rows as usize, t.b_k_rows as usize, t.skipped as usize];
+    let rows = times
+        .into_iter()
+        .map(|t| (t.clone(), t.flops(), false, false))
+        .collect();
+    let rows = merge(
+        rows,
+        |t| {
+            let [a, b, s] = class(t);
+            [t.n, t.k, a, b, s]
+        },
+        true,
+    );
+    let mut rows = merge(
+        rows,
+        |t| {
+            let [a, b, s] = class(t);
+            [t.m, t.n, a, b, s]
+        },
+        false,
+    );
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0.total));
+    rows
+}
+
+#[cfg(not(feature = "product-timer"))]
+fn print_product_times(_: usize, _: f64, _: impl FnMut() -> Result<(), String>) -> Result<(), String> {
+    Err("--product-times needs the bench built with `--features product-timer`".into())
+}
+
 /// What the command line asks for.
 struct Options {
     runs: Vec<Run>,
@@ -124,6 +246,7 @@ struct Options {
     precisions: Vec<Precision>,
     simd: Option<SimdLevel>,
     outside: bool,
+    product_times: bool,
 }
 
 /// The runs, the thread count and the precisions the command line asks for.
@@ -131,12 +254,16 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let (mut preset, mut batch, mut seq, mut steps) = (None, None, None, None);
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut precisions = vec![Precision::F32, Precision::Bf16];
-    let mut outside = false;
+    let (mut outside, mut product_times) = (false, false);
     let mut simd = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        if flag == "--outside" {
-            outside = true;
+        if flag == "--outside" || flag == "--product-times" {
+            *(if flag == "--outside" {
+                &mut outside
+            } else {
+                &mut product_times
+            }) = true;
             continue;
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -191,6 +318,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         precisions,
         simd,
         outside,
+        product_times,
     })
 }
 
@@ -212,7 +340,7 @@ fn main() {
             for run in &o.runs {
                 for &p in &o.precisions {
                     print!("outside rayon: ");
-                    measure(run, o.threads, p)?;
+                    measure(run, o.threads, p, o.product_times)?;
                 }
             }
         }
@@ -222,7 +350,7 @@ fn main() {
                 let times = o
                     .precisions
                     .iter()
-                    .map(|&p| measure(run, o.threads, p))
+                    .map(|&p| measure(run, o.threads, p, o.product_times))
                     .collect::<Result<Vec<f64>, String>>()?;
                 if let [f32_time, bf16_time] = times[..] {
                     println!(

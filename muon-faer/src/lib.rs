@@ -105,6 +105,8 @@ use crate::matmul::Product;
 use crate::team::Team;
 
 pub use crate::bf16::Bf16Kernel;
+#[cfg(feature = "product-timer")]
+pub use crate::bf16::{start_product_timer, stop_product_timer, ProductTiming};
 pub use crate::collective::{ThreadGroup, Traffic};
 pub use crate::matmul::{view, view_mut};
 #[cfg(feature = "mpi")]

@@ -20,6 +20,7 @@ use faer::MatMut;
 
 use super::model::merge;
 use super::pack::{pack_pair_major, pack_pair_major_panels, pack_row_major, KView, Packer};
+use super::timer::Clock;
 
 /// An A micro-panel of `MR` rows: lane `(i, p)` at `lanes[i * row + p * pair]`. Pair-major
 /// (`row = 1`, `pair = MR`) when A is stored with `k` down its columns, row-major (`row =
@@ -185,6 +186,7 @@ pub(crate) fn register_product<K: RegisterKernel>(
     let (b_panel, a_block) = buf.split_at_mut(NC * KC_PAIRS);
     let a_block = &mut a_block[..mc_max * KC_PAIRS];
     let n_needed = skip.needed_columns(m, n);
+    let mut clock = Clock::start();
     for jc in (0..n_needed).step_by(NC) {
         let nc = NC.min(n_needed - jc);
         // Rows whose needed columns reach this panel.
@@ -192,32 +194,36 @@ pub(crate) fn register_product<K: RegisterKernel>(
         for pc in (0..pairs).step_by(KC_PAIRS) {
             let kc = KC_PAIRS.min(pairs - pc);
             let beta = if pc == 0 { beta } else { 1.0 };
-            pack_pair_major_panels(pk, b, jc, nc, nr, pc, kc, b_panel);
+            clock.pack(false, || {
+                pack_pair_major_panels(pk, b, jc, nc, nr, pc, kc, b_panel)
+            });
             for ic in (first_row..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
                 // A's micro-panel `qi` starts at lane `qi * panel`; lane `(i, p)` of it lies at
                 // `i * row + p * pair`.
                 let mc_pad = mc.div_ceil(mr) * mr;
                 let k_rows = a.k_contiguous();
-                let (panel, pair) = if k_rows {
-                    // Row-major panels hold only the pairs their rows may be nonzero in (all,
-                    // unless A is triangular), `live.len()` of them a row.
-                    for (q, ir) in (0..mc).step_by(mr).enumerate() {
-                        let live = skip.live_pairs(ic + ir, mr.min(mc - ir), pc, kc);
-                        if !live.is_empty() {
-                            let out = &mut a_block[q * mr * kc..];
-                            pack_row_major(pk, a, ic + ir, mr, pc + live.start, live.len(), out);
+                let (panel, pair) = clock.pack(true, || {
+                    if k_rows {
+                        // Row-major panels hold only the pairs their rows may be nonzero in (all,
+                        // unless A is triangular), `live.len()` of them a row.
+                        for (q, ir) in (0..mc).step_by(mr).enumerate() {
+                            let live = skip.live_pairs(ic + ir, mr.min(mc - ir), pc, kc);
+                            if !live.is_empty() {
+                                let out = &mut a_block[q * mr * kc..];
+                                pack_row_major(pk, a, ic + ir, mr, pc + live.start, live.len(), out);
+                            }
                         }
+                        (mr * kc, 1)
+                    } else {
+                        // `k` down A's stored columns: the whole block pair-major, each pair one
+                        // pass over two stored rows. Panels of `mr` rows packed one by one would
+                        // cut every pass into `mr`-lane pieces (copied into place, the copies
+                        // took two thirds of a 128x32x128 product's time on Zen 5).
+                        pack_pair_major(pk, a, ic, mc_pad, pc, kc, a_block);
+                        (mr, mc_pad)
                     }
-                    (mr * kc, 1)
-                } else {
-                    // `k` down A's stored columns: the whole block pair-major, each pair one
-                    // pass over two stored rows. Panels of `mr` rows packed one by one would
-                    // cut every pass into `mr`-lane pieces (copied into place, the copies
-                    // took two thirds of a 128x32x128 product's time on Zen 5).
-                    pack_pair_major(pk, a, ic, mc_pad, pc, kc, a_block);
-                    (mr, mc_pad)
-                };
+                });
                 let a_block = &a_block[..mc_pad * kc];
                 for (qj, jr) in (0..nc).step_by(nr).enumerate() {
                     let b_micro = &b_panel[qj * nr * kc..][..nr * kc];
@@ -251,6 +257,12 @@ pub(crate) fn register_product<K: RegisterKernel>(
             }
         }
     }
+    clock.stop(
+        (m, n, a.k()),
+        a.k_contiguous(),
+        b.k_contiguous(),
+        skip != Skip::NONE,
+    );
 }
 
 /// The bytes of one tile register (16 rows of 64 bytes).
@@ -326,6 +338,7 @@ pub(crate) fn tile_product<U: TileUnit>(
     let pk = unit.packer();
     let mut tiles = unit.configure();
     let mut block = [0.0f32; SIDE * SIDE];
+    let mut clock = Clock::start();
     for jc in (0..n_needed).step_by(TILE_NC) {
         let nc = TILE_NC.min(n_needed - jc);
         let first_row = skip.first_row(jc);
@@ -333,26 +346,30 @@ pub(crate) fn tile_product<U: TileUnit>(
             let steps = TILE_KC_PAIRS.min(pairs - pc).div_ceil(TILE_PAIRS);
             let micro = steps * STEP_LANES;
             let beta = if pc == 0 { beta } else { 1.0 };
-            for (q, jr) in (0..nc).step_by(SIDE).enumerate() {
-                let panel = &mut b_panel[q * micro..][..micro];
-                for (s, step) in panel.chunks_exact_mut(STEP_LANES).enumerate() {
-                    let (lo, hi) = step.split_at_mut(256);
-                    let p0 = pc + s * TILE_PAIRS;
-                    pack_pair_major(pk, b, jc + jr, 16, p0, TILE_PAIRS, lo);
-                    pack_pair_major(pk, b, jc + jr + 16, 16, p0, TILE_PAIRS, hi);
-                }
-            }
-            for ic in (first_row..m).step_by(TILE_MC) {
-                let mc = TILE_MC.min(m - ic);
-                for (q, ir) in (0..mc).step_by(SIDE).enumerate() {
-                    let panel = &mut a_block[q * micro..][..micro];
+            clock.pack(false, || {
+                for (q, jr) in (0..nc).step_by(SIDE).enumerate() {
+                    let panel = &mut b_panel[q * micro..][..micro];
                     for (s, step) in panel.chunks_exact_mut(STEP_LANES).enumerate() {
                         let (lo, hi) = step.split_at_mut(256);
                         let p0 = pc + s * TILE_PAIRS;
-                        pack_row_major(pk, a, ic + ir, 16, p0, TILE_PAIRS, lo);
-                        pack_row_major(pk, a, ic + ir + 16, 16, p0, TILE_PAIRS, hi);
+                        pack_pair_major(pk, b, jc + jr, 16, p0, TILE_PAIRS, lo);
+                        pack_pair_major(pk, b, jc + jr + 16, 16, p0, TILE_PAIRS, hi);
                     }
                 }
+            });
+            for ic in (first_row..m).step_by(TILE_MC) {
+                let mc = TILE_MC.min(m - ic);
+                clock.pack(true, || {
+                    for (q, ir) in (0..mc).step_by(SIDE).enumerate() {
+                        let panel = &mut a_block[q * micro..][..micro];
+                        for (s, step) in panel.chunks_exact_mut(STEP_LANES).enumerate() {
+                            let (lo, hi) = step.split_at_mut(256);
+                            let p0 = pc + s * TILE_PAIRS;
+                            pack_row_major(pk, a, ic + ir, 16, p0, TILE_PAIRS, lo);
+                            pack_row_major(pk, a, ic + ir + 16, 16, p0, TILE_PAIRS, hi);
+                        }
+                    }
+                });
                 for (qj, jr) in (0..nc).step_by(SIDE).enumerate() {
                     let b_micro = &b_panel[qj * micro..][..micro];
                     let cols = SIDE.min(nc - jr);
@@ -391,4 +408,10 @@ pub(crate) fn tile_product<U: TileUnit>(
             }
         }
     }
+    clock.stop(
+        (m, n, a.k()),
+        a.k_contiguous(),
+        b.k_contiguous(),
+        skip != Skip::NONE,
+    );
 }

@@ -22,6 +22,7 @@ mod arch;
 mod driver;
 mod model;
 mod pack;
+mod timer;
 
 use std::fmt;
 use std::sync::{Mutex, OnceLock, PoisonError, TryLockError};
@@ -34,6 +35,8 @@ use crate::team::{Team, MAX_PARTS};
 
 pub(crate) use driver::{Skip, Triangle};
 pub(crate) use pack::KView;
+#[cfg(feature = "product-timer")]
+pub use timer::{start_product_timer, stop_product_timer, ProductTiming};
 
 /// Which unit runs the backend's bf16 products ([`Faer::with_bf16_kernel`](crate::Faer::with_bf16_kernel)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
