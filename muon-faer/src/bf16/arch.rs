@@ -382,6 +382,26 @@ pub(crate) fn avx512_product(
 
 // ----- Packing: f32 -> bf16 pairs, 16 lanes at a time -----
 
+/// Asks for the cache lines `data` lies in, for the packs to read soon (a hint; nothing off
+/// x86-64).
+#[inline(always)]
+pub(crate) fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // One address per 64-byte line: every 16th element, and the last (its line may hold
+        // no 16th one).
+        let last = data.len().checked_sub(1);
+        for at in (0..data.len()).step_by(16).chain(last) {
+            // SAFETY: `at < data.len()`, so the address lies inside `data`; PREFETCHT0 (SSE,
+            // in every x86-64) reads nothing into the program and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// Each 32-bit lane of `x` (f32 bits) with its high half made the bf16 of `x` rounded to
 /// nearest even, as [`bf16_bits`](super::pack::bf16_bits) computes it: `bits + 0x7fff + ((bits
 /// >> 16) & 1)`, and for a NaN `bits | 0x0040_0000` (the quiet bit). The low half is garbage.

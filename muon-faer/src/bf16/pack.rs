@@ -247,8 +247,30 @@ pub(crate) fn pack_pair_major(
     } else {
         // Pair p is rows 2p and 2p + 1 of the stored matrix, side by side: interleave them.
         for (p, group) in out.chunks_exact_mut(width).enumerate() {
+            prefetch_pair(v, r0, width, p0 + p + PREFETCH_PAIRS);
             interleave_group(pk, v, r0, 2 * (p0 + p), group);
         }
+    }
+}
+
+/// How many pairs ahead the packs of a view with `k` down its stored columns ask for the rows
+/// they will read. Each pair reads a piece of two stored rows a whole row apart; the
+/// operands of a training step come from memory (a weight gradient reads activations the
+/// forward wrote long before), and without the hint the packing waited on every row: in
+/// `small`'s bf16 step on Zen 5 the weight gradients went from ~256 to ~335 GFLOP/s and the
+/// step from 305-315 to 285-291 ms (2 pairs ahead gained less; 4 and 8 the same).
+const PREFETCH_PAIRS: usize = 8;
+
+/// Asks for the stored rows of pair `pair` (rows `2 pair`, `2 pair + 1`), columns `r0..r0 +
+/// width` of a view with `k` down its stored columns (nothing past the view).
+#[inline(always)]
+fn prefetch_pair(v: &KView<'_>, r0: usize, width: usize, pair: usize) {
+    let live = width.min(v.rows.saturating_sub(r0));
+    if live == 0 {
+        return;
+    }
+    for kk in (2 * pair..2 * pair + 2).take_while(|&kk| kk < v.k) {
+        super::arch::prefetch(&v.data[kk * v.ld + v.first + r0..][..live]);
     }
 }
 
@@ -294,6 +316,7 @@ pub(crate) fn pack_pair_major_panels(
     }
     let out = &mut out[..panels * width * np];
     for p in 0..np {
+        prefetch_pair(v, r0, rows, p0 + p + PREFETCH_PAIRS);
         let kk = 2 * (p0 + p);
         for (q, panel) in out.chunks_exact_mut(width * np).enumerate() {
             interleave_group(pk, v, r0 + q * width, kk, &mut panel[p * width..][..width]);
