@@ -102,16 +102,6 @@ impl<'a> KView<'a> {
         self.k_contiguous
     }
 
-    /// Element `(r, kk)` (tests and the scalar references).
-    pub(crate) fn at(&self, r: usize, kk: usize) -> f32 {
-        let r = self.first + r;
-        if self.k_contiguous {
-            self.data[r * self.ld + kk]
-        } else {
-            self.data[kk * self.ld + r]
-        }
-    }
-
     /// Pairs in `k`: `ceil(k / 2)`.
     pub(crate) fn pairs(&self) -> usize {
         self.k.div_ceil(2)
@@ -341,15 +331,30 @@ pub(crate) fn pack_row_major(
     let k = v.k;
     let (rows, pad) = out.split_at_mut(live * np);
     pad.iter_mut().for_each(|x| *x = 0);
-    for (r, lanes) in rows.chunks_exact_mut(np).enumerate() {
-        let row = r0 + r;
-        if v.k_contiguous {
-            row_pairs(pk, &v.data[(v.first + row) * v.ld..][..k], p0, lanes);
-        } else {
-            for (p, x) in lanes.iter_mut().enumerate() {
-                let kk = 2 * (p0 + p);
-                let at = |kk: usize| if kk < k { v.at(row, kk) } else { 0.0 };
-                *x = if kk < k { pair(at(kk), at(kk + 1)) } else { 0 };
+    if v.k_contiguous {
+        for (r, lanes) in rows.chunks_exact_mut(np).enumerate() {
+            row_pairs(pk, &v.data[(v.first + r0 + r) * v.ld..][..k], p0, lanes);
+        }
+        return;
+    }
+    // `k` down the stored columns (an AMX A tile of a weight gradient): blocks of 16 rows x 16
+    // pairs packed pair-major (each pair one pass over two stored rows), then transposed into
+    // rows. Lane by lane, every lane cost two loads a stored row apart.
+    let mut tile = [[0u32; BLOCK]; MAX_WIDTH];
+    let mut block = [0u32; BLOCK * BLOCK];
+    for rb in (0..live).step_by(BLOCK) {
+        let w = BLOCK.min(live - rb);
+        for pb in (0..np).step_by(BLOCK) {
+            let len = BLOCK.min(np - pb);
+            // block[p * w + r], then tile[p][r]: the pairs as the tile's rows.
+            pack_pair_major(pk, v, r0 + rb, w, p0 + pb, len, &mut block);
+            for (lanes, pairs) in tile.iter_mut().zip(block.chunks_exact(w)).take(len) {
+                lanes[..w].copy_from_slice(pairs);
+            }
+            // block[r * len + p] = tile[p][r].
+            transpose_store(pk, &tile, len, w, &mut block);
+            for (r, row) in block.chunks_exact(len).take(w).enumerate() {
+                rows[(rb + r) * np + pb..][..len].copy_from_slice(row);
             }
         }
     }
