@@ -41,6 +41,13 @@ use nalgebra::DMatrix;
 const U: f64 = 1.0 / (1u64 << 24) as f64;
 const U_B: f64 = 1.0 / 256.0;
 const SIDES: [usize; 10] = [1, 15, 16, 17, 31, 32, 33, 127, 128, 129];
+/// Every kernel a test forces in turn: the two units and both scalar models.
+const FORCED: [Bf16Kernel; 4] = [
+    Bf16Kernel::Amx,
+    Bf16Kernel::Avx512Bf16,
+    Bf16Kernel::AmxModel,
+    Bf16Kernel::Avx512Bf16Model,
+];
 const OPS: [(Transpose, Transpose); 4] = [
     (Transpose::No, Transpose::No),
     (Transpose::No, Transpose::Yes),
@@ -289,12 +296,7 @@ fn amx_gemm_matches_the_references() {
 /// exact result whatever its order of additions; a wrong tile layout cannot hide in rounding.
 #[test]
 fn every_kernel_is_exact_on_small_integers() {
-    for kernel in [
-        Bf16Kernel::Amx,
-        Bf16Kernel::Avx512Bf16,
-        Bf16Kernel::AmxModel,
-        Bf16Kernel::Avx512Bf16Model,
-    ] {
+    for kernel in FORCED {
         let Some(cpu) = backend(kernel, 2) else { continue };
         for (m, n, k) in [(16, 16, 32), (32, 32, 64), (33, 47, 65), (130, 70, 520)] {
             for (ta, tb) in OPS {
@@ -441,12 +443,7 @@ fn bf16_newton_schulz_stays_in_its_band() {
             64.0 * shape.max_side() as f64 * U,
         );
         let models_too = shape.len() <= 40_000;
-        for kernel in [
-            Bf16Kernel::Amx,
-            Bf16Kernel::Avx512Bf16,
-            Bf16Kernel::AmxModel,
-            Bf16Kernel::Avx512Bf16Model,
-        ] {
+        for kernel in FORCED {
             if !models_too && matches!(kernel, Bf16Kernel::AmxModel | Bf16Kernel::Avx512Bf16Model) {
                 continue;
             }
@@ -546,12 +543,7 @@ fn a_hybrid_step_in_bf16_tracks_f32() {
 /// mirrored). The shapes reach the team's row bands (2 threads) and stacks.
 #[test]
 fn bf16_symmetric_products_match_the_exact_ones() {
-    for kernel in [
-        Bf16Kernel::Amx,
-        Bf16Kernel::Avx512Bf16,
-        Bf16Kernel::AmxModel,
-        Bf16Kernel::Avx512Bf16Model,
-    ] {
+    for kernel in FORCED {
         let Some(cpu) = backend(kernel, 2) else { continue };
         let mut rng = Rng::new(14);
         let data = |rng: &mut Rng, n: usize| -> Vec<f32> { rng.vec(n).iter().map(|&v| v as f32).collect() };
@@ -668,12 +660,7 @@ fn bf16_symmetric_products_match_the_exact_ones() {
 /// each operand, with and without accumulation into C.
 #[test]
 fn structured_products_skip_only_zeros_and_unread_elements() {
-    for kernel in [
-        Bf16Kernel::Amx,
-        Bf16Kernel::Avx512Bf16,
-        Bf16Kernel::AmxModel,
-        Bf16Kernel::Avx512Bf16Model,
-    ] {
+    for kernel in FORCED {
         let Some(cpu) = backend(kernel, 1) else { continue };
         let mut rng = Rng::new(15);
         let mut data = |n: usize| -> Vec<f32> { rng.vec(n).iter().map(|&v| v as f32 - 0.5).collect() };

@@ -276,10 +276,9 @@ impl<B: HostBackend> AttentionOps for B {
                 let (no, yes) = (Transpose::No, Transpose::Yes);
                 // S = scale Q K^T, P = causal_softmax(S) in place, O = P V. The softmax reads S
                 // on and below the diagonal only, and P is zero above it: a backend may skip
-                // both triangles (the bf16 kernels do, halving the work).
-                let (lower_c, lower_a) = (Structure::LowerC, Structure::LowerA);
-                let s_qk = (stored(q, qk, no), stored(k, qk, yes));
-                self.product_on_thread(p, seq, seq, s_qk.0, s_qk.1, scale, false, lower_c);
+                // both triangles (the bf16 kernels skip whole tiles and pairs of `k`).
+                let (q, k, v) = (stored(q, qk, no), stored(k, qk, yes), stored(v, dv, no));
+                self.product_on_thread(p, seq, seq, q, k, scale, false, Structure::LowerC);
                 vectorized(
                     #[inline(always)]
                     || {
@@ -288,16 +287,8 @@ impl<B: HostBackend> AttentionOps for B {
                         }
                     },
                 );
-                self.product_on_thread(
-                    o,
-                    seq,
-                    dv,
-                    stored(&*p, seq, no),
-                    stored(v, dv, no),
-                    one,
-                    false,
-                    lower_a,
-                );
+                let p = stored(&*p, seq, no);
+                self.product_on_thread(o, seq, dv, p, v, one, false, Structure::LowerA);
             });
         Ok(())
     }
@@ -338,10 +329,9 @@ impl<B: HostBackend> AttentionOps for B {
                 // O = P V: dV = P^T dO, dP = dO V^T. P (so dS) is lower triangular and the
                 // softmax's backward reads dP on and below the diagonal only: P^T and dS^T are
                 // upper triangular.
-                let (lower_c, lower_a, upper_a) = (Structure::LowerC, Structure::LowerA, Structure::UpperA);
-                let (p_t, d_o) = (stored(p, seq, yes), stored(d_o, dvw, no));
-                self.product_on_thread(dv, seq, dvw, p_t, d_o, one, false, upper_a);
-                self.product_on_thread(ds, seq, seq, d_o, stored(v, dvw, yes), one, false, lower_c);
+                let (p_t, d_o, v_t) = (stored(p, seq, yes), stored(d_o, dvw, no), stored(v, dvw, yes));
+                self.product_on_thread(dv, seq, dvw, p_t, d_o, one, false, Structure::UpperA);
+                self.product_on_thread(ds, seq, seq, d_o, v_t, one, false, Structure::LowerC);
                 vectorized(
                     #[inline(always)]
                     || {
@@ -352,8 +342,9 @@ impl<B: HostBackend> AttentionOps for B {
                 );
                 // S = scale Q K^T: dQ = scale dS K, dK = scale dS^T Q.
                 let (ds, ds_t) = (stored(&*ds, seq, no), stored(&*ds, seq, yes));
-                self.product_on_thread(dq, seq, qk, ds, stored(k, qk, no), scale, false, lower_a);
-                self.product_on_thread(dk, seq, qk, ds_t, stored(q, qk, no), scale, false, upper_a);
+                let (k, q) = (stored(k, qk, no), stored(q, qk, no));
+                self.product_on_thread(dq, seq, qk, ds, k, scale, false, Structure::LowerA);
+                self.product_on_thread(dk, seq, qk, ds_t, q, scale, false, Structure::UpperA);
             });
         Ok(())
     }
