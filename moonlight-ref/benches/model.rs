@@ -145,7 +145,7 @@ fn print_product_times(
     }
     let times = merge_varying(muon_faer::stop_product_timer());
     let (per, ms) = (steps as f64, |d: std::time::Duration| d.as_secs_f64() * 1e3);
-    let total: f64 = times.iter().map(|t| ms(t.0.total)).sum::<f64>() / per;
+    let total: f64 = times.iter().map(|r| ms(r.timing.total)).sum::<f64>() / per;
     println!(
         "  bf16 products: {total:.1} ms a step of {:.1} (thread time; m x n x k as each call ran, \
          a team's blocks apart; layout: A and op(B)^T stored with k along rows 'r' or down \
@@ -156,7 +156,13 @@ fn print_product_times(
         "  {:>20} {:>6} {:>9} {:>9} {:>9} {:>7} {:>7}",
         "m x n x k", "layout", "calls", "ms", "GFLOP/s", "pack A", "pack B"
     );
-    for (t, flops, var_m, var_k) in times.iter().take(20) {
+    for Row {
+        timing: t,
+        flops,
+        var_m,
+        var_k,
+    } in times.iter().take(20)
+    {
         let layout = |r| if r { 'r' } else { 'c' };
         let dim = |d: usize, var| if var { "var".to_string() } else { d.to_string() };
         println!(
@@ -172,65 +178,62 @@ fn print_product_times(
         );
     }
     if times.len() > 20 {
-        let rest: f64 = times[20..].iter().map(|t| ms(t.0.total)).sum::<f64>() / per;
+        let rest: f64 = times[20..].iter().map(|r| ms(r.timing.total)).sum::<f64>() / per;
         println!("  ... {} more shapes, {rest:.2} ms a step", times.len() - 20);
     }
     Ok(())
 }
 
+/// A row of the product table: one shape's timing, or several merged whose `m` or `k` varies.
+#[cfg(feature = "product-timer")]
+struct Row {
+    timing: muon_faer::ProductTiming,
+    flops: f64,
+    var_m: bool,
+    var_k: bool,
+}
+
 /// The timings with the grouped expert GEMMs' shapes merged: those that differ only in `m`
 /// (the rows routed to each expert), then, among the others, those that differ only in `k`
-/// (their weight gradients), each as one row with its summed flops and whether `m` or `k`
-/// varies (the shared expert's products, of the same `n` and `k` or `m` and `n`, join them).
-/// The most time first.
+/// (their weight gradients); the shared expert's products, of the same `n` and `k` or `m` and
+/// `n`, join them. The most time first.
 #[cfg(feature = "product-timer")]
-fn merge_varying(times: Vec<muon_faer::ProductTiming>) -> Vec<(muon_faer::ProductTiming, f64, bool, bool)> {
-    type Row = (muon_faer::ProductTiming, f64, bool, bool);
-    fn merge(rows: Vec<Row>, key: impl Fn(&muon_faer::ProductTiming) -> [usize; 5], m: bool) -> Vec<Row> {
+fn merge_varying(times: Vec<muon_faer::ProductTiming>) -> Vec<Row> {
+    use muon_faer::ProductTiming as T;
+    let class = |t: &T| (t.n, t.a_k_rows, t.b_k_rows, t.skipped);
+    // Adds `row` to the first of `rows` it matches (`fold` marks the merged one), or appends it.
+    let merge = |rows: Vec<Row>, matches: &dyn Fn(&Row, &Row) -> bool, fold: fn(&mut Row)| {
         let mut out: Vec<Row> = Vec::new();
         for row in rows {
-            // A row merged over `m` stays as it is when merging over `k`.
-            let mergeable = |r: &Row| m || !r.2;
-            let target = out.iter_mut().find(|o| mergeable(o) && key(&o.0) == key(&row.0));
-            match target.filter(|_| mergeable(&row)) {
+            match out.iter_mut().find(|o| matches(o, &row)) {
                 Some(o) => {
-                    let (t, r) = (&mut o.0, &row.0);
+                    let (t, r) = (&mut o.timing, &row.timing);
                     (t.calls, t.total) = (t.calls + r.calls, t.total + r.total);
                     (t.pack_a, t.pack_b) = (t.pack_a + r.pack_a, t.pack_b + r.pack_b);
-                    o.1 += row.1;
-                    if m {
-                        o.2 = true
-                    } else {
-                        o.3 = true
-                    }
+                    o.flops += row.flops;
+                    fold(o);
                 }
                 None => out.push(row),
             }
         }
         out
-    }
-    let class = |t: &muon_faer::ProductTiming| [t.a_k_rows as usize, t.b_k_rows as usize, t.skipped as usize];
+    };
     let rows = times
         .into_iter()
-        .map(|t| (t.clone(), t.flops(), false, false))
+        .map(|timing| Row {
+            flops: timing.flops(),
+            timing,
+            var_m: false,
+            var_k: false,
+        })
         .collect();
-    let rows = merge(
-        rows,
-        |t| {
-            let [a, b, s] = class(t);
-            [t.n, t.k, a, b, s]
-        },
-        true,
-    );
-    let mut rows = merge(
-        rows,
-        |t| {
-            let [a, b, s] = class(t);
-            [t.m, t.n, a, b, s]
-        },
-        false,
-    );
-    rows.sort_by_key(|r| std::cmp::Reverse(r.0.total));
+    let same_k = |a: &Row, b: &Row| class(&a.timing) == class(&b.timing) && a.timing.k == b.timing.k;
+    let rows = merge(rows, &same_k, |r| r.var_m = true);
+    let same_m = |a: &Row, b: &Row| {
+        !a.var_m && !b.var_m && class(&a.timing) == class(&b.timing) && a.timing.m == b.timing.m
+    };
+    let mut rows = merge(rows, &same_m, |r| r.var_k = true);
+    rows.sort_by_key(|r| std::cmp::Reverse(r.timing.total));
     rows
 }
 
