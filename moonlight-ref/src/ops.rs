@@ -10,7 +10,7 @@
 //!
 //! The ops come in families, one trait each, as the model's files use them: [`BaseOps`]
 //! (index buffers, fill, memory, warm-up), [`TokenOps`] (embedding, RMSNorm, cross-entropy),
-//! [`AttentionOps`] (column and head layout, RoPE, causal softmax) and [`FfnOps`] (SwiGLU and
+//! [`AttentionOps`] (column blocks, RoPE, causal softmax, the attention core) and [`FfnOps`] (SwiGLU and
 //! the MoE layer). [`ModelOps`] is their union, implemented for every backend that has them
 //! all; the model's code asks for `B: ModelOps`. A backend implements each family in its own
 //! file (the host backends: `cpu/`). Code that calls an op on a concrete backend imports the
@@ -20,8 +20,10 @@
 //! - Dimension letters: `N = B*T` tokens (row `b*T + t`), `C` model width, `V` vocabulary,
 //!   `H` heads, `E` routed experts, `K` experts per token, `R = N*K` routed rows.
 //! - A vector (norm gain, rstd, selection bias) is a `1 x n` matrix.
-//! - Heads layout: a `[B*H, T, D]` stack, matrix `b*H + h` holding head `h` of sequence `b`;
-//!   this is the layout batched GEMMs of attention work on.
+//! - Attention's heads stay in the token rows their projections write: head `h` of sequence
+//!   `b` is rows `b*T..(b+1)*T` and a block of columns ([`HeadCols`]) of a `[B*T, S]`
+//!   matrix. Only its scores and probabilities are a stack, `[B*H, T, T]`, matrix `b*H + h`
+//!   holding head `h` of sequence `b`.
 //! - Ops named `*_backward` with an "accumulate" note add into their gradient outputs
 //!   (`+=`); all others overwrite.
 //! - Ops check their operands like muon-core's [`Backend`] methods: a wrong shape is an
@@ -150,8 +152,91 @@ pub trait TokenOps: BaseOps {
     ) -> Result<()>;
 }
 
-/// The ops of causal self-attention ([`crate::model::attention`]): column blocks and the
-/// token-rows/heads layouts, RoPE, the causal softmax.
+/// Where attention's heads lie in a token-rows matrix `[B*T, S]`: head `h` of sequence `b`
+/// is rows `b*T..(b+1)*T`, columns `col + h*stride .. col + h*stride + width`. With
+/// `stride == 0` every head reads the same block (MLA's shared RoPE key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadCols {
+    /// Head 0's first column.
+    pub col: usize,
+    /// Columns from one head's block to the next.
+    pub stride: usize,
+    /// Columns per head.
+    pub width: usize,
+}
+
+impl HeadCols {
+    /// `width` columns from `col`, heads `stride` apart.
+    pub const fn new(col: usize, stride: usize, width: usize) -> Self {
+        HeadCols { col, stride, width }
+    }
+
+    /// Head `h`'s first column.
+    pub const fn start(&self, h: usize) -> usize {
+        self.col + h * self.stride
+    }
+}
+
+/// The head layout of attention's core: `heads` heads, and where each operand's head lives
+/// in its token-rows matrix. Gradients have their values' layout (dQ `q`'s, dK `k`'s, ...).
+///
+/// A head's keys are its own block `k` followed, when `k_shared` is given, by the block all
+/// heads share (MLA: `k_nope` per head, then the one `k_rope`); their widths add up to `q`'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadLayout {
+    /// Heads per sequence, `H`.
+    pub heads: usize,
+    /// Queries, `Dqk` wide.
+    pub q: HeadCols,
+    /// Each head's own key columns.
+    pub k: HeadCols,
+    /// The key columns every head shares (stride 0), in a matrix of their own.
+    pub k_shared: Option<HeadCols>,
+    /// Values, `Dv` wide.
+    pub v: HeadCols,
+    /// The output (and its gradient), `Dv` wide.
+    pub out: HeadCols,
+}
+
+/// Attention's inputs as token-rows matrices `[B*T, .]`, laid out as a [`HeadLayout`] says:
+/// the forward's operands, which the backward reads again.
+#[derive(Debug)]
+pub struct Qkv<'a, M> {
+    /// Queries, rotated.
+    pub q: &'a M,
+    /// Each head's own keys (rotated where RoPE applies to them).
+    pub k: &'a M,
+    /// The shared keys, when the layout has them.
+    pub k_shared: Option<&'a M>,
+    /// Values (may be `k`'s matrix: MLA's `kvb` holds both).
+    pub v: &'a M,
+}
+
+// By hand: a derive would ask `M: Copy`, and these are references.
+impl<M> Clone for Qkv<'_, M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<M> Copy for Qkv<'_, M> {}
+
+/// Where [`AttentionOps::attention_core_backward`] writes the gradients of a [`Qkv`], at the
+/// same columns: dQ, dK (own columns), the shared keys' gradient (the heads' sum), and dV,
+/// in a matrix of its own or, when `None`, in dK's (MLA's `kvb` holds both).
+#[derive(Debug)]
+pub struct QkvGrads<'a, M> {
+    /// dQ, in `q`'s layout.
+    pub dq: &'a mut M,
+    /// dK of each head's own key columns.
+    pub dk: &'a mut M,
+    /// dK of the shared columns, summed over the heads.
+    pub dk_shared: Option<&'a mut M>,
+    /// dV, or `None` to write it into `dk`'s matrix at `v`'s columns.
+    pub dv: Option<&'a mut M>,
+}
+
+/// The ops of causal self-attention ([`crate::model::attention`]): column blocks, RoPE, the
+/// causal softmax and the attention core, on heads that stay in their token rows.
 pub trait AttentionOps: BaseOps {
     // ----- layout -----
 
@@ -168,52 +253,26 @@ pub trait AttentionOps: BaseOps {
         accumulate: bool,
     ) -> Result<()>;
 
-    /// Token rows to heads, for `j < width`:
-    ///
-    /// ```text
-    /// dst[b*H+h][t][dst_col + j] = src[b*T+t][h*head_stride + src_col + j]
-    /// ```
-    ///
-    /// dst: `[B*H, T, Dd]`, src: `[B*T, S]`; `head_stride == 0` broadcasts one block to
-    /// every head (MLA's shared RoPE key). Other columns of `dst` are left alone.
-    #[allow(clippy::too_many_arguments)]
-    fn split_heads(
-        &self,
-        dst: &mut Self::Matrix,
-        dst_col: usize,
-        src: &Self::Matrix,
-        src_col: usize,
-        head_stride: usize,
-        width: usize,
-    ) -> Result<()>;
-
-    /// The adjoint of [`split_heads`](Self::split_heads): writes (or with `accumulate` adds)
-    /// `dst[b*T+t][h*head_stride + dst_col + j] = src[b*H+h][t][src_col + j]`; with
-    /// `head_stride == 0` the heads are summed into the one block. dst: `[B*T, S]`, src:
-    /// `[B*H, T, Ds]`.
-    #[allow(clippy::too_many_arguments)]
-    fn merge_heads(
-        &self,
-        dst: &mut Self::Matrix,
-        dst_col: usize,
-        head_stride: usize,
-        src: &Self::Matrix,
-        src_col: usize,
-        width: usize,
-        accumulate: bool,
-    ) -> Result<()>;
-
     // ----- RoPE -----
 
     /// The rotation table for positions `0..T` and a rotary width `d` (even):
     /// `table[t][i] = cos(t * theta^(-2i/d))`, `table[t][d/2 + i] = sin(...)`, `i < d/2`.
     /// table: `[T, d]`.
     fn rope_table(&self, table: &mut Self::Matrix, theta: f64) -> Result<()>;
-    /// Rotates, in place, the columns `col..col+d` of every row of `x` `[M, T, Dx]` by its
-    /// position `t` (the row index inside its matrix), rotate-half convention: the pairs are
-    /// `(col + i, col + d/2 + i)`. `inverse` rotates by minus the angle, which is the
-    /// backward pass (a rotation's transpose is its inverse).
-    fn rope(&self, x: &mut Self::Matrix, col: usize, table: &Self::Matrix, inverse: bool) -> Result<()>;
+    /// Rotates, in place, the columns `cols` (`d` = the table's width) of each of `heads`
+    /// heads in every row of the token-rows matrix `x` `[B*T, S]`, by the row's position
+    /// `t = row % seq`, rotate-half convention: the pairs are `(c + i, c + d/2 + i)` from each
+    /// head's first column `c`. `inverse` rotates by minus the angle, which is the backward
+    /// pass (a rotation's transpose is its inverse).
+    fn rope(
+        &self,
+        x: &mut Self::Matrix,
+        seq: usize,
+        heads: usize,
+        cols: HeadCols,
+        table: &Self::Matrix,
+        inverse: bool,
+    ) -> Result<()>;
 
     // ----- attention -----
 
@@ -224,47 +283,50 @@ pub trait AttentionOps: BaseOps {
     /// `dS[i,j] = P[i,j] * (dP[i,j] - sum_k P[i,k] dP[i,k])`. grad, probs: `[M, T, T]`.
     fn causal_softmax_backward(&self, grad: &mut Self::Matrix, probs: &Self::Matrix) -> Result<()>;
 
-    /// Attention's core, head by head, for the `M = B*H` heads of the stacks:
+    /// Attention's core, head by head, on heads read and written in their token rows
+    /// (`layout`), for `B` sequences of `T` positions:
     ///
     /// ```text
-    /// probs[m] = causal_softmax(scale q[m] k[m]^T)      [T, T]
-    /// out[m]   = probs[m] v[m]                          [T, Dv]
+    /// K_h                = [k_h | k_shared]                         [T, Dqk]
+    /// probs[b*H + h]     = causal_softmax(scale Q_h K_h^T)          [T, T]
+    /// out_h              = probs[b*H + h] V_h                       [T, Dv]
     /// ```
     ///
-    /// q, k: `[M, T, Dqk]`, v: `[M, T, Dv]`. The same values as [`BaseOps`]'s `gemm`, then
-    /// [`causal_softmax_forward`](Self::causal_softmax_forward), then `gemm` again, with each
-    /// head's scores still in cache for the softmax and the second product.
-    #[allow(clippy::too_many_arguments)]
+    /// probs: `[B*H, T, T]`; keys: `[B, T, 2 Dqk]` scratch (a head's keys gathered when
+    /// they come in two blocks). The same values as [`BaseOps`]'s `gemm` on each head's
+    /// columns, then [`causal_softmax_forward`](Self::causal_softmax_forward), then `gemm`
+    /// again, with each head's scores still in cache for the softmax and the second product.
     fn attention_core_forward(
         &self,
         probs: &mut Self::Matrix,
+        keys: &mut Self::Matrix,
         out: &mut Self::Matrix,
-        q: &Self::Matrix,
-        k: &Self::Matrix,
-        v: &Self::Matrix,
+        x: Qkv<'_, Self::Matrix>,
+        layout: &HeadLayout,
         scale: Self::Elem,
     ) -> Result<()>;
 
     /// The backward of [`attention_core_forward`](Self::attention_core_forward), head by
-    /// head, given `d_out` `[M, T, Dv]` and the forward's `probs`:
+    /// head, given `d_out` (in `out`'s layout) and the forward's `probs`:
     ///
     /// ```text
-    /// dv[m] = probs[m]^T d_out[m]
-    /// dS[m] = causal_softmax_backward(d_out[m] v[m]^T, probs[m])   (left in dprobs)
-    /// dq[m] = scale dS[m] k[m],   dk[m] = scale dS[m]^T q[m]
+    /// dV_h       = probs[m]^T dout_h
+    /// dS[m]      = causal_softmax_backward(dout_h V_h^T, probs[m])   (left in dprobs)
+    /// dQ_h       = scale dS[m] K_h,   dK_h = scale dS[m]^T Q_h
     /// ```
+    ///
+    /// with `m = b*H + h`; dK_h's shared columns are summed over the heads. Every gradient
+    /// block is overwritten.
     #[allow(clippy::too_many_arguments)]
     fn attention_core_backward(
         &self,
-        dq: &mut Self::Matrix,
-        dk: &mut Self::Matrix,
-        dv: &mut Self::Matrix,
+        grads: QkvGrads<'_, Self::Matrix>,
         dprobs: &mut Self::Matrix,
+        keys: &mut Self::Matrix,
         d_out: &Self::Matrix,
         probs: &Self::Matrix,
-        q: &Self::Matrix,
-        k: &Self::Matrix,
-        v: &Self::Matrix,
+        x: Qkv<'_, Self::Matrix>,
+        layout: &HeadLayout,
         scale: Self::Elem,
     ) -> Result<()>;
 }

@@ -104,11 +104,12 @@ use crate::bf16::{Bf16, PackPool, Path};
 use crate::matmul::Product;
 use crate::team::Team;
 
+pub use crate::bf16::arch::prefetch;
 pub use crate::bf16::Bf16Kernel;
 #[cfg(feature = "product-timer")]
 pub use crate::bf16::{start_product_timer, stop_product_timer, ProductTiming};
 pub use crate::collective::{ThreadGroup, Traffic};
-pub use crate::matmul::{view, view_mut};
+pub use crate::matmul::{view, view_mut, Stored, StoredMut};
 #[cfg(feature = "mpi")]
 pub use crate::mpi_group::MpiGroup;
 pub use crate::team::{clear_avx_upper_state, MAX_THREADS};
@@ -345,68 +346,53 @@ impl<T: Elem> Faer<T> {
 
     /// One product on the calling thread, not the team, in the backend's precision: for
     /// callers that split their own work across threads (moonlight-ref's grouped expert GEMMs
-    /// run fixed row blocks on rayon). `c = alpha op(a) op(b)`, or `c += alpha op(a) op(b)`
-    /// with `accumulate`, on row-major slices: `a` is `(data, rows, cols, op)` as stored, `b`
-    /// likewise, `c` is `m x n`. In bf16 it takes one of the backend's packing buffers (the
-    /// pool is allocated on the first bf16 product, then reused): nothing allocates after that.
-    /// Whether cutting `c` into row blocks changes the bits depends on the precision:
+    /// run fixed row blocks on rayon, its attention one sequence's heads per task).
+    /// `c = alpha op(a) op(b)`, or `c += alpha op(a) op(b)` with `accumulate`, on row-major
+    /// operands as they are stored, each with its own row stride (a head's block of columns
+    /// is read and written in place). In bf16 it takes one of the backend's packing buffers
+    /// (the pool is allocated on the first bf16 product, then reused): nothing allocates after
+    /// that. Whether cutting `c` into row blocks changes the bits depends on the precision:
     /// [`row_blocks_exact`](Self::row_blocks_exact). `structure` names a triangle of zeros in
     /// `op(a)` or of `c` nobody reads, which the bf16 kernels then skip ([`Structure`]).
     ///
     /// # Panics
-    /// If a slice is shorter than its shape or the inner dimensions differ: the caller has
-    /// checked its operands (this is a kernel, not an API boundary).
-    #[allow(clippy::too_many_arguments)]
+    /// If an operand's slice is shorter than its shape and stride, or the shapes do not
+    /// chain (`op(a)`: `c.rows x k`, `op(b)`: `k x c.cols`): the caller has checked its
+    /// operands (this is a kernel, not an API boundary).
     pub fn product_on_thread(
         &self,
-        c: &mut [T],
-        m: usize,
-        n: usize,
-        a: (&[T], usize, usize, Transpose),
-        b: (&[T], usize, usize, Transpose),
+        c: StoredMut<'_, T>,
+        a: Stored<'_, T>,
+        b: Stored<'_, T>,
         alpha: T,
         accumulate: bool,
         structure: Structure,
     ) {
-        let k = if a.3 == Transpose::No { a.2 } else { a.1 };
-        let kb = if b.3 == Transpose::No { b.1 } else { b.2 };
-        assert_eq!(k, kb, "product_on_thread: inner dimensions {k} and {kb}");
+        let ((am, k), (kb, bn), (m, n)) = (a.op_shape(), b.op_shape(), (c.rows, c.cols));
         assert!(
-            c.len() >= m * n,
-            "product_on_thread: {} elements for {m} x {n}",
-            c.len()
+            am == m && kb == k && bn == n,
+            "product_on_thread: {am} x {k} times {kb} x {bn} into {m} x {n}"
         );
         if m == 0 || n == 0 {
             return;
         }
-        let bf16 = self.bf16().and_then(|bf| {
-            Some((
-                bf,
-                T::as_f32(a.0)?,
-                T::as_f32(b.0)?,
-                T::as_f32_mut(&mut c[..m * n])?,
-            ))
-        });
-        if let Some((bf, a32, b32, c32)) = bf16 {
+        let (a32, b32) = (T::as_f32(a.data), T::as_f32(b.data));
+        if let (Some(bf), Some(a32), Some(b32)) = (self.bf16(), a32, b32) {
+            let (rows, cols, ld) = (c.rows, c.cols, c.ld);
+            let data = T::as_f32_mut(c.data).expect("f32 like its operands");
+            let c32 = StoredMut { data, rows, cols, ld };
             // A as `m x k`, B as `op(B)^T`, `n x k`, in the layouts they are stored in.
-            let av = bf16::KView::new(a32, m, k, a.3 == Transpose::No);
-            let bv = bf16::KView::new(b32, n, k, b.3 == Transpose::Yes);
+            let av = bf16::KView::strided(a32, m, k, a.op == Transpose::No, a.ld);
+            let bv = bf16::KView::strided(b32, n, k, b.op == Transpose::Yes, b.ld);
             let beta = if accumulate { 1.0 } else { 0.0 };
             let alpha = alpha.to_f64() as f32;
-            bf.block(&av, &bv, view_mut(c32, m, n), alpha, beta, structure.skip());
+            bf.block(&av, &bv, c32.view_mut(), alpha, beta, structure.skip());
             return;
         }
         // f32: every element, every term (the structure is a hint; faer's triangular products
         // would change the order of the sums, so the bits, against a full product).
         let accum = if accumulate { Accum::Add } else { Accum::Replace };
-        faer::linalg::matmul::matmul(
-            view_mut(&mut c[..m * n], m, n),
-            accum,
-            view(a.0, a.1, a.2, a.3),
-            view(b.0, b.1, b.2, b.3),
-            alpha,
-            faer::Par::Seq,
-        );
+        faer::linalg::matmul::matmul(c.view_mut(), accum, a.view(), b.view(), alpha, faer::Par::Seq);
         // faer's x86 kernels leave the AVX upper halves dirty (see the crate docs).
         clear_avx_upper_state();
     }

@@ -48,6 +48,119 @@ pub fn view_mut<T>(data: &mut [T], rows: usize, cols: usize) -> MatMut<'_, T> {
     MatMut::from_row_major_slice_mut(data, rows, cols)
 }
 
+/// An operand of [`Faer::product_on_thread`](crate::Faer::product_on_thread) as it is
+/// stored: a row-major `rows x cols` matrix whose rows start `ld` elements apart (`ld >= cols`:
+/// a block of columns of a wider matrix, such as one attention head's columns of a
+/// token-rows matrix), used as it is or transposed.
+#[derive(Clone, Copy, Debug)]
+pub struct Stored<'a, T> {
+    /// The elements, from the first row's first.
+    pub data: &'a [T],
+    /// Stored rows.
+    pub rows: usize,
+    /// Stored columns.
+    pub cols: usize,
+    /// Elements from one stored row to the next.
+    pub ld: usize,
+    /// Whether the product reads it transposed.
+    pub op: Transpose,
+}
+
+impl<'a, T> Stored<'a, T> {
+    /// A dense `rows x cols` matrix (`ld == cols`).
+    pub fn new(data: &'a [T], rows: usize, cols: usize, op: Transpose) -> Self {
+        Stored {
+            data,
+            rows,
+            cols,
+            ld: cols,
+            op,
+        }
+    }
+
+    /// The same matrix with its rows `ld` elements apart.
+    pub fn with_ld(self, ld: usize) -> Self {
+        Stored { ld, ..self }
+    }
+
+    /// `(rows, cols)` of `op(self)`.
+    pub fn op_shape(&self) -> (usize, usize) {
+        match self.op {
+            Transpose::No => (self.rows, self.cols),
+            Transpose::Yes => (self.cols, self.rows),
+        }
+    }
+
+    /// `op(self)` as a faer view.
+    ///
+    /// # Panics
+    /// If `ld < cols` or `data` ends before the last element.
+    pub fn view(&self) -> MatRef<'a, T> {
+        check_strided("Stored", self.data.len(), self.rows, self.cols, self.ld);
+        let m = MatRef::from_row_major_slice_with_stride(self.data, self.rows, self.cols, self.ld);
+        match self.op {
+            Transpose::No => m,
+            Transpose::Yes => m.transpose(),
+        }
+    }
+}
+
+/// The destination of [`Faer::product_on_thread`](crate::Faer::product_on_thread): a
+/// row-major `rows x cols` matrix whose rows start `ld` elements apart.
+#[derive(Debug)]
+pub struct StoredMut<'a, T> {
+    /// The elements, from the first row's first.
+    pub data: &'a mut [T],
+    /// Rows (`m` of the product).
+    pub rows: usize,
+    /// Columns (`n` of the product).
+    pub cols: usize,
+    /// Elements from one stored row to the next.
+    pub ld: usize,
+}
+
+impl<'a, T> StoredMut<'a, T> {
+    /// A dense `rows x cols` matrix (`ld == cols`).
+    pub fn new(data: &'a mut [T], rows: usize, cols: usize) -> Self {
+        StoredMut {
+            data,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+
+    /// The same matrix with its rows `ld` elements apart.
+    pub fn with_ld(self, ld: usize) -> Self {
+        StoredMut { ld, ..self }
+    }
+
+    /// As a faer view.
+    ///
+    /// # Panics
+    /// If `ld < cols` or `data` ends before the last element.
+    pub fn view_mut(self) -> MatMut<'a, T> {
+        check_strided("StoredMut", self.data.len(), self.rows, self.cols, self.ld);
+        // The transpose of a column-major `cols x rows` view: faer 0.24's
+        // `from_row_major_slice_with_stride_mut` swaps the two strides (a column-major view).
+        MatMut::from_column_major_slice_with_stride_mut(self.data, self.cols, self.rows, self.ld)
+            .transpose_mut()
+    }
+}
+
+/// Panics unless a `rows x cols` matrix with rows `ld` apart fits in `len` elements.
+fn check_strided(what: &str, len: usize, rows: usize, cols: usize, ld: usize) {
+    let needed = if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1).saturating_mul(ld).saturating_add(cols)
+    };
+    assert!(
+        ld >= cols && len >= needed,
+        "{what}: {len} elements for {rows} x {cols} with rows {ld} apart"
+    );
+}
+
 /// `[start, end)` of part `p` when `n` things are dealt into `parts` near-equal parts.
 pub(crate) fn part_range(n: usize, parts: usize, p: usize) -> (usize, usize) {
     let (q, r) = (n / parts, n % parts);

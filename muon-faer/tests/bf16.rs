@@ -35,7 +35,7 @@ use muon_core::{
     newton_schulz, round_to_bf16, Backend, HostMatrix, HybridConfig, HybridOptimizer, NewtonSchulz,
     NsWorkspace, ParamRole, ParamSpec, Shape, Transpose,
 };
-use muon_faer::{Bf16Kernel, Faer, Precision, Structure};
+use muon_faer::{Bf16Kernel, Faer, Precision, Stored, StoredMut, Structure};
 use nalgebra::DMatrix;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -691,8 +691,12 @@ fn structured_products_skip_only_zeros_and_unread_elements() {
                     for accumulate in [false, true] {
                         let run = |structure| {
                             let mut c = c0.clone();
-                            let (a, b) = ((&a[..], a_rc.0, a_rc.1, ta), (&b[..], b_rc.0, b_rc.1, tb));
-                            cpu.product_on_thread(&mut c, m, n, a, b, 1.7, accumulate, structure);
+                            let (a, b) = (
+                                Stored::new(&a, a_rc.0, a_rc.1, ta),
+                                Stored::new(&b, b_rc.0, b_rc.1, tb),
+                            );
+                            let cm = StoredMut::new(&mut c, m, n);
+                            cpu.product_on_thread(cm, a, b, 1.7, accumulate, structure);
                             c
                         };
                         assert!(
@@ -709,8 +713,11 @@ fn structured_products_skip_only_zeros_and_unread_elements() {
             let (q, kk) = (data(m * k), data(m * k));
             let run = |structure| {
                 let mut c = vec![f32::NAN; m * m];
-                let (a, b) = ((&q[..], m, k, Transpose::No), (&kk[..], m, k, Transpose::Yes));
-                cpu.product_on_thread(&mut c, m, m, a, b, 0.125, false, structure);
+                let (a, b) = (
+                    Stored::new(&q, m, k, Transpose::No),
+                    Stored::new(&kk, m, k, Transpose::Yes),
+                );
+                cpu.product_on_thread(StoredMut::new(&mut c, m, m), a, b, 0.125, false, structure);
                 c
             };
             let (lower, full) = (run(Structure::LowerC), run(Structure::Full));
@@ -725,6 +732,103 @@ fn structured_products_skip_only_zeros_and_unread_elements() {
 }
 
 /// `(rows, cols)` of an operand stored for `op` that is `rows x cols` after it.
+/// Operands stored as blocks of columns of wider matrices (rows `ld` apart, as attention
+/// reads one head's columns of a token-rows matrix) give the bits of the same product on
+/// dense copies on every bf16 kernel (the packs read the same values, whatever the stride),
+/// and the product writes only its block of C: every other element of the wide C keeps its
+/// value. faer's f32 kernels choose their code path by the operands' strides (a 1 x 1 x 1
+/// product already rounds once or twice), so there the two agree to rounding: each is within
+/// `gamma_(k+2) = (k+2) u` (u = 2^-24) of the exact value relative to
+/// `|alpha| sum |a| |b| (+ |c|)`, so within twice that of each other.
+#[test]
+fn strided_operands_give_the_dense_products_values() {
+    let f32_backend = Some(Faer::<f32>::with_threads(1));
+    let backends = FORCED.map(|kernel| (format!("{kernel}"), backend(kernel, 1)));
+    let backends = backends.into_iter().chain([("f32".to_string(), f32_backend)]);
+    for (name, cpu) in backends {
+        let Some(cpu) = cpu else { continue };
+        let mut rng = Rng::new(16);
+        let mut data = |n: usize| -> Vec<f32> { rng.vec(n).iter().map(|&v| v as f32 - 0.5).collect() };
+        for (m, n, k) in [(1, 1, 1), (20, 7, 33), (128, 48, 128), (70, 32, 19)] {
+            for (ta, tb) in OPS {
+                let (a_rc, b_rc) = (stored(m, k, ta), stored(k, n, tb));
+                // Each operand is columns `off..off + cols` of a matrix `ld` wide.
+                let wide = |rows: usize, cols: usize, off: usize, ld: usize, src: &[f32]| {
+                    let mut w = vec![f32::NAN; rows * ld];
+                    for r in 0..rows {
+                        w[r * ld + off..][..cols].copy_from_slice(&src[r * cols..][..cols]);
+                    }
+                    w
+                };
+                let (a, b, c0) = (data(m * k), data(k * n), data(m * n));
+                let (lda, ldb, ldc) = (a_rc.1 + 5, b_rc.1 + 3, n + 9);
+                let (wa, wb) = (wide(a_rc.0, a_rc.1, 2, lda, &a), wide(b_rc.0, b_rc.1, 1, ldb, &b));
+                let wc0 = wide(m, n, 4, ldc, &c0);
+                for accumulate in [false, true] {
+                    let mut dense = c0.clone();
+                    let (da, db) = (
+                        Stored::new(&a, a_rc.0, a_rc.1, ta),
+                        Stored::new(&b, b_rc.0, b_rc.1, tb),
+                    );
+                    cpu.product_on_thread(
+                        StoredMut::new(&mut dense, m, n),
+                        da,
+                        db,
+                        0.3,
+                        accumulate,
+                        Structure::Full,
+                    );
+                    let mut wc = wc0.clone();
+                    let sa = Stored::new(&wa[2..], a_rc.0, a_rc.1, ta).with_ld(lda);
+                    let sb = Stored::new(&wb[1..], b_rc.0, b_rc.1, tb).with_ld(ldb);
+                    let sc = StoredMut::new(&mut wc[4..], m, n).with_ld(ldc);
+                    cpu.product_on_thread(sc, sa, sb, 0.3, accumulate, Structure::Full);
+                    let case = format!("{name} {m}x{n}x{k} {ta:?}/{tb:?} accumulate {accumulate}");
+                    let want = wide(m, n, 4, ldc, &dense);
+                    let exact = name != "f32";
+                    let bound = |i: usize, j: usize| {
+                        let op_a = |p: usize| {
+                            if ta == Transpose::No {
+                                a[i * k + p]
+                            } else {
+                                a[p * m + i]
+                            }
+                        };
+                        let op_b = |p: usize| {
+                            if tb == Transpose::No {
+                                b[p * n + j]
+                            } else {
+                                b[j * k + p]
+                            }
+                        };
+                        let terms: f64 = (0..k).map(|p| (0.3 * op_a(p) * op_b(p)).abs() as f64).sum();
+                        let c = if accumulate {
+                            c0[i * n + j].abs() as f64
+                        } else {
+                            0.0
+                        };
+                        2.0 * (k + 2) as f64 * 2f64.powi(-24) * (terms + c)
+                    };
+                    let close = |e: usize, w: f32, g: f32| {
+                        let (row, col) = (e / ldc, e % ldc);
+                        w.to_bits() == g.to_bits()
+                            || (!exact
+                                && (4..4 + n).contains(&col)
+                                && ((w - g).abs() as f64) <= bound(row, col - 4))
+                    };
+                    let differ = (want.iter().zip(&wc).enumerate()).position(|(e, (&w, &g))| !close(e, w, g));
+                    assert!(
+                        differ.is_none(),
+                        "{case}: element {differ:?} (rows {ldc} wide, the block from column 4) \
+                         differs from the dense product's: {:?}",
+                        differ.map(|i| (want[i], wc[i]))
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn stored(rows: usize, cols: usize, op: Transpose) -> (usize, usize) {
     if op == Transpose::No {
         (rows, cols)

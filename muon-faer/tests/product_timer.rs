@@ -3,7 +3,9 @@
 //! beside it.
 
 use muon_core::Transpose;
-use muon_faer::{start_product_timer, stop_product_timer, Bf16Kernel, Faer, Precision, Structure};
+use muon_faer::{
+    start_product_timer, stop_product_timer, Bf16Kernel, Faer, Precision, Stored, StoredMut, Structure,
+};
 
 #[test]
 fn the_timer_counts_each_shape_and_layout_while_on() {
@@ -16,19 +18,19 @@ fn the_timer_counts_each_shape_and_layout_while_on() {
     let (a, b) = (data(40 * 60), data(60 * 50));
     let mut c = vec![0.0f32; 60 * 60];
     let mut product = |m, n, k, ta, tb, structure| {
-        let a = (
+        let a = Stored::new(
             &a[..m * k],
             if ta == Transpose::No { m } else { k },
             if ta == Transpose::No { k } else { m },
             ta,
         );
-        let b = (
+        let b = Stored::new(
             &b[..k * n],
             if tb == Transpose::No { k } else { n },
             if tb == Transpose::No { n } else { k },
             tb,
         );
-        cpu.product_on_thread(&mut c, m, n, a, b, 1.0, false, structure);
+        cpu.product_on_thread(StoredMut::new(&mut c, m, n), a, b, 1.0, false, structure);
     };
     let (no, yes) = (Transpose::No, Transpose::Yes);
     product(20, 30, 40, no, no, Structure::Full); // not recorded: the timer is off

@@ -1,12 +1,16 @@
-//! Column blocks, the token-rows/heads layouts, RoPE and the causal softmax on the host.
+//! Column blocks, RoPE, the causal softmax and the attention core on the host, on heads that
+//! stay in their token rows: a head is read and written in place as a block of columns with
+//! the row stride of its matrix.
 
 use muon_core::{check_shape, Error, HostMatrix, Real, Result, Shape, Transpose};
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 use super::{
-    dims, f, floored, lane_max, lane_sum, same, t, vectorized, CpuReal, HostBackend, Structure, MIN_ROWS,
+    dims, f, floored, lane_max, lane_sum, same, t, vectorized, CpuReal, HostBackend, Stored, StoredMut,
+    Structure, MIN_ROWS,
 };
-use crate::ops::AttentionOps;
+use crate::ops::{AttentionOps, HeadCols, HeadLayout, Qkv, QkvGrads};
 
 /// Checks that the column block `col..col + width` lies inside `cols` columns.
 fn check_columns(what: &str, col: usize, width: usize, cols: usize) -> Result<()> {
@@ -17,32 +21,6 @@ fn check_columns(what: &str, col: usize, width: usize, cols: usize) -> Result<()
             "{what}: columns {col}..{col}+{width} do not fit in {cols}"
         )))
     }
-}
-
-/// `(B, T, H)` of a heads stack `[B*H, T, D]` against a token matrix `[B*T, S]`.
-fn head_dims<T: CpuReal>(
-    what: &str,
-    heads: &HostMatrix<T>,
-    tokens: &HostMatrix<T>,
-) -> Result<(usize, usize, usize)> {
-    let hs = heads.shape();
-    let (n, _) = dims(tokens, what)?;
-    if hs.cols == 0 {
-        return Err(Error::EmptyMatrix { what: what.into() });
-    }
-    let seq = hs.rows;
-    if seq == 0 || !n.is_multiple_of(seq) {
-        return Err(Error::Backend(format!(
-            "{what}: heads {hs} do not tile {n} token rows"
-        )));
-    }
-    let b = n / seq;
-    if b == 0 || hs.batch == 0 || !hs.batch.is_multiple_of(b) {
-        return Err(Error::Backend(format!(
-            "{what}: heads {hs} do not tile {b} sequences"
-        )));
-    }
-    Ok((b, seq, hs.batch / b))
 }
 
 /// The side `T` of a stack of square `[M, T, T]` score matrices.
@@ -84,86 +62,6 @@ impl<B: HostBackend> AttentionOps for B {
         Ok(())
     }
 
-    fn split_heads(
-        &self,
-        dst: &mut Self::Matrix,
-        dst_col: usize,
-        src: &Self::Matrix,
-        src_col: usize,
-        head_stride: usize,
-        width: usize,
-    ) -> Result<()> {
-        let (_, seq, h) = head_dims("split_heads", dst, src)?;
-        let dd = dst.shape().cols;
-        let s_cols = src.shape().cols;
-        check_columns("split_heads dst", dst_col, width, dd)?;
-        let last_head = (h - 1).saturating_mul(head_stride).saturating_add(src_col);
-        check_columns("split_heads src (last head)", last_head, width, s_cols)?;
-        let s = src.as_slice();
-        dst.as_mut_slice()
-            .par_chunks_mut(seq * dd)
-            .enumerate()
-            .for_each(|(bh, m)| {
-                let (b, hh) = (bh / h, bh % h);
-                let c0 = hh * head_stride + src_col;
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        for (ti, row) in m.chunks_exact_mut(dd).enumerate() {
-                            let sr = &s[(b * seq + ti) * s_cols..][c0..c0 + width];
-                            row[dst_col..dst_col + width].copy_from_slice(sr);
-                        }
-                    },
-                )
-            });
-        Ok(())
-    }
-
-    fn merge_heads(
-        &self,
-        dst: &mut Self::Matrix,
-        dst_col: usize,
-        head_stride: usize,
-        src: &Self::Matrix,
-        src_col: usize,
-        width: usize,
-        accumulate: bool,
-    ) -> Result<()> {
-        let (_, seq, h) = head_dims("merge_heads", src, dst)?;
-        let ds = src.shape().cols;
-        let d_cols = dst.shape().cols;
-        check_columns("merge_heads src", src_col, width, ds)?;
-        let last_head = (h - 1).saturating_mul(head_stride).saturating_add(dst_col);
-        check_columns("merge_heads dst (last head)", last_head, width, d_cols)?;
-        let s = src.as_slice();
-        let blocks = if head_stride == 0 { 1 } else { h };
-        dst.as_mut_slice()
-            .par_chunks_mut(d_cols)
-            .with_min_len(MIN_ROWS)
-            .enumerate()
-            .for_each(|(n, row)| {
-                let (b, ti) = (n / seq, n % seq);
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        // Overwriting: the first head that lands on a block is stored, not added
-                        // to a zero (one pass over the row instead of two).
-                        for hh in 0..h {
-                            let c0 = hh * head_stride + dst_col;
-                            let sr = &s[((b * h + hh) * seq + ti) * ds..][src_col..src_col + width];
-                            let d = &mut row[c0..c0 + width];
-                            if accumulate || hh >= blocks {
-                                d.iter_mut().zip(sr).for_each(|(d, &v)| *d += v);
-                            } else {
-                                d.copy_from_slice(sr);
-                            }
-                        }
-                    },
-                )
-            });
-        Ok(())
-    }
-
     fn rope_table(&self, table: &mut Self::Matrix, theta: f64) -> Result<()> {
         let (_, d) = dims(table, "rope_table table")?;
         if d % 2 != 0 {
@@ -181,33 +79,49 @@ impl<B: HostBackend> AttentionOps for B {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Self::Matrix, col: usize, table: &Self::Matrix, inverse: bool) -> Result<()> {
-        let xs = x.shape();
+    fn rope(
+        &self,
+        x: &mut Self::Matrix,
+        seq: usize,
+        heads: usize,
+        cols: HeadCols,
+        table: &Self::Matrix,
+        inverse: bool,
+    ) -> Result<()> {
+        let (n, width) = dims(x, "rope x")?;
         let (tr, d) = dims(table, "rope table")?;
-        if xs.rows > tr || col.checked_add(d).is_none_or(|end| end > xs.cols) {
+        let fits = heads > 0 && (cols.stride > 0 || heads == 1) && cols.width == d && d % 2 == 0;
+        if !fits || seq == 0 || seq > tr || !n.is_multiple_of(seq) {
             return Err(Error::Backend(format!(
-                "rope: x {xs}, table {tr}x{d}, col {col}: needs a table row per position and \
-                 the rotated columns inside x"
+                "rope: {heads} heads at {cols:?} of x {n}x{width} in sequences of {seq}, table \
+                 {tr}x{d}: needs a table row per position, blocks of the table's (even) width, \
+                 and a stride when several heads"
             )));
         }
+        check_columns("rope x (last head)", cols.start(heads - 1), d, width)?;
         let half = d / 2;
         let tab = table.as_slice();
-        let (seq, cols) = (xs.rows, xs.cols);
         let sign = if inverse { -1.0 } else { 1.0 };
         x.as_mut_slice()
-            .par_chunks_mut(cols)
+            .par_chunks_mut(width)
             .with_min_len(MIN_ROWS)
             .enumerate()
             .for_each(|(r, row)| {
                 let pos = r % seq;
                 let (cos, sin) = tab[pos * d..(pos + 1) * d].split_at(half);
-                let v = &mut row[col..col + d];
-                for i in 0..half {
-                    let (a, b) = (f(v[i]), f(v[half + i]));
-                    let (c, s) = (f(cos[i]), sign * f(sin[i]));
-                    v[i] = t(a * c - b * s);
-                    v[half + i] = t(a * s + b * c);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for h in 0..heads {
+                            let (lo, hi) = row[cols.start(h)..][..d].split_at_mut(half);
+                            for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+                                let (x, y, c, s) = (f(*a), f(*b), f(c), sign * f(s));
+                                *a = t(x * c - y * s);
+                                *b = t(x * s + y * c);
+                            }
+                        }
+                    },
+                )
             });
         Ok(())
     }
@@ -248,147 +162,387 @@ impl<B: HostBackend> AttentionOps for B {
     fn attention_core_forward(
         &self,
         probs: &mut Self::Matrix,
+        keys: &mut Self::Matrix,
         out: &mut Self::Matrix,
-        q: &Self::Matrix,
-        k: &Self::Matrix,
-        v: &Self::Matrix,
+        x: Qkv<'_, Self::Matrix>,
+        layout: &HeadLayout,
         scale: Self::Elem,
     ) -> Result<()> {
-        let h = HeadShapes::of("attention_core_forward", q, v)?;
-        h.check(
-            "attention_core_forward",
-            &[("k", k, h.qk), ("out", out, h.dv)],
-            probs,
-        )?;
-        let (seq, qk, dv) = (h.seq, h.qk, h.dv);
-        let one = Self::Elem::ONE;
-        // One task per head: its scores (T x T) stay in cache from the first product through
-        // the softmax to the second, instead of three passes over the whole stack.
+        let what = "attention_core_forward";
+        let g = Geometry::of(what, layout, probs, keys, &x)?;
+        g.tokens(what, "out", out, layout.out)?;
+        let (seq, one, out_ld) = (g.seq, Self::Elem::ONE, out.shape().cols);
+        // One task per sequence, which owns that sequence's rows of every matrix; each head's
+        // scores stay in cache from the first product through the softmax to the second.
         probs
             .as_mut_slice()
-            .par_chunks_mut(seq * seq)
-            .zip(out.as_mut_slice().par_chunks_mut(seq * dv))
-            .zip(q.as_slice().par_chunks(seq * qk))
-            .zip(k.as_slice().par_chunks(seq * qk))
-            .zip(v.as_slice().par_chunks(seq * dv))
-            .for_each(|((((p, o), q), k), v)| {
-                let stored = |x, cols, op| (x, seq, cols, op);
-                let (no, yes) = (Transpose::No, Transpose::Yes);
-                // S = scale Q K^T, P = causal_softmax(S) in place, O = P V. The softmax reads S
-                // on and below the diagonal only, and P is zero above it: a backend may skip
-                // both triangles (the bf16 kernels skip whole tiles and pairs of `k`).
-                let (q, k, v) = (stored(q, qk, no), stored(k, qk, yes), stored(v, dv, no));
-                self.product_on_thread(p, seq, seq, q, k, scale, false, Structure::LowerC);
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        for (i, row) in p.chunks_exact_mut(seq).enumerate() {
-                            softmax_row(row, i);
-                        }
-                    },
-                );
-                let p = stored(&*p, seq, no);
-                self.product_on_thread(o, seq, dv, p, v, one, false, Structure::LowerA);
+            .par_chunks_mut(g.heads * seq * seq)
+            .zip(keys.as_mut_slice().par_chunks_mut(seq * 2 * g.qk))
+            .zip(out.as_mut_slice().par_chunks_mut(seq * out_ld))
+            .zip(g.sequences(&x))
+            .for_each(|(((p, scratch), o), x)| {
+                for (h, p) in p.chunks_exact_mut(seq * seq).enumerate() {
+                    let (scratch, _) = scratch.split_at_mut(seq * g.qk);
+                    let k = g.keys(&x, h, scratch);
+                    // S = scale Q K^T, P = causal_softmax(S) in place, O = P V. The softmax
+                    // reads S on and below the diagonal only, and P is zero above it: a backend
+                    // may skip both triangles (the bf16 kernels skip whole tiles and pairs of `k`).
+                    let s = StoredMut::new(&mut *p, seq, seq);
+                    let (q, k_t) = (
+                        g.q(&x, h, Transpose::No),
+                        Stored {
+                            op: Transpose::Yes,
+                            ..k
+                        },
+                    );
+                    self.product_on_thread(s, q, k_t, scale, false, Structure::LowerC);
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for (i, row) in p.chunks_exact_mut(seq).enumerate() {
+                                softmax_row(row, i);
+                            }
+                        },
+                    );
+                    let o = g.head_mut(o, out_ld, layout.out, h);
+                    let (p, v) = (
+                        Stored::new(&*p, seq, seq, Transpose::No),
+                        g.v(&x, h, Transpose::No),
+                    );
+                    self.product_on_thread(o, p, v, one, false, Structure::LowerA);
+                }
             });
         Ok(())
     }
 
     fn attention_core_backward(
         &self,
-        dq: &mut Self::Matrix,
-        dk: &mut Self::Matrix,
-        dv: &mut Self::Matrix,
+        grads: QkvGrads<'_, Self::Matrix>,
         dprobs: &mut Self::Matrix,
+        keys: &mut Self::Matrix,
         d_out: &Self::Matrix,
         probs: &Self::Matrix,
-        q: &Self::Matrix,
-        k: &Self::Matrix,
-        v: &Self::Matrix,
+        x: Qkv<'_, Self::Matrix>,
+        layout: &HeadLayout,
         scale: Self::Elem,
     ) -> Result<()> {
-        let h = HeadShapes::of("attention_core_backward", q, v)?;
-        let w = "attention_core_backward";
-        h.check(w, &[("k", k, h.qk), ("dq", dq, h.qk), ("dk", dk, h.qk)], probs)?;
-        h.check(w, &[("dv", dv, h.dv), ("d_out", d_out, h.dv)], dprobs)?;
-        let (seq, qk, dvw) = (h.seq, h.qk, h.dv);
-        let one = Self::Elem::ONE;
+        let what = "attention_core_backward";
+        let g = Geometry::of(what, layout, probs, keys, &x)?;
+        same("attention_core_backward dprobs", probs, dprobs)?;
+        g.tokens(what, "d_out", d_out, layout.out)?;
+        let QkvGrads {
+            dq,
+            dk,
+            dk_shared,
+            dv,
+        } = grads;
+        g.tokens(what, "dq", dq, layout.q)?;
+        g.tokens(what, "dk", dk, layout.k)?;
+        if let Some(dv) = &dv {
+            g.tokens(what, "dv", dv, layout.v)?;
+        } else {
+            g.tokens(what, "dk (holding dv)", dk, layout.v)?;
+        }
+        match (&dk_shared, layout.k_shared) {
+            (Some(m), Some(cols)) => g.tokens(what, "dk_shared", m, cols)?,
+            (None, None) => {}
+            _ => {
+                return Err(Error::Backend(format!(
+                    "{what}: dk_shared given without shared keys, or missing"
+                )))
+            }
+        }
+        let (seq, one) = (g.seq, Self::Elem::ONE);
+        let (ld_dq, ld_dk, ld_out) = (dq.shape().cols, dk.shape().cols, d_out.shape().cols);
+        let ld_dv = dv.as_ref().map_or(ld_dk, |m| m.shape().cols);
+        let ld_shared = dk_shared.as_ref().map_or(0, |m| m.shape().cols);
         dprobs
             .as_mut_slice()
-            .par_chunks_mut(seq * seq)
-            .zip(dq.as_mut_slice().par_chunks_mut(seq * qk))
-            .zip(dk.as_mut_slice().par_chunks_mut(seq * qk))
-            .zip(dv.as_mut_slice().par_chunks_mut(seq * dvw))
-            .zip(d_out.as_slice().par_chunks(seq * dvw))
-            .zip(probs.as_slice().par_chunks(seq * seq))
-            .zip(q.as_slice().par_chunks(seq * qk))
-            .zip(k.as_slice().par_chunks(seq * qk))
-            .zip(v.as_slice().par_chunks(seq * dvw))
-            .for_each(|((((((((ds, dq), dk), dv), d_o), p), q), k), v)| {
-                let stored = |x, cols, op| (x, seq, cols, op);
-                let (no, yes) = (Transpose::No, Transpose::Yes);
-                // O = P V: dV = P^T dO, dP = dO V^T. P (so dS) is lower triangular and the
-                // softmax's backward reads dP on and below the diagonal only: P^T and dS^T are
-                // upper triangular.
-                let (p_t, d_o, v_t) = (stored(p, seq, yes), stored(d_o, dvw, no), stored(v, dvw, yes));
-                self.product_on_thread(dv, seq, dvw, p_t, d_o, one, false, Structure::UpperA);
-                self.product_on_thread(ds, seq, seq, d_o, v_t, one, false, Structure::LowerC);
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        for (i, (g, pr)) in ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)).enumerate() {
-                            softmax_backward_row(g, pr, i);
+            .par_chunks_mut(g.heads * seq * seq)
+            .zip(keys.as_mut_slice().par_chunks_mut(seq * 2 * g.qk))
+            .zip(sequences_mut(dq, seq))
+            .zip(sequences_mut(dk, seq))
+            .zip(optional_sequences_mut(dk_shared, seq, g.batch))
+            .zip(optional_sequences_mut(dv, seq, g.batch))
+            .zip(d_out.as_slice().par_chunks(seq * ld_out))
+            .zip(probs.as_slice().par_chunks(g.heads * seq * seq))
+            .zip(g.sequences(&x))
+            .for_each(
+                |((((((((ds, scratch), dq), dk), mut dks), mut dv), d_o), p), x)| {
+                    let (k_scratch, dk_scratch) = scratch.split_at_mut(seq * g.qk);
+                    for (h, (ds, p)) in ds
+                        .chunks_exact_mut(seq * seq)
+                        .zip(p.chunks_exact(seq * seq))
+                        .enumerate()
+                    {
+                        let k = g.keys(&x, h, &mut *k_scratch);
+                        let (no, yes) = (Transpose::No, Transpose::Yes);
+                        let dout = g.block(d_o, ld_out, layout.out, h, no);
+                        // O = P V: dV = P^T dO, dP = dO V^T. P (so dS) is lower triangular and the
+                        // softmax's backward reads dP on and below the diagonal only: P^T and dS^T
+                        // are upper triangular.
+                        let dvh = match dv.as_deref_mut() {
+                            Some(dv) => g.head_mut(dv, ld_dv, layout.v, h),
+                            None => g.head_mut(dk, ld_dv, layout.v, h),
+                        };
+                        let p_t = Stored::new(p, seq, seq, yes);
+                        self.product_on_thread(dvh, p_t, dout, one, false, Structure::UpperA);
+                        let v_t = g.v(&x, h, yes);
+                        self.product_on_thread(
+                            StoredMut::new(&mut *ds, seq, seq),
+                            dout,
+                            v_t,
+                            one,
+                            false,
+                            Structure::LowerC,
+                        );
+                        vectorized(
+                            #[inline(always)]
+                            || {
+                                for (i, (g, pr)) in
+                                    ds.chunks_exact_mut(seq).zip(p.chunks_exact(seq)).enumerate()
+                                {
+                                    softmax_backward_row(g, pr, i);
+                                }
+                            },
+                        );
+                        // S = scale Q K^T: dQ = scale dS K, dK = scale dS^T Q.
+                        let (ds, ds_t) = (Stored::new(&*ds, seq, seq, no), Stored::new(&*ds, seq, seq, yes));
+                        let dqh = g.head_mut(dq, ld_dq, layout.q, h);
+                        self.product_on_thread(dqh, ds, k, scale, false, Structure::LowerA);
+                        let q = g.q(&x, h, no);
+                        match (dks.as_deref_mut(), layout.k_shared) {
+                            (Some(dks), Some(shared)) => {
+                                // Both blocks at once into the scratch, then each to its place: the
+                                // own block stored, the shared one summed over the heads in order.
+                                let dkh = StoredMut::new(&mut *dk_scratch, seq, g.qk);
+                                self.product_on_thread(dkh, ds_t, q, scale, false, Structure::UpperA);
+                                let own = layout.k.width;
+                                for (t, src) in dk_scratch.chunks_exact(g.qk).enumerate() {
+                                    dk[t * ld_dk + layout.k.start(h)..][..own].copy_from_slice(&src[..own]);
+                                    let sum = &mut dks[t * ld_shared + shared.col..][..shared.width];
+                                    if h == 0 {
+                                        sum.copy_from_slice(&src[own..]);
+                                    } else {
+                                        sum.iter_mut().zip(&src[own..]).for_each(|(s, &v)| *s += v);
+                                    }
+                                }
+                            }
+                            _ => {
+                                let dkh = g.head_mut(dk, ld_dk, layout.k, h);
+                                self.product_on_thread(dkh, ds_t, q, scale, false, Structure::UpperA);
+                            }
                         }
-                    },
-                );
-                // S = scale Q K^T: dQ = scale dS K, dK = scale dS^T Q.
-                let (ds, ds_t) = (stored(&*ds, seq, no), stored(&*ds, seq, yes));
-                let (k, q) = (stored(k, qk, no), stored(q, qk, no));
-                self.product_on_thread(dq, seq, qk, ds, k, scale, false, Structure::LowerA);
-                self.product_on_thread(dk, seq, qk, ds_t, q, scale, false, Structure::UpperA);
-            });
+                    }
+                },
+            );
         Ok(())
     }
 }
 
-/// The sizes of attention's head stacks: `M` heads of `T` positions, `Dqk` query/key and `Dv`
-/// value columns.
-struct HeadShapes {
-    heads: usize,
-    seq: usize,
-    qk: usize,
-    dv: usize,
+/// One sequence's rows of each input of the core.
+struct QkvRows<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    k_shared: Option<&'a [T]>,
+    v: &'a [T],
 }
 
-impl HeadShapes {
-    /// Read off the queries `[M, T, Dqk]` and the values `[M, T, Dv]`.
-    fn of<T: CpuReal>(what: &str, q: &HostMatrix<T>, v: &HostMatrix<T>) -> Result<Self> {
-        let (qs, vs) = (q.shape(), v.shape());
-        if qs.rows == 0 || qs.cols == 0 || vs.cols == 0 {
-            return Err(Error::EmptyMatrix {
-                what: format!("{what} q {qs} or v {vs}"),
-            });
+/// The sizes of attention's core, read off its operands and checked against all of them:
+/// `batch` sequences of `seq` positions, `heads` heads with queries and keys `qk` wide.
+struct Geometry<'l> {
+    layout: &'l HeadLayout,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    qk: usize,
+    /// Row strides of q, k, the shared keys and v.
+    lds: [usize; 4],
+}
+
+impl<'l> Geometry<'l> {
+    fn of<T: CpuReal>(
+        what: &str,
+        layout: &'l HeadLayout,
+        probs: &HostMatrix<T>,
+        keys: &HostMatrix<T>,
+        x: &Qkv<'_, HostMatrix<T>>,
+    ) -> Result<Self> {
+        let heads = layout.heads;
+        let ps = probs.shape();
+        expect_shape(what, "probs", Shape::batched(ps.batch, ps.rows, ps.rows), ps)?;
+        let seq = ps.rows;
+        if seq == 0 || heads == 0 || !ps.batch.is_multiple_of(heads) {
+            return Err(Error::Backend(format!(
+                "{what}: probs {ps} do not hold whole sequences of {heads} heads of one or more positions"
+            )));
         }
-        expect_shape(what, "v", Shape::batched(qs.batch, qs.rows, vs.cols), vs)?;
-        Ok(HeadShapes {
-            heads: qs.batch,
-            seq: qs.rows,
-            qk: qs.cols,
-            dv: vs.cols,
-        })
+        let own = layout.k.width;
+        let qk = layout.q.width;
+        let shared = layout.k_shared.map_or(0, |c| c.width);
+        let shared_ok = layout.k_shared.is_none_or(|c| c.stride == 0)
+            && layout.k_shared.is_some() == x.k_shared.is_some();
+        if qk == 0
+            || own + shared != qk
+            || layout.v.width == 0
+            || layout.v.width != layout.out.width
+            || !shared_ok
+        {
+            return Err(Error::Backend(format!(
+                "{what}: layout {layout:?} with{} shared keys: the keys' blocks must add up to \
+                 the queries' width, a shared block have stride 0 and a matrix, and the values be \
+                 as wide as the output",
+                if x.k_shared.is_some() { "" } else { "out" }
+            )));
+        }
+        let g = Geometry {
+            layout,
+            batch: ps.batch / heads,
+            seq,
+            heads,
+            qk,
+            lds: [
+                x.q.shape().cols,
+                x.k.shape().cols,
+                x.k_shared.map_or(0, |m| m.shape().cols),
+                x.v.shape().cols,
+            ],
+        };
+        expect_shape(what, "keys", Shape::batched(g.batch, seq, 2 * qk), keys.shape())?;
+        g.tokens(what, "q", x.q, layout.q)?;
+        g.tokens(what, "k", x.k, layout.k)?;
+        if let (Some(m), Some(cols)) = (x.k_shared, layout.k_shared) {
+            g.tokens(what, "k_shared", m, cols)?;
+        }
+        g.tokens(what, "v", x.v, layout.v)?;
+        Ok(g)
     }
 
-    /// Checks that each named stack is `[M, T, cols]` and `square` is `[M, T, T]`.
-    fn check<T: CpuReal>(
-        &self,
-        what: &str,
-        stacks: &[(&str, &HostMatrix<T>, usize)],
-        square: &HostMatrix<T>,
-    ) -> Result<()> {
-        for &(name, m, cols) in stacks {
-            expect_shape(what, name, Shape::batched(self.heads, self.seq, cols), m.shape())?;
+    /// Checks that `m` has a row per token and every head's block of `cols` inside it.
+    fn tokens<T: CpuReal>(&self, what: &str, name: &str, m: &HostMatrix<T>, cols: HeadCols) -> Result<()> {
+        let s = m.shape();
+        expect_shape(what, name, Shape::matrix(self.batch * self.seq, s.cols), s)?;
+        let last = cols
+            .stride
+            .checked_mul(self.heads - 1)
+            .and_then(|o| o.checked_add(cols.col));
+        let fits = last
+            .and_then(|l| l.checked_add(cols.width))
+            .is_some_and(|end| end <= s.cols);
+        if fits {
+            Ok(())
+        } else {
+            Err(Error::Backend(format!(
+                "{what} {name}: {} heads at {cols:?} do not fit in {} columns",
+                self.heads, s.cols
+            )))
         }
-        let want = Shape::batched(self.heads, self.seq, self.seq);
-        expect_shape(what, "scores", want, square.shape())
+    }
+
+    /// The inputs' rows, sequence by sequence.
+    fn sequences<'a, T: CpuReal>(
+        &self,
+        x: &Qkv<'a, HostMatrix<T>>,
+    ) -> impl IndexedParallelIterator<Item = QkvRows<'a, T>> + use<'a, T> {
+        let seq = self.seq;
+        let rows = move |m: &'a HostMatrix<T>| m.as_slice().par_chunks(seq * m.shape().cols);
+        let shared = match x.k_shared {
+            Some(m) => Either::Left(rows(m).map(Some)),
+            None => Either::Right(rayon::iter::repeat_n((), self.batch).map(|()| None)),
+        };
+        rows(x.q)
+            .zip(rows(x.k))
+            .zip(shared)
+            .zip(rows(x.v))
+            .map(|(((q, k), k_shared), v)| QkvRows { q, k, k_shared, v })
+    }
+
+    /// Head `h`'s block `cols` of one sequence's rows of a matrix `ld` wide.
+    fn block<'a, T>(
+        &self,
+        rows: &'a [T],
+        ld: usize,
+        cols: HeadCols,
+        h: usize,
+        op: Transpose,
+    ) -> Stored<'a, T> {
+        Stored::new(&rows[cols.start(h)..], self.seq, cols.width, op).with_ld(ld)
+    }
+
+    /// Head `h`'s queries.
+    fn q<'a, T>(&self, x: &QkvRows<'a, T>, h: usize, op: Transpose) -> Stored<'a, T> {
+        self.block(x.q, self.lds[0], self.layout.q, h, op)
+    }
+
+    /// Head `h`'s values.
+    fn v<'a, T>(&self, x: &QkvRows<'a, T>, h: usize, op: Transpose) -> Stored<'a, T> {
+        self.block(x.v, self.lds[3], self.layout.v, h, op)
+    }
+
+    /// Head `h`'s block `cols` of one sequence's rows of an output `ld` wide.
+    fn head_mut<'a, T>(&self, rows: &'a mut [T], ld: usize, cols: HeadCols, h: usize) -> StoredMut<'a, T> {
+        StoredMut::new(&mut rows[cols.start(h)..], self.seq, cols.width).with_ld(ld)
+    }
+
+    /// Head `h`'s keys `[T, Dqk]`: its own block in place, or, with a shared block, both
+    /// gathered into `scratch`. The shared columns are the same for every head: they are
+    /// copied with head 0 and left in place for the sequence's other heads.
+    fn keys<'a, T: CpuReal>(&self, x: &QkvRows<'a, T>, h: usize, scratch: &'a mut [T]) -> Stored<'a, T> {
+        let (own, ld_own, ld_shared) = (self.layout.k, self.lds[1], self.lds[2]);
+        match (x.k_shared, self.layout.k_shared) {
+            (Some(shared_rows), Some(shared)) => {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (t, dst) in scratch.chunks_exact_mut(self.qk).take(self.seq).enumerate() {
+                            let (d_own, d_shared) = dst.split_at_mut(own.width);
+                            if let Some(ahead) = x.k.get((t + PREFETCH_ROWS) * ld_own + own.start(h)..) {
+                                muon_faer::prefetch(&ahead[..own.width.min(ahead.len())]);
+                            }
+                            copy(d_own, &x.k[t * ld_own + own.start(h)..][..own.width]);
+                            if h == 0 {
+                                copy(
+                                    d_shared,
+                                    &shared_rows[t * ld_shared + shared.col..][..shared.width],
+                                );
+                            }
+                        }
+                    },
+                );
+                Stored::new(&*scratch, self.seq, self.qk, Transpose::No)
+            }
+            _ => self.block(x.k, ld_own, own, h, Transpose::No),
+        }
+    }
+}
+
+/// How many rows ahead the gathering of a head's keys asks for the rows it will read: its
+/// block is a few cache lines of each row, a stride apart, which the hardware's prefetchers
+/// fetch late.
+const PREFETCH_ROWS: usize = 8;
+
+/// `dst = src` element by element: for the few dozen elements of a head's row a loop the
+/// compiler unrolls beats a call to `memcpy`.
+#[inline(always)]
+fn copy<T: Copy>(dst: &mut [T], src: &[T]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s);
+}
+
+/// One sequence's rows of each item of a token-rows matrix, in parallel.
+fn sequences_mut<T: CpuReal>(m: &mut HostMatrix<T>, seq: usize) -> rayon::slice::ChunksMut<'_, T> {
+    let per = seq * m.shape().cols;
+    m.as_mut_slice().par_chunks_mut(per)
+}
+
+/// [`sequences_mut`] of a matrix that may be absent: then `None` for each of the `batch`.
+fn optional_sequences_mut<T: CpuReal>(
+    m: Option<&mut HostMatrix<T>>,
+    seq: usize,
+    batch: usize,
+) -> impl IndexedParallelIterator<Item = Option<&mut [T]>> {
+    match m {
+        Some(m) => Either::Left(sequences_mut(m, seq).map(Some)),
+        None => Either::Right(rayon::iter::repeat_n((), batch).map(|()| None)),
     }
 }
 
@@ -402,25 +556,39 @@ fn expect_shape(what: &str, name: &str, want: Shape, got: Shape) -> Result<()> {
     }
 }
 
+/// Elements the row-wise softmax loops round their live length up to: a whole number of
+/// 512-bit vectors of f32. The loops then run no scalar tail, which for rows of a few dozen
+/// elements cost as much as the vectorized part (a scalar exponential per leftover element).
+const ROW_BLOCK: usize = 16;
+
 /// Row `i` of a causal score matrix, in place: `softmax(s[0..=i])`, zeros after `i`.
 #[inline(always)]
 fn softmax_row<T: CpuReal>(row: &mut [T], i: usize) {
-    let (live, masked) = row.split_at_mut(i + 1);
+    let live = i + 1;
+    let (block, rest) = row.split_at_mut(live.next_multiple_of(ROW_BLOCK).min(row.len()));
     // Three passes the compiler vectorizes (max, exp, sum over lanes) instead of one whose
-    // running f64 sum serializes the exponentials.
-    let max = lane_max(live);
-    live.iter_mut().for_each(|v| *v = (*v - max).exp());
-    let inv: T = t(1.0 / lane_sum([&*live]));
-    live.iter_mut().for_each(|v| *v = floored(*v * inv));
-    masked.fill(T::ZERO);
+    // running f64 sum serializes the exponentials. The exponential runs over the whole block,
+    // past `i` too (finite scores of the product, or what the buffer held: never read), then
+    // those are zeroed, so the sum and the scaling cover the block with no tail.
+    let max = lane_max(&block[..live]);
+    block.iter_mut().for_each(|v| *v = (*v - max).exp());
+    block[live..].fill(T::ZERO);
+    let inv: T = t(1.0 / lane_sum([&*block]));
+    block.iter_mut().for_each(|v| *v = floored(*v * inv));
+    rest.fill(T::ZERO);
 }
 
 /// Row `i` of the softmax's backward, in place: `g` holds dL/dP on entry and dL/dS on exit.
 #[inline(always)]
 fn softmax_backward_row<T: CpuReal>(g: &mut [T], p: &[T], i: usize) {
-    // Row i has probabilities only up to i; past it P = 0 and so is dS.
-    let (live, masked) = g.split_at_mut(i + 1);
-    let dot: T = t(lane_sum([&*live, &p[..i + 1]]));
-    live.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
-    masked.fill(T::ZERO);
+    // Row i has probabilities only up to i; past it P = 0 and so is dS. Over the rounded-up
+    // block, P's zeros add nothing to the dot product (dP there is finite: computed, or the
+    // buffer's earlier values) and the block's tail is zeroed after.
+    let live = i + 1;
+    let end = live.next_multiple_of(ROW_BLOCK).min(g.len());
+    let (block, rest) = g.split_at_mut(end);
+    let dot: T = t(lane_sum([&*block, &p[..end]]));
+    block.iter_mut().zip(p).for_each(|(g, &p)| *g = p * (*g - dot));
+    block[live..].fill(T::ZERO);
+    rest.fill(T::ZERO);
 }

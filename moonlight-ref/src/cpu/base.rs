@@ -2,7 +2,7 @@
 
 use muon_core::{Precision, Real, Result, Transpose};
 
-use super::{check_len, CpuReal, HostBackend, Structure};
+use super::{check_len, CpuReal, HostBackend, Stored, StoredMut, Structure};
 use crate::ops::BaseOps;
 
 impl<B: HostBackend> BaseOps for B {
@@ -69,15 +69,8 @@ fn warm_up_threads<B: HostBackend>(backend: &B) {
     fn product<T: CpuReal>() {
         const N: usize = 32; // above faer's small-matrix path, so the x86 kernels run
         let (a, mut c) = ([T::ONE; N * N], [T::ZERO; N * N]);
-        T::matmul(
-            &mut c,
-            N,
-            N,
-            (&a, N, N, Transpose::No),
-            (&a, N, N, Transpose::No),
-            T::ONE,
-            false,
-        );
+        let a = Stored::new(&a, N, N, Transpose::No);
+        T::matmul(StoredMut::new(&mut c, N, N), a, a, T::ONE, false);
     }
     rayon::broadcast(|_| {
         product::<f32>();
@@ -85,6 +78,13 @@ fn warm_up_threads<B: HostBackend>(backend: &B) {
     });
     const N: usize = 32;
     let (a, mut c) = ([B::Elem::ONE; N * N], [B::Elem::ZERO; N * N]);
-    let op = (&a[..], N, N, Transpose::No);
-    backend.product_on_thread(&mut c, N, N, op, op, B::Elem::ONE, false, Structure::Full);
+    let a = Stored::new(&a, N, N, Transpose::No);
+    backend.product_on_thread(
+        StoredMut::new(&mut c, N, N),
+        a,
+        a,
+        B::Elem::ONE,
+        false,
+        Structure::Full,
+    );
 }

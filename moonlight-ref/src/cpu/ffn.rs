@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{
     check_indices, check_len, dims, f, gather_rows, lane_sum, same, t, vectorized, CpuReal, HostBackend,
-    Structure, MIN_ROWS,
+    Stored, StoredMut, Structure, MIN_ROWS,
 };
 use crate::ops::FfnOps;
 
@@ -503,8 +503,12 @@ impl<B: HostBackend> FfnOps for B {
                 .for_each(|(dc, ac)| {
                     let rows = ac.len() / k.max(1);
                     let accumulate = scale_for_beta(dc, beta);
-                    let (aop, wop) = ((ac, rows, k, Transpose::No), (we, ws.rows, ws.cols, transpose_w));
-                    self.product_on_thread(dc, rows, n, aop, wop, alpha, accumulate, Structure::Full);
+                    let (aop, wop) = (
+                        Stored::new(ac, rows, k, Transpose::No),
+                        Stored::new(we, ws.rows, ws.cols, transpose_w),
+                    );
+                    let dc = StoredMut::new(dc, rows, n);
+                    self.product_on_thread(dc, aop, wop, alpha, accumulate, Structure::Full);
                 });
         }
         Ok(())
@@ -541,9 +545,10 @@ impl<B: HostBackend> FfnOps for B {
                     return;
                 }
                 let rows = hi - lo;
-                let xe = (&xs[lo * p..hi * p], rows, p, Transpose::Yes);
-                let ye = (&ys[lo * q..hi * q], rows, q, Transpose::No);
-                self.product_on_thread(dwe, p, q, xe, ye, alpha, accumulate, Structure::Full);
+                let xe = Stored::new(&xs[lo * p..hi * p], rows, p, Transpose::Yes);
+                let ye = Stored::new(&ys[lo * q..hi * q], rows, q, Transpose::No);
+                let dwe = StoredMut::new(dwe, p, q);
+                self.product_on_thread(dwe, xe, ye, alpha, accumulate, Structure::Full);
             });
         Ok(())
     }

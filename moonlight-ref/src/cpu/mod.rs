@@ -26,10 +26,8 @@ mod token;
 
 pub use simd::{set_simd_level, simd_level, vectorized, SimdLevel};
 
-use muon_core::{
-    check_shape, Backend, Error, HostMatrix, Portable, Precision, Real, Result, Shape, Transpose,
-};
-pub use muon_faer::Structure;
+use muon_core::{check_shape, Backend, Error, HostMatrix, Portable, Precision, Real, Result, Shape};
+pub use muon_faer::{Stored, StoredMut, Structure};
 
 /// A backend whose matrices are [`HostMatrix`] stacks of a [`CpuReal`]: every op family is
 /// implemented once for all of them.
@@ -56,14 +54,11 @@ pub trait HostBackend:
     /// precision; `structure` names a triangle of zeros in `op(a)` or of `c` nobody reads,
     /// which a backend may skip (muon-faer's bf16 kernels do; the needed elements' bits are
     /// those of the full product).
-    #[allow(clippy::too_many_arguments)]
     fn product_on_thread(
         &self,
-        c: &mut [Self::Elem],
-        m: usize,
-        n: usize,
-        a: (&[Self::Elem], usize, usize, Transpose),
-        b: (&[Self::Elem], usize, usize, Transpose),
+        c: StoredMut<'_, Self::Elem>,
+        a: Stored<'_, Self::Elem>,
+        b: Stored<'_, Self::Elem>,
         alpha: Self::Elem,
         accumulate: bool,
         structure: Structure,
@@ -91,16 +86,14 @@ impl<T: CpuReal> HostBackend for Portable<T> {
 
     fn product_on_thread(
         &self,
-        c: &mut [T],
-        m: usize,
-        n: usize,
-        a: (&[T], usize, usize, Transpose),
-        b: (&[T], usize, usize, Transpose),
+        c: StoredMut<'_, T>,
+        a: Stored<'_, T>,
+        b: Stored<'_, T>,
         alpha: T,
         accumulate: bool,
         _: Structure,
     ) {
-        T::matmul(c, m, n, a, b, alpha, accumulate);
+        T::matmul(c, a, b, alpha, accumulate);
     }
 }
 
@@ -119,16 +112,14 @@ impl<T: muon_faer::Elem + CpuReal> HostBackend for muon_faer::Faer<T> {
 
     fn product_on_thread(
         &self,
-        c: &mut [T],
-        m: usize,
-        n: usize,
-        a: (&[T], usize, usize, Transpose),
-        b: (&[T], usize, usize, Transpose),
+        c: StoredMut<'_, T>,
+        a: Stored<'_, T>,
+        b: Stored<'_, T>,
         alpha: T,
         accumulate: bool,
         structure: Structure,
     ) {
-        muon_faer::Faer::product_on_thread(self, c, m, n, a, b, alpha, accumulate, structure);
+        muon_faer::Faer::product_on_thread(self, c, a, b, alpha, accumulate, structure);
     }
 }
 
@@ -152,15 +143,12 @@ pub trait CpuReal: Real {
     /// `e^self`.
     fn exp(self) -> Self;
 
-    /// One single-threaded product on row-major slices, with faer's kernels:
-    /// `c = alpha * op(a) op(b)` (or `c += ...` with `accumulate`), where `a` is stored
-    /// `a_rows x a_cols`, `b` `b_rows x b_cols`, and `c` is `m x n`.
+    /// One single-threaded product on row-major operands as stored, with faer's kernels:
+    /// `c = alpha * op(a) op(b)` (or `c += ...` with `accumulate`).
     fn matmul(
-        c: &mut [Self],
-        m: usize,
-        n: usize,
-        a: (&[Self], usize, usize, Transpose),
-        b: (&[Self], usize, usize, Transpose),
+        c: StoredMut<'_, Self>,
+        a: Stored<'_, Self>,
+        b: Stored<'_, Self>,
         alpha: Self,
         accumulate: bool,
     );
@@ -177,11 +165,9 @@ macro_rules! impl_cpu_real {
             }
 
             fn matmul(
-                c: &mut [Self],
-                m: usize,
-                n: usize,
-                a: (&[Self], usize, usize, Transpose),
-                b: (&[Self], usize, usize, Transpose),
+                c: StoredMut<'_, Self>,
+                a: Stored<'_, Self>,
+                b: Stored<'_, Self>,
                 alpha: Self,
                 accumulate: bool,
             ) {
@@ -191,10 +177,10 @@ macro_rules! impl_cpu_real {
                     faer::Accum::Replace
                 };
                 faer::linalg::matmul::matmul(
-                    muon_faer::view_mut(c, m, n),
+                    c.view_mut(),
                     accum,
-                    muon_faer::view(a.0, a.1, a.2, a.3),
-                    muon_faer::view(b.0, b.1, b.2, b.3),
+                    a.view(),
+                    b.view(),
                     alpha,
                     faer::Par::Seq,
                 );

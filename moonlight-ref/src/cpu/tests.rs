@@ -5,7 +5,7 @@
 use muon_core::{Error, HostMatrix, Portable, Shape, Transpose};
 
 use super::exp_f32;
-use crate::ops::{AttentionOps, BaseOps, FfnOps, TokenOps};
+use crate::ops::{AttentionOps, BaseOps, FfnOps, HeadCols, HeadLayout, Qkv, QkvGrads, TokenOps};
 
 fn mat(rows: usize, cols: usize, fill: f32) -> HostMatrix<f32> {
     HostMatrix::from_vec(Shape::matrix(rows, cols), vec![fill; rows * cols]).unwrap()
@@ -129,11 +129,14 @@ fn wrong_shapes_and_lengths_are_errors_naming_the_operand() {
             ..
         })
     ));
-    // Scores must be square; heads must tile the token rows.
+    // Scores must be square; RoPE's heads must fit in the rows and the table.
     let err = b.causal_softmax_forward(&mut HostMatrix::zeros(Shape::batched(2, 3, 4)));
     assert_eq!(named(err.unwrap_err()), "causal_softmax_forward scores");
-    let err = b.split_heads(&mut HostMatrix::zeros(Shape::batched(2, 3, 2)), 0, &x, 0, 2, 2);
-    assert!(named(err.unwrap_err()).contains("do not tile 4 token rows"));
+    let table = mat(4, 2, 1.0);
+    let err = b.rope(&mut mat(4, 8, 0.0), 4, 3, HeadCols::new(0, 4, 2), &table, false);
+    assert!(named(err.unwrap_err()).starts_with("rope x (last head)"));
+    let err = b.rope(&mut mat(4, 8, 0.0), 3, 1, HeadCols::new(0, 0, 2), &table, false);
+    assert!(named(err.unwrap_err()).contains("in sequences of 3"));
     // A column block past the end.
     let err = b.copy_columns(&mut mat(4, 4, 0.0), 2, &x, 0, 3, false);
     assert!(named(err.unwrap_err()).starts_with("copy_columns dst"));
@@ -217,14 +220,99 @@ fn stack(heads: usize, rows: usize, cols: usize, seed: u64) -> HostMatrix<f32> {
     HostMatrix::from_vec(Shape::batched(heads, rows, cols), data).unwrap()
 }
 
-/// The fused attention core gives the bits of the op sequence it replaces (the stack's
-/// products, then the softmax, then the products), forward and backward, on faer in f32 at 1
-/// and 2 threads and in bf16 (the AVX512-BF16 path's scalar model, which every machine runs):
-/// per head the same products in the same precision and the same row passes, only in another
-/// order over the heads. The portable backend's stacked `gemm` is its own loop while its
-/// per-thread products are faer's, so there the two agree to f32 rounding: sums of at most 20
-/// terms in another order differ by under `40 u` (u = 2^-24) of the terms' magnitudes, and
-/// 1e-5 of each tensor's largest value leaves room for that through two products.
+/// A random `[B*T, S]` token-rows matrix (values in [-2, 2)).
+fn tokens(rows: usize, cols: usize, seed: u64) -> HostMatrix<f32> {
+    stack(1, rows, cols, seed)
+}
+
+/// Head `h` of sequence `b` of a token-rows matrix as a dense `[T, width]` block.
+fn head_of(m: &HostMatrix<f32>, seq: usize, b: usize, cols: HeadCols, h: usize) -> Vec<f32> {
+    let ld = m.shape().cols;
+    (0..seq)
+        .flat_map(|t| m.as_slice()[(b * seq + t) * ld + cols.start(h)..][..cols.width].to_vec())
+        .collect()
+}
+
+/// The core's operands in token rows, in one of the two layouts the model uses.
+struct CoreCase {
+    layout: HeadLayout,
+    q: HeadMats,
+}
+
+/// q, k, the shared keys (MLA), v and dout, with the widths of their matrices.
+struct HeadMats {
+    q: HostMatrix<f32>,
+    k: HostMatrix<f32>,
+    k_shared: Option<HostMatrix<f32>>,
+    v: Option<HostMatrix<f32>>,
+    d_out: HostMatrix<f32>,
+}
+
+impl CoreCase {
+    /// MLA's layout: q per head [nope 5 | rope 2]; kvb per head [k_nope 5 | v 5]; a shared
+    /// rope key 2 wide at column 3 of a 6-wide kva; out 5 per head.
+    fn mla(n: usize, heads: usize) -> Self {
+        let layout = HeadLayout {
+            heads,
+            q: HeadCols::new(0, 7, 7),
+            k: HeadCols::new(0, 10, 5),
+            k_shared: Some(HeadCols::new(3, 0, 2)),
+            v: HeadCols::new(5, 10, 5),
+            out: HeadCols::new(0, 5, 5),
+        };
+        let q = HeadMats {
+            q: tokens(n, heads * 7, 1),
+            k: tokens(n, heads * 10, 2),
+            k_shared: Some(tokens(n, 6, 3)),
+            v: None,
+            d_out: tokens(n, heads * 5, 4),
+        };
+        CoreCase { layout, q }
+    }
+
+    /// MHA's layout: q and k 7 per head, v and out 5 per head, each in its own matrix.
+    fn mha(n: usize, heads: usize) -> Self {
+        let layout = HeadLayout {
+            heads,
+            q: HeadCols::new(0, 7, 7),
+            k: HeadCols::new(0, 7, 7),
+            k_shared: None,
+            v: HeadCols::new(0, 5, 5),
+            out: HeadCols::new(0, 5, 5),
+        };
+        let q = HeadMats {
+            q: tokens(n, heads * 7, 5),
+            k: tokens(n, heads * 7, 6),
+            k_shared: None,
+            v: Some(tokens(n, heads * 5, 7)),
+            d_out: tokens(n, heads * 5, 8),
+        };
+        CoreCase { layout, q }
+    }
+
+    fn qkv(&self) -> Qkv<'_, HostMatrix<f32>> {
+        let m = &self.q;
+        Qkv {
+            q: &m.q,
+            k: &m.k,
+            k_shared: m.k_shared.as_ref(),
+            v: m.v.as_ref().unwrap_or(&m.k),
+        }
+    }
+}
+
+/// The fused attention core, reading and writing heads in their token rows, gives the values
+/// of the op sequence it replaces on head-major copies (each head's columns gathered into a
+/// `[B*H, T, D]` stack, the stack's products, the softmax, the products, the gradients
+/// scattered back and the shared keys' summed over the heads), forward and backward, in both
+/// of the model's layouts, and leaves every other column of its outputs alone. On the bf16
+/// kernels (the AVX512-BF16 path's scalar model, which every machine runs) the bits are the
+/// same: per head the same products on the same values, the packs read the same numbers
+/// whatever the stride, and the shared gradient is summed in the same order. faer's f32
+/// kernels pick code paths by the operands' strides, and the portable backend's stacked
+/// `gemm` is its own loop, so there the two agree to f32 rounding: sums of at most 20 terms
+/// in another order differ by under `40 u` (u = 2^-24) of the terms' magnitudes, and 1e-5 of
+/// each tensor's largest value leaves room for that through two products.
 #[test]
 fn fused_attention_core_equals_the_op_sequence() {
     use muon_core::Precision;
@@ -233,71 +321,148 @@ fn fused_attention_core_equals_the_op_sequence() {
         b: &B,
         what: &str,
         exact: bool,
+        case: &CoreCase,
     ) {
-        // 12 heads of 20 positions: queries and keys of 7 columns, values of 5.
-        let (m, seq, qk, dv) = (12, 20, 7, 5);
-        let (q, k, v, d_out) = (
-            stack(m, seq, qk, 1),
-            stack(m, seq, qk, 2),
-            stack(m, seq, dv, 3),
-            stack(m, seq, dv, 4),
-        );
+        // 3 sequences of 20 positions, 4 heads: queries and keys 7 wide, values 5.
+        let (batch, seq, qk, dv) = (3, 20, 7, 5);
+        let l = &case.layout;
+        let (heads, m) = (l.heads, 3 * l.heads);
+        let x = case.qkv();
         let scale = 0.37f32;
+        // Head-major copies.
+        let gather = |mat: &HostMatrix<f32>, cols: HeadCols| {
+            let data = (0..m)
+                .flat_map(|bh| head_of(mat, seq, bh / heads, cols, bh % heads))
+                .collect();
+            HostMatrix::from_vec(Shape::batched(m, seq, cols.width), data).unwrap()
+        };
+        let (qh, vh, doh) = (gather(x.q, l.q), gather(x.v, l.v), gather(&case.q.d_out, l.out));
+        let own = gather(x.k, l.k);
+        let kh = match (x.k_shared, l.k_shared) {
+            (Some(shared), Some(cols)) => {
+                let sh = gather(shared, cols);
+                let (o, sw) = (l.k.width, cols.width);
+                let data = (0..m * seq)
+                    .flat_map(|r| [&own.as_slice()[r * o..][..o], &sh.as_slice()[r * sw..][..sw]].concat())
+                    .collect();
+                HostMatrix::from_vec(Shape::batched(m, seq, qk), data).unwrap()
+            }
+            _ => own,
+        };
         let zeros = |cols| HostMatrix::<f32>::zeros(Shape::batched(m, seq, cols));
         // The sequence.
         let (mut probs, mut out) = (zeros(seq), zeros(dv));
-        b.gemm(&mut probs, scale, &q, Transpose::No, &k, Transpose::Yes, 0.0)
+        b.gemm(&mut probs, scale, &qh, Transpose::No, &kh, Transpose::Yes, 0.0)
             .unwrap();
         b.causal_softmax_forward(&mut probs).unwrap();
-        b.gemm(&mut out, 1.0, &probs, Transpose::No, &v, Transpose::No, 0.0)
+        b.gemm(&mut out, 1.0, &probs, Transpose::No, &vh, Transpose::No, 0.0)
             .unwrap();
         let (mut ds, mut dq, mut dk, mut dvv) = (zeros(seq), zeros(qk), zeros(qk), zeros(dv));
-        b.gemm(&mut ds, 1.0, &d_out, Transpose::No, &v, Transpose::Yes, 0.0)
+        b.gemm(&mut ds, 1.0, &doh, Transpose::No, &vh, Transpose::Yes, 0.0)
             .unwrap();
-        b.gemm(&mut dvv, 1.0, &probs, Transpose::Yes, &d_out, Transpose::No, 0.0)
+        b.gemm(&mut dvv, 1.0, &probs, Transpose::Yes, &doh, Transpose::No, 0.0)
             .unwrap();
         b.causal_softmax_backward(&mut ds, &probs).unwrap();
-        b.gemm(&mut dq, scale, &ds, Transpose::No, &k, Transpose::No, 0.0)
+        b.gemm(&mut dq, scale, &ds, Transpose::No, &kh, Transpose::No, 0.0)
             .unwrap();
-        b.gemm(&mut dk, scale, &ds, Transpose::Yes, &q, Transpose::No, 0.0)
+        b.gemm(&mut dk, scale, &ds, Transpose::Yes, &qh, Transpose::No, 0.0)
             .unwrap();
-        // Fused, into buffers holding other values (every output is overwritten).
-        let (mut fprobs, mut fout) = (stack(m, seq, seq, 5), stack(m, seq, dv, 6));
-        b.attention_core_forward(&mut fprobs, &mut fout, &q, &k, &v, scale)
+        // Fused, into buffers holding other values (every block it writes is overwritten).
+        let n = batch * seq;
+        let (mut fprobs, mut keys) = (stack(m, seq, seq, 9), stack(batch, seq, 2 * qk, 10));
+        let mut fout = tokens(n, case.q.d_out.shape().cols, 11);
+        b.attention_core_forward(&mut fprobs, &mut keys, &mut fout, x, l, scale)
             .unwrap();
-        let (mut fds, mut fdq, mut fdk, mut fdv) = (
-            stack(m, seq, seq, 7),
-            stack(m, seq, qk, 8),
-            stack(m, seq, qk, 9),
-            stack(m, seq, dv, 10),
-        );
-        b.attention_core_backward(
-            &mut fdq, &mut fdk, &mut fdv, &mut fds, &d_out, &fprobs, &q, &k, &v, scale,
-        )
-        .unwrap();
-        let pairs = [
-            ("probs", &probs, &fprobs),
-            ("out", &out, &fout),
-            ("dS", &ds, &fds),
-            ("dq", &dq, &fdq),
-            ("dk", &dk, &fdk),
-            ("dv", &dvv, &fdv),
-        ];
-        for (name, want, got) in pairs {
-            let (want, got) = (want.as_slice(), got.as_slice());
-            let largest = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let close = |a: f32, b: f32| {
+        let like = |mat: &HostMatrix<f32>, seed| tokens(n, mat.shape().cols, seed);
+        let (mut fdq, mut fdk) = (like(x.q, 12), like(x.k, 13));
+        let mut fdks = x.k_shared.map(|s| like(s, 14));
+        let mut fdv = case.q.v.as_ref().map(|v| like(v, 15));
+        let before = (fdk.clone(), fdks.clone());
+        let mut fds = stack(m, seq, seq, 16);
+        let grads = QkvGrads {
+            dq: &mut fdq,
+            dk: &mut fdk,
+            dk_shared: fdks.as_mut(),
+            dv: fdv.as_mut(),
+        };
+        b.attention_core_backward(grads, &mut fds, &mut keys, &case.q.d_out, &fprobs, x, l, scale)
+            .unwrap();
+        // Compare per head and block; the shared keys' gradient is the heads' sum in order.
+        let close = |name: &str, want: &[f32], got: &[f32], largest: f32| {
+            let ok = |a: f32, b: f32| {
                 if exact {
                     a.to_bits() == b.to_bits()
                 } else {
                     (a - b).abs() <= 1e-5 * largest
                 }
             };
-            let worst = want.iter().zip(got).find(|&(&a, &b)| !close(a, b));
+            let worst = want.iter().zip(got).find(|&(&a, &b)| !ok(a, b));
             assert!(
                 worst.is_none(),
                 "{what}: fused {name} differs from the op sequence: {worst:?}"
             );
+        };
+        let largest = |v: &HostMatrix<f32>| v.as_slice().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        close("probs", probs.as_slice(), fprobs.as_slice(), largest(&probs));
+        close("dS", ds.as_slice(), fds.as_slice(), largest(&ds));
+        let heads_of = |stack: &HostMatrix<f32>, bh: usize, from: usize, width: usize| -> Vec<f32> {
+            let c = stack.shape().cols;
+            (0..seq)
+                .flat_map(|t| stack.as_slice()[(bh * seq + t) * c + from..][..width].to_vec())
+                .collect()
+        };
+        let fdv_mat = fdv.as_ref().unwrap_or(&fdk);
+        for bh in 0..m {
+            let (bb, h) = (bh / heads, bh % heads);
+            let mut blocks = vec![
+                (
+                    "out",
+                    heads_of(&out, bh, 0, dv),
+                    head_of(&fout, seq, bb, l.out, h),
+                    largest(&out),
+                ),
+                (
+                    "dq",
+                    heads_of(&dq, bh, 0, qk),
+                    head_of(&fdq, seq, bb, l.q, h),
+                    largest(&dq),
+                ),
+                (
+                    "dk",
+                    heads_of(&dk, bh, 0, l.k.width),
+                    head_of(&fdk, seq, bb, l.k, h),
+                    largest(&dk),
+                ),
+                (
+                    "dv",
+                    heads_of(&dvv, bh, 0, dv),
+                    head_of(fdv_mat, seq, bb, l.v, h),
+                    largest(&dvv),
+                ),
+            ];
+            if let (Some(fdks), Some(cols), 0) = (&fdks, l.k_shared, h) {
+                let mut sum = heads_of(&dk, bh, l.k.width, cols.width);
+                for hh in 1..heads {
+                    let more = heads_of(&dk, bh + hh, l.k.width, cols.width);
+                    sum.iter_mut().zip(more).for_each(|(s, v)| *s += v);
+                }
+                blocks.push(("dk shared", sum, head_of(fdks, seq, bb, cols, 0), largest(&dk)));
+            }
+            for (name, want, got, big) in blocks {
+                close(&format!("{name} (sequence {bb}, head {h})"), &want, &got, big);
+            }
+        }
+        // The shared keys' matrix keeps its other columns.
+        if let (Some(got), (_, Some(was)), Some(cols)) = (&fdks, &before, l.k_shared) {
+            let w = got.shape().cols;
+            for (r, (g, b)) in got.as_slice().chunks(w).zip(was.as_slice().chunks(w)).enumerate() {
+                let outside = |row: &[f32]| [&row[..cols.col], &row[cols.col + cols.width..]].concat();
+                assert_eq!(
+                    outside(g),
+                    outside(b),
+                    "{what}: dk_shared row {r} outside its block"
+                );
+            }
         }
         // Causal: nothing above the diagonal, and each row a distribution.
         assert!(fprobs.as_slice().chunks(seq).enumerate().all(|(r, row)| {
@@ -305,47 +470,74 @@ fn fused_attention_core_equals_the_op_sequence() {
             row[i + 1..].iter().all(|&p| p == 0.0) && (row.iter().sum::<f32>() - 1.0).abs() < 1e-5
         }));
     }
-    check(&Portable::<f32>::new(), "portable", false);
-    for threads in [1, 2] {
-        check(
-            &Faer::<f32>::with_threads(threads),
-            &format!("faer f32, {threads} threads"),
-            true,
-        );
-        let bf16 = Faer::<f32>::with_threads(threads)
-            .with_precision(Precision::Bf16)
-            .with_bf16_kernel(Bf16Kernel::Avx512Bf16Model)
-            .unwrap();
-        check(&bf16, &format!("faer bf16 (model), {threads} threads"), true);
+    for (name, case) in [("MLA", CoreCase::mla(60, 4)), ("MHA", CoreCase::mha(60, 4))] {
+        check(&Portable::<f32>::new(), &format!("{name} portable"), false, &case);
+        for threads in [1, 2] {
+            let f32s = Faer::<f32>::with_threads(threads);
+            check(
+                &f32s,
+                &format!("{name} faer f32, {threads} threads"),
+                false,
+                &case,
+            );
+            let bf16 = Faer::<f32>::with_threads(threads)
+                .with_precision(Precision::Bf16)
+                .with_bf16_kernel(Bf16Kernel::Avx512Bf16Model)
+                .unwrap();
+            check(
+                &bf16,
+                &format!("{name} faer bf16 (model), {threads} threads"),
+                true,
+                &case,
+            );
+        }
     }
     // Operands of the wrong shape are errors naming them.
     let b = Portable::<f32>::new();
-    let (q, k) = (stack(4, 6, 3, 1), stack(4, 6, 3, 2));
-    let (mut probs, mut out) = (stack(4, 6, 6, 3), stack(4, 6, 2, 4));
-    let err = b.attention_core_forward(&mut probs, &mut out, &q, &k, &stack(4, 5, 2, 5), 1.0);
-    assert_eq!(named(err.unwrap_err()), "attention_core_forward v");
-    let err = b.attention_core_forward(
-        &mut probs,
-        &mut out,
-        &q,
-        &stack(3, 6, 3, 5),
-        &stack(4, 6, 2, 5),
-        1.0,
+    let case = CoreCase::mla(60, 4);
+    let (l, x) = (case.layout, case.qkv());
+    let (mut probs, mut keys, mut out) = (stack(12, 20, 20, 1), stack(3, 20, 14, 2), tokens(60, 20, 3));
+    let mut run = |probs: &mut HostMatrix<f32>, keys: &mut HostMatrix<f32>, x, l: &HeadLayout| {
+        named(
+            b.attention_core_forward(probs, keys, &mut out, x, l, 1.0)
+                .unwrap_err(),
+        )
+    };
+    let short = tokens(59, 28, 4);
+    assert_eq!(
+        run(&mut probs, &mut keys, Qkv { q: &short, ..x }, &l),
+        "attention_core_forward q"
     );
-    assert_eq!(named(err.unwrap_err()), "attention_core_forward k");
-    let err = b.attention_core_forward(&mut stack(4, 6, 5, 3), &mut out, &q, &k, &stack(4, 6, 2, 5), 1.0);
-    assert_eq!(named(err.unwrap_err()), "attention_core_forward scores");
-    let v = stack(4, 6, 2, 5);
+    assert_eq!(
+        run(&mut stack(12, 20, 21, 5), &mut keys, x, &l),
+        "attention_core_forward probs"
+    );
+    assert_eq!(
+        run(&mut probs, &mut stack(3, 20, 13, 6), x, &l),
+        "attention_core_forward keys"
+    );
+    let no_shared = Qkv { k_shared: None, ..x };
+    assert!(run(&mut probs, &mut keys, no_shared, &l).contains("shared"));
+    let wide = HeadLayout {
+        v: HeadCols::new(6, 10, 5),
+        ..l
+    };
+    assert!(run(&mut probs, &mut keys, x, &wide).contains("do not fit"));
+    let mut dv_grads = (tokens(60, 28, 7), tokens(60, 40, 8), tokens(60, 6, 9));
+    let grads = QkvGrads {
+        dq: &mut dv_grads.0,
+        dk: &mut dv_grads.1,
+        dk_shared: Some(&mut dv_grads.2),
+        dv: None,
+    };
     let err = b.attention_core_backward(
-        &mut stack(4, 6, 3, 0),
-        &mut stack(4, 6, 3, 0),
-        &mut stack(4, 6, 2, 0),
-        &mut stack(4, 6, 6, 0),
-        &stack(4, 6, 3, 0),
+        grads,
+        &mut stack(12, 20, 20, 10),
+        &mut keys,
+        &tokens(59, 20, 11),
         &probs,
-        &q,
-        &k,
-        &v,
+        x,
+        &l,
         1.0,
     );
     assert_eq!(named(err.unwrap_err()), "attention_core_backward d_out");

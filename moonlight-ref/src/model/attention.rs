@@ -1,12 +1,15 @@
 //! Causal self-attention with RoPE: multi-head (MHA) or multi-head latent (MLA, DeepSeek-V2's).
 //!
-//! Both share one core on the heads layout `[B*H, T, D]`, where every product is a batched GEMM:
+//! Both share one core, per head `h` of each sequence:
 //!
 //! ```text
-//! S  = scale * Qh Kh^T      [B*H, T, T]
+//! S  = scale * Q_h K_h^T    [T, T]   (the scores of all heads: [B*H, T, T])
 //! P  = causal_softmax(S)
-//! Oh = P Vh                 [B*H, T, Dv]
+//! O_h = P V_h               [T, Dv]
 //! ```
+//!
+//! where a head's queries, keys and values are blocks of columns of the token rows the
+//! projections wrote ([`HeadLayout`]), read in place: no head-major copies.
 //!
 //! MHA: `q, k, v = x W_q^T, x W_k^T, x W_v^T`, RoPE on every query and key column.
 //! MLA (DeepSeek-V3): `q = x W_q^T` (per head `[q_nope (dn), q_rope (dr)]`);
@@ -18,35 +21,33 @@ use muon_core::{ParamRole, ParamSpec, Real, Shape};
 
 use super::{declare, linear_backward, linear_forward, Mat, ModelError};
 use crate::config::{Attention as AttentionKind, ModelConfig};
-use crate::ops::ModelOps;
+use crate::ops::{HeadCols, HeadLayout, ModelOps, Qkv, QkvGrads};
 
 /// The projections and their per-kind buffers.
 enum Proj<B: ModelOps> {
     Mha {
-        wq: usize, // [H*D, C]
-        wk: usize, // [H*D, C]
-        wv: usize, // [H*D, C]
-        q: Mat<B>, // [N, H*D] scratch
-        k: Mat<B>,
-        v: Mat<B>,
+        wq: usize,  // [H*D, C]
+        wk: usize,  // [H*D, C]
+        wv: usize,  // [H*D, C]
+        q: Mat<B>,  // [N, H*D] cache (rotated)
+        k: Mat<B>,  // [N, H*D] cache (rotated)
+        v: Mat<B>,  // [N, H*D] cache
         dq: Mat<B>, // [N, H*D] scratch
         dk: Mat<B>,
         dv: Mat<B>,
     },
     Mla {
         r: usize,
-        dn: usize,
-        dr: usize,
         wq: usize,      // [H*(dn+dr), C]
         wkv_a: usize,   // [r+dr, C]
         kv_norm: usize, // [1, r]
         wkv_b: usize,   // [H*(dn+dv), r]
-        q: Mat<B>,      // [N, H*(dn+dr)] scratch
-        kva: Mat<B>,    // [N, r+dr] scratch
+        q: Mat<B>,      // [N, H*(dn+dr)] cache (q_rope rotated)
+        kva: Mat<B>,    // [N, r+dr] cache (k_rope rotated)
         c: Mat<B>,      // [N, r] cache: c_kv before its norm
         c_rstd: Mat<B>, // [1, N] cache
         cn: Mat<B>,     // [N, r] cache: rmsnorm(c_kv)
-        kvb: Mat<B>,    // [N, H*(dn+dv)] scratch
+        kvb: Mat<B>,    // [N, H*(dn+dv)] cache: per head [k_nope, v]
         dq: Mat<B>,     // [N, H*(dn+dr)] scratch
         dkva: Mat<B>,   // [N, r+dr]
         dkvb: Mat<B>,   // [N, H*(dn+dv)]
@@ -61,24 +62,20 @@ pub struct Attention<B: ModelOps> {
     wo: usize, // [C, H*Dv]
     /// `1 / sqrt(qk head width)`.
     scale: f64,
-    /// Width of the rotated part of each query/key head, and where it starts.
-    rope_col: usize,
+    /// Where each head lives in the projections' token rows.
+    layout: HeadLayout,
+    /// The rotated columns: of each query head, and of each key head (MHA) or of the one
+    /// shared key block in `kva` (MLA).
+    rope_q: HeadCols,
+    rope_k: HeadCols,
     rope_table: Mat<B>, // [T, rope width]
     eps: f64,
-    qk: usize,      // query/key head width Dq
-    dv: usize,      // value head width Dv
-    qh: Mat<B>,     // [B*H, T, Dq] cache (rotated)
-    kh: Mat<B>,     // [B*H, T, Dq] cache (rotated)
-    vh: Mat<B>,     // [B*H, T, Dv] cache
+    seq: usize,
     probs: Mat<B>,  // [B*H, T, T] cache
-    o: Mat<B>,      // [N, H*Dv] cache: heads merged back to token rows
-    oh: Mat<B>,     // [B*H, T, Dv] scratch
+    keys: Mat<B>,   // [B, T, 2*Dq] scratch of the core
+    o: Mat<B>,      // [N, H*Dv] cache
     d_o: Mat<B>,    // [N, H*Dv] scratch
-    doh: Mat<B>,    // [B*H, T, Dv]
     dprobs: Mat<B>, // [B*H, T, T]
-    dqh: Mat<B>,    // [B*H, T, Dq]
-    dkh: Mat<B>,    // [B*H, T, Dq]
-    dvh: Mat<B>,    // [B*H, T, Dv]
 }
 
 impl<B: ModelOps> Attention<B> {
@@ -103,7 +100,7 @@ impl<B: ModelOps> Attention<B> {
             )
         };
         let z = |rows: usize, cols: usize| b.zeros(Shape::matrix(rows, cols));
-        let (proj, rope_col, rope_width) = match &cfg.attention {
+        let (proj, layout, rope_q, rope_k) = match &cfg.attention {
             AttentionKind::Mha => {
                 let d = cfg.head_dim;
                 let (wq, wk, wv) = (
@@ -122,7 +119,17 @@ impl<B: ModelOps> Attention<B> {
                     dk: z(n, h * d)?,
                     dv: z(n, h * d)?,
                 };
-                (proj, 0, d)
+                // q, k, v: [N, H*D], head h at columns h*D..(h+1)*D; RoPE on all of them.
+                let heads = HeadCols::new(0, d, d);
+                let layout = HeadLayout {
+                    heads: h,
+                    q: heads,
+                    k: heads,
+                    k_shared: None,
+                    v: heads,
+                    out: heads,
+                };
+                (proj, layout, heads, heads)
             }
             &AttentionKind::Mla {
                 kv_lora_rank: r,
@@ -146,8 +153,6 @@ impl<B: ModelOps> Attention<B> {
                 );
                 let proj = Proj::Mla {
                     r,
-                    dn,
-                    dr,
                     wq,
                     wkv_a,
                     kv_norm,
@@ -164,7 +169,22 @@ impl<B: ModelOps> Attention<B> {
                     dc: z(n, r)?,
                     dcn: z(n, r)?,
                 };
-                (proj, dn, dr)
+                // q: per head [q_nope, q_rope]; kvb: per head [k_nope, v]; kva: [c_kv, k_rope]
+                // with the one k_rope every head shares.
+                let layout = HeadLayout {
+                    heads: h,
+                    q: HeadCols::new(0, dn + dr, dn + dr),
+                    k: HeadCols::new(0, dn + dv, dn),
+                    k_shared: Some(HeadCols::new(r, 0, dr)),
+                    v: HeadCols::new(dn, dn + dv, dv),
+                    out: HeadCols::new(0, dv, dv),
+                };
+                (
+                    proj,
+                    layout,
+                    HeadCols::new(dn, dn + dr, dr),
+                    HeadCols::new(r, 0, dr),
+                )
             }
         };
         let wo = declare(
@@ -173,31 +193,34 @@ impl<B: ModelOps> Attention<B> {
             Shape::matrix(c, h * dv),
             ParamRole::Hidden,
         );
-        let mut rope_table = z(seq, rope_width)?;
+        let mut rope_table = z(seq, rope_q.width)?;
         b.rope_table(&mut rope_table, cfg.rope_theta)?;
-        let heads = |d: usize| b.zeros(Shape::batched(batch * h, seq, d));
+        let scores = || b.zeros(Shape::batched(batch * h, seq, seq));
         Ok(Attention {
             proj,
             wo,
             scale: 1.0 / (qk as f64).sqrt(),
-            rope_col,
+            layout,
+            rope_q,
+            rope_k,
             rope_table,
             eps: cfg.kv_norm_eps,
-            qk,
-            dv,
-            qh: heads(qk)?,
-            kh: heads(qk)?,
-            vh: heads(dv)?,
-            probs: heads(seq)?,
+            seq,
+            probs: scores()?,
+            keys: b.zeros(Shape::batched(batch, seq, 2 * qk))?,
             o: z(n, h * dv)?,
-            oh: heads(dv)?,
             d_o: z(n, h * dv)?,
-            doh: heads(dv)?,
-            dprobs: heads(seq)?,
-            dqh: heads(qk)?,
-            dkh: heads(qk)?,
-            dvh: heads(dv)?,
+            dprobs: scores()?,
         })
+    }
+
+    /// RoPE's rotation of the key columns: every key head's (MHA), or the one shared block.
+    fn rope_k_heads(&self) -> usize {
+        if self.layout.k_shared.is_some() {
+            1
+        } else {
+            self.layout.heads
+        }
     }
 }
 
@@ -209,22 +232,25 @@ pub fn attention_forward<B: ModelOps>(
     xn: &Mat<B>,      // [N, C]
     out: &mut Mat<B>, // [N, C]
 ) -> Result<(), ModelError> {
-    let (qk, dv) = (a.qk, a.dv);
-    match &mut a.proj {
+    let (seq, heads, k_heads) = (a.seq, a.layout.heads, a.rope_k_heads());
+    let x = match &mut a.proj {
         Proj::Mha {
             wq, wk, wv, q, k, v, ..
         } => {
             linear_forward(b, q, xn, &p[*wq])?; // q = xn W_q^T          [N, H*D]
             linear_forward(b, k, xn, &p[*wk])?; // k = xn W_k^T
             linear_forward(b, v, xn, &p[*wv])?; // v = xn W_v^T
-            b.split_heads(&mut a.qh, 0, q, 0, qk, qk)?; // Qh = heads(q)  [B*H, T, D]
-            b.split_heads(&mut a.kh, 0, k, 0, qk, qk)?;
-            b.split_heads(&mut a.vh, 0, v, 0, dv, dv)?;
+            b.rope(q, seq, heads, a.rope_q, &a.rope_table, false)?; // rotate queries and keys
+            b.rope(k, seq, k_heads, a.rope_k, &a.rope_table, false)?;
+            Qkv {
+                q,
+                k,
+                k_shared: None,
+                v,
+            }
         }
         Proj::Mla {
             r,
-            dn,
-            dr,
             wq,
             wkv_a,
             kv_norm,
@@ -237,24 +263,24 @@ pub fn attention_forward<B: ModelOps>(
             kvb,
             ..
         } => {
-            let (r, dn, dr) = (*r, *dn, *dr);
             linear_forward(b, q, xn, &p[*wq])?; // q = xn W_q^T                [N, H*(dn+dr)]
             linear_forward(b, kva, xn, &p[*wkv_a])?; // [c_kv, k_rope] = xn W_kva^T [N, r+dr]
-            b.copy_columns(c, 0, kva, 0, r, false)?; // c = c_kv                  [N, r]
+            b.copy_columns(c, 0, kva, 0, *r, false)?; // c = c_kv                 [N, r]
             b.rmsnorm_forward(cn, c_rstd, c, &p[*kv_norm], a.eps)?; // cn = rmsnorm(c)
             linear_forward(b, kvb, cn, &p[*wkv_b])?; // [k_nope, v] = cn W_kvb^T [N, H*(dn+dv)]
-            b.split_heads(&mut a.qh, 0, q, 0, dn + dr, dn + dr)?; // Qh = [q_nope, q_rope]
-            b.split_heads(&mut a.kh, 0, kvb, 0, dn + dv, dn)?; // Kh[.., :dn] = k_nope
-            b.split_heads(&mut a.kh, dn, kva, r, 0, dr)?; // Kh[.., dn:] = k_rope (shared)
-            b.split_heads(&mut a.vh, 0, kvb, dn, dn + dv, dv)?; // Vh = v
+            b.rope(q, seq, heads, a.rope_q, &a.rope_table, false)?; // rotate q_rope, k_rope
+            b.rope(kva, seq, k_heads, a.rope_k, &a.rope_table, false)?;
+            Qkv {
+                q,
+                k: kvb,
+                k_shared: Some(kva),
+                v: kvb,
+            }
         }
-    }
-    b.rope(&mut a.qh, a.rope_col, &a.rope_table, false)?; // rotate the RoPE columns
-    b.rope(&mut a.kh, a.rope_col, &a.rope_table, false)?;
-    // P = causal_softmax(scale Qh Kh^T)   [B*H, T, T];   Oh = P Vh   [B*H, T, Dv]
+    };
+    // P = causal_softmax(scale Q_h K_h^T)   [B*H, T, T];   O_h = P V_h   [N, H*Dv]
     let scale = B::Elem::from_f64(a.scale);
-    b.attention_core_forward(&mut a.probs, &mut a.oh, &a.qh, &a.kh, &a.vh, scale)?;
-    b.merge_heads(&mut a.o, 0, dv, &a.oh, 0, dv, false)?; // o = tokens(Oh)   [N, H*Dv]
+    b.attention_core_forward(&mut a.probs, &mut a.keys, &mut a.o, x, &a.layout, scale)?;
     linear_forward(b, out, &a.o, &p[a.wo])?; // out = o W_o^T                [N, C]
     Ok(())
 }
@@ -270,29 +296,57 @@ pub fn attention_backward<B: ModelOps>(
     dout: &Mat<B>,    // [N, C]
     dxn: &mut Mat<B>, // [N, C]
 ) -> Result<(), ModelError> {
-    let (qk, dv) = (a.qk, a.dv);
     let zero = B::Elem::ZERO;
     let scale = B::Elem::from_f64(a.scale);
+    let (seq, heads, k_heads) = (a.seq, a.layout.heads, a.rope_k_heads());
     // out = o W_o^T
     linear_backward(b, &mut a.d_o, &mut g[a.wo], dout, &a.o, &p[a.wo], false)?;
-    // o = tokens(Oh)
-    b.split_heads(&mut a.doh, 0, &a.d_o, 0, dv, dv)?;
-    // Oh = P Vh and P = causal_softmax(scale Qh Kh^T): dVh, dQh, dKh (dS in dprobs)
-    b.attention_core_backward(
-        &mut a.dqh,
-        &mut a.dkh,
-        &mut a.dvh,
-        &mut a.dprobs,
-        &a.doh,
-        &a.probs,
-        &a.qh,
-        &a.kh,
-        &a.vh,
-        scale,
-    )?;
-    // rope(Qh), rope(Kh): rotate the gradients back
-    b.rope(&mut a.dqh, a.rope_col, &a.rope_table, true)?;
-    b.rope(&mut a.dkh, a.rope_col, &a.rope_table, true)?;
+    // O_h = P V_h and P = causal_softmax(scale Q_h K_h^T): dQ, dK, dV (dS in dprobs)
+    let (x, grads) = match &mut a.proj {
+        Proj::Mha {
+            q, k, v, dq, dk, dv, ..
+        } => {
+            let x = Qkv {
+                q: &*q,
+                k: &*k,
+                k_shared: None,
+                v: &*v,
+            };
+            let grads = QkvGrads {
+                dq,
+                dk,
+                dk_shared: None,
+                dv: Some(dv),
+            };
+            (x, grads)
+        }
+        Proj::Mla {
+            q,
+            kva,
+            kvb,
+            dq,
+            dkva,
+            dkvb,
+            ..
+        } => {
+            let x = Qkv {
+                q: &*q,
+                k: &*kvb,
+                k_shared: Some(&*kva),
+                v: &*kvb,
+            };
+            // dK_nope and dV into dkvb, the heads' k_rope gradients summed into dkva.
+            let grads = QkvGrads {
+                dq,
+                dk: dkvb,
+                dk_shared: Some(dkva),
+                dv: None,
+            };
+            (x, grads)
+        }
+    };
+    let (layout, d_o, probs) = (&a.layout, &a.d_o, &a.probs);
+    b.attention_core_backward(grads, &mut a.dprobs, &mut a.keys, d_o, probs, x, layout, scale)?;
     match &mut a.proj {
         Proj::Mha {
             wq,
@@ -300,22 +354,19 @@ pub fn attention_backward<B: ModelOps>(
             wv,
             dq,
             dk,
-            dv: dvm,
+            dv,
             ..
         } => {
-            // Qh, Kh, Vh = heads(q), heads(k), heads(v)
-            b.merge_heads(dq, 0, qk, &a.dqh, 0, qk, false)?;
-            b.merge_heads(dk, 0, qk, &a.dkh, 0, qk, false)?;
-            b.merge_heads(dvm, 0, dv, &a.dvh, 0, dv, false)?;
+            // rope(q), rope(k): rotate the gradients back
+            b.rope(dq, seq, heads, a.rope_q, &a.rope_table, true)?;
+            b.rope(dk, seq, k_heads, a.rope_k, &a.rope_table, true)?;
             // q, k, v = xn W_q^T, xn W_k^T, xn W_v^T
             linear_backward(b, dxn, &mut g[*wq], dq, xn, &p[*wq], false)?;
             linear_backward(b, dxn, &mut g[*wk], dk, xn, &p[*wk], true)?;
-            linear_backward(b, dxn, &mut g[*wv], dvm, xn, &p[*wv], true)?;
+            linear_backward(b, dxn, &mut g[*wv], dv, xn, &p[*wv], true)?;
         }
         Proj::Mla {
             r,
-            dn,
-            dr,
             wq,
             wkv_a,
             kv_norm,
@@ -330,21 +381,16 @@ pub fn attention_backward<B: ModelOps>(
             dcn,
             ..
         } => {
-            let (r, dn, dr) = (*r, *dn, *dr);
-            // Qh = [q_nope, q_rope]
-            b.merge_heads(dq, 0, dn + dr, &a.dqh, 0, dn + dr, false)?;
-            // Kh[.., :dn] = k_nope and Vh = v, both from kvb
-            b.merge_heads(dkvb, 0, dn + dv, &a.dkh, 0, dn, false)?;
-            b.merge_heads(dkvb, dn, dn + dv, &a.dvh, 0, dv, false)?;
-            // Kh[.., dn:] = k_rope, shared: the heads' gradients sum
-            b.merge_heads(dkva, r, 0, &a.dkh, dn, dr, false)?;
+            // rope(q_rope), rope(k_rope): rotate the gradients back
+            b.rope(dq, seq, heads, a.rope_q, &a.rope_table, true)?;
+            b.rope(dkva, seq, k_heads, a.rope_k, &a.rope_table, true)?;
             // [k_nope, v] = cn W_kvb^T
             linear_backward(b, dcn, &mut g[*wkv_b], dkvb, cn, &p[*wkv_b], false)?;
             // cn = rmsnorm(c)
             b.fill(dc, zero)?;
             b.rmsnorm_backward(dc, &mut g[*kv_norm], dcn, c, &p[*kv_norm], c_rstd)?;
             // c = c_kv = kva[.., :r]
-            b.copy_columns(dkva, 0, dc, 0, r, false)?;
+            b.copy_columns(dkva, 0, dc, 0, *r, false)?;
             // [c_kv, k_rope] = xn W_kva^T and q = xn W_q^T
             linear_backward(b, dxn, &mut g[*wq], dq, xn, &p[*wq], false)?;
             linear_backward(b, dxn, &mut g[*wkv_a], dkva, xn, &p[*wkv_a], true)?;

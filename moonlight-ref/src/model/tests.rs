@@ -25,7 +25,7 @@ use muon_core::{HostMatrix, Portable};
 
 use super::*;
 use crate::config::Attention as AttentionKind;
-use crate::ops::{AttentionOps, BaseOps, FfnOps, TokenOps};
+use crate::ops::{AttentionOps, BaseOps, FfnOps, HeadCols, TokenOps};
 
 type B64 = Portable<f64>;
 
@@ -193,17 +193,20 @@ fn rmsnorm_backward_matches_finite_differences() {
 fn rope_backward_matches_finite_differences_and_inverts() {
     let b = B64::new();
     let mut rng = Rng::new(2);
-    let (m, t, d, col, rd) = (3, 6, 10, 4, 6);
+    // 3 sequences of 6 positions in token rows 16 wide: 2 heads, each rotating 6 columns from
+    // column 1 + 8h.
+    let (seqs, t, width, rd, heads) = (3, 6, 16, 6, 2);
+    let cols = HeadCols::new(1, 8, rd);
     let mut table = HostMatrix::zeros(Shape::matrix(t, rd));
     b.rope_table(&mut table, 10_000.0).unwrap();
-    let mut ts = vec![random_matrix(Shape::batched(m, t, d), &mut rng, 1.0)];
-    let r = random_matrix(Shape::batched(m, t, d), &mut rng, 1.0);
+    let mut ts = vec![random_matrix(Shape::matrix(seqs * t, width), &mut rng, 1.0)];
+    let r = random_matrix(Shape::matrix(seqs * t, width), &mut rng, 1.0);
     // L = <rope(x), r>: dL/dx = rope^{-1}(r).
     let mut g = vec![r.clone()];
-    b.rope(&mut g[0], col, &table, true).unwrap();
+    b.rope(&mut g[0], t, heads, cols, &table, true).unwrap();
     let mut loss = |_: &mut (), ts: &[HostMatrix<f64>]| {
         let mut y = ts[0].clone();
-        b.rope(&mut y, col, &table, false).unwrap();
+        b.rope(&mut y, t, heads, cols, &table, false).unwrap();
         (dot(&y, &r), vec![])
     };
     grad_check(
@@ -216,16 +219,28 @@ fn rope_backward_matches_finite_differences_and_inverts() {
         &mut loss,
     )
     .assert_ok("rope");
-    // Position 0 is the identity, the columns outside the rotary block are untouched, and
-    // the inverse undoes the rotation.
+    // Position 0 of every sequence is the identity, the columns outside the heads' rotary
+    // blocks are untouched, a rotation keeps each pair's length, and the inverse undoes it.
     let mut y = ts[0].clone();
-    b.rope(&mut y, col, &table, false).unwrap();
+    b.rope(&mut y, t, heads, cols, &table, false).unwrap();
     let (x, ys) = (ts[0].as_slice(), y.as_slice());
-    assert_eq!(&x[..d], &ys[..d]);
-    for row in 0..m * t {
-        assert_eq!(&x[row * d..row * d + col], &ys[row * d..row * d + col]);
+    let rotated = |c: usize| (0..heads).any(|h| (cols.start(h)..cols.start(h) + rd).contains(&c));
+    for row in 0..seqs * t {
+        let (xr, yr) = (&x[row * width..][..width], &ys[row * width..][..width]);
+        for c in 0..width {
+            if row % t == 0 || !rotated(c) {
+                assert_eq!(xr[c], yr[c], "row {row} column {c}");
+            }
+        }
+        for h in 0..heads {
+            for i in 0..rd / 2 {
+                let (lo, hi) = (cols.start(h) + i, cols.start(h) + rd / 2 + i);
+                let len = |v: &[f64]| v[lo].hypot(v[hi]);
+                assert!((len(xr) - len(yr)).abs() < 1e-14, "row {row} head {h} pair {i}");
+            }
+        }
     }
-    b.rope(&mut y, col, &table, true).unwrap();
+    b.rope(&mut y, t, heads, cols, &table, true).unwrap();
     let err = y
         .as_slice()
         .iter()
@@ -233,6 +248,12 @@ fn rope_backward_matches_finite_differences_and_inverts() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     assert!(err < 1e-14, "rope inverse error {err}");
+    // One block every head shares needs a single head; blocks past the row are errors.
+    assert!(b
+        .rope(&mut y, t, 2, HeadCols::new(1, 0, rd), &table, false)
+        .is_err());
+    assert!(b.rope(&mut y, t, 3, cols, &table, false).is_err());
+    assert!(b.rope(&mut y, t + 1, heads, cols, &table, false).is_err());
 }
 
 #[test]

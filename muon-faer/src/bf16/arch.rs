@@ -382,17 +382,19 @@ pub(crate) fn avx512_product(
 
 // ----- Packing: f32 -> bf16 pairs, 16 lanes at a time -----
 
-/// Asks for the cache lines `data` lies in, for the packs to read soon (a hint; nothing off
-/// x86-64).
+/// Asks for the cache lines `data` lies in, to be read soon: a hint (PREFETCHT0 on x86-64,
+/// nothing elsewhere) for reads the hardware's prefetchers do not foresee, such as rows a
+/// stride apart.
 #[inline(always)]
-pub(crate) fn prefetch(data: &[f32]) {
+pub fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // One address per 64-byte line: every 16th element, and the last (its line may hold
-        // no 16th one).
+        // One address per 64-byte line: every `per_line`-th element, and the last (its line
+        // may hold no such element).
+        let per_line = (64 / size_of::<T>().max(1)).max(1);
         let last = data.len().checked_sub(1);
-        for at in (0..data.len()).step_by(16).chain(last) {
+        for at in (0..data.len()).step_by(per_line).chain(last) {
             // SAFETY: `at < data.len()`, so the address lies inside `data`; PREFETCHT0 (SSE,
             // in every x86-64) reads nothing into the program and cannot fault.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) };

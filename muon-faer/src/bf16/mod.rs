@@ -18,7 +18,7 @@
 //! Packing buffers come from a pool the backend keeps (one buffer per thread, allocated on the
 //! first bf16 product): after that nothing allocates.
 
-mod arch;
+pub(crate) mod arch;
 mod driver;
 mod model;
 mod pack;

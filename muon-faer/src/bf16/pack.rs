@@ -64,9 +64,20 @@ impl<'a> KView<'a> {
     /// A stored row-major `rows x k` matrix (`k_contiguous`) or `k x rows` matrix (not).
     pub(crate) fn new(data: &'a [f32], rows: usize, k: usize, k_contiguous: bool) -> Self {
         let ld = if k_contiguous { k } else { rows };
+        Self::strided(data, rows, k, k_contiguous, ld)
+    }
+
+    /// As [`new`](Self::new), with the stored rows `ld` elements apart.
+    pub(crate) fn strided(data: &'a [f32], rows: usize, k: usize, k_contiguous: bool, ld: usize) -> Self {
+        let (stored_rows, stored_cols) = if k_contiguous { (rows, k) } else { (k, rows) };
+        let needed = if rows == 0 || k == 0 {
+            0
+        } else {
+            (stored_rows - 1) * ld + stored_cols
+        };
         assert!(
-            data.len() >= rows * k,
-            "KView: {} elements for {rows} x {k}",
+            ld >= stored_cols && data.len() >= needed,
+            "KView: {} elements for {stored_rows} x {stored_cols} with rows {ld} apart",
             data.len()
         );
         KView {
@@ -226,6 +237,7 @@ pub(crate) fn pack_pair_major(
             let len = BLOCK.min(np - q0);
             for (r, lanes) in tile.iter_mut().enumerate().take(width) {
                 if r < live {
+                    prefetch_row(v, r0 + r + PREFETCH_ROWS, p0 + q0, len);
                     let row = &v.data[(v.first + r0 + r) * v.ld..][..k];
                     row_pairs(pk, row, p0 + q0, &mut lanes[..len]);
                 } else {
@@ -261,6 +273,22 @@ fn prefetch_pair(v: &KView<'_>, r0: usize, width: usize, pair: usize) {
     }
     for kk in (2 * pair..2 * pair + 2).take_while(|&kk| kk < v.k) {
         super::arch::prefetch(&v.data[kk * v.ld + v.first + r0..][..live]);
+    }
+}
+
+/// How many rows ahead the packs of a view with `k` along its rows ask for the pairs they
+/// will read, when its rows are not adjacent in memory (a block of columns of a wider
+/// matrix: an attention head read in its token rows). Rows that follow each other in memory
+/// are streamed by the hardware's prefetchers already; rows a stride apart came late.
+const PREFETCH_ROWS: usize = 8;
+
+/// Asks for pairs `p0..p0 + np` of row `row` of a view with `k` along its rows, if the view
+/// has that row and its rows are a stride apart.
+#[inline(always)]
+fn prefetch_row(v: &KView<'_>, row: usize, p0: usize, np: usize) {
+    let (from, to) = ((2 * p0).min(v.k), (2 * (p0 + np)).min(v.k));
+    if v.ld > v.k && row < v.rows && from < to {
+        super::arch::prefetch(&v.data[(v.first + row) * v.ld..][from..to]);
     }
 }
 
@@ -333,6 +361,7 @@ pub(crate) fn pack_row_major(
     pad.iter_mut().for_each(|x| *x = 0);
     if v.k_contiguous {
         for (r, lanes) in rows.chunks_exact_mut(np).enumerate() {
+            prefetch_row(v, r0 + r + PREFETCH_ROWS, p0, np);
             row_pairs(pk, &v.data[(v.first + r0 + r) * v.ld..][..k], p0, lanes);
         }
         return;
