@@ -9,6 +9,9 @@ use super::{
 };
 use crate::ops::TokenOps;
 
+/// Columns of RMSNorm's gain gradient per task when several threads share its backward.
+const DGAIN_COLUMNS: usize = 64;
+
 impl<B: HostBackend> TokenOps for B {
     fn embedding_forward(
         &self,
@@ -69,11 +72,13 @@ impl<B: HostBackend> TokenOps for B {
                 vectorized(
                     #[inline(always)]
                     || {
+                        // The mean square in f64 (a sum of `w` terms), the scaling in the
+                        // element type, as the reference implementation does it.
                         let ms = lane_sum([xr, xr]) / w as f64;
-                        let rs = 1.0 / (ms + eps).sqrt();
-                        *r = t(rs);
+                        let rs: B::Elem = t(1.0 / (ms + eps).sqrt());
+                        *r = rs;
                         for ((o, &xv), &gv) in o.iter_mut().zip(xr).zip(g) {
-                            *o = t(f(xv) * rs * f(gv));
+                            *o = xv * rs * gv;
                         }
                     },
                 )
@@ -98,43 +103,65 @@ impl<B: HostBackend> TokenOps for B {
         check_shape("rmsnorm_backward rstd", Shape::vector(n), rstd.shape())?;
         let g = gain.as_slice();
         // With xhat = x * r and dxhat = dout * g:
-        // dx = r * (dxhat - xhat * mean(dxhat * xhat)).
-        dx.as_mut_slice()
-            .par_chunks_mut(w)
+        // dx = r * (dxhat - xhat * mean(dxhat * xhat)), and dgain[c] += sum_n dout[n,c] xhat[n,c]
+        // summed over the rows in order (each column's sum the same bits however it is split).
+        #[inline(always)]
+        fn dx_row<T: CpuReal>(dxr: &mut [T], dor: &[T], xr: &[T], g: &[T], r: T) {
+            let mean: T = t(lane_sum([dor, g, xr]) * f(r) / dor.len() as f64);
+            let rm = r * mean;
+            for (((dxv, &d), &xv), &gv) in dxr.iter_mut().zip(dor).zip(xr).zip(g) {
+                *dxv += r * (d * gv - xv * rm);
+            }
+        }
+        #[inline(always)]
+        fn dgain_row<T: CpuReal>(dg: &mut [T], dor: &[T], xr: &[T], r: T) {
+            for ((dgv, &d), &xv) in dg.iter_mut().zip(dor).zip(xr) {
+                *dgv += d * xv * r;
+            }
+        }
+        let (dxs, dos, xs, rs) = (dx.as_mut_slice(), dout.as_slice(), x.as_slice(), rstd.as_slice());
+        let dg = dgain.as_mut_slice();
+        if rayon::current_num_threads() == 1 {
+            // One pass: each row's terms of dgain while the row is still in cache.
+            vectorized(
+                #[inline(always)]
+                || {
+                    let rows = dxs
+                        .chunks_exact_mut(w)
+                        .zip(dos.chunks_exact(w))
+                        .zip(xs.chunks_exact(w));
+                    for (((dxr, dor), xr), &r) in rows.zip(rs) {
+                        dx_row(dxr, dor, xr, g, r);
+                        dgain_row(dg, dor, xr, r);
+                    }
+                },
+            );
+            return Ok(());
+        }
+        dxs.par_chunks_mut(w)
             .with_min_len(MIN_ROWS)
-            .zip(dout.as_slice().par_chunks(w))
-            .zip(x.as_slice().par_chunks(w))
-            .zip(rstd.as_slice().par_iter())
+            .zip(dos.par_chunks(w))
+            .zip(xs.par_chunks(w))
+            .zip(rs.par_iter())
             .for_each(|(((dxr, dor), xr), &r)| {
                 vectorized(
                     #[inline(always)]
-                    || {
-                        let r = f(r);
-                        let mean = lane_sum([dor, g, xr]) * r / w as f64;
-                        for (((dxv, &d), &xv), &gv) in dxr.iter_mut().zip(dor).zip(xr).zip(g) {
-                            *dxv += t(r * (f(d) * f(gv) - f(xv) * r * mean));
-                        }
-                    },
+                    || dx_row(dxr, dor, xr, g, r),
                 )
             });
-        // dgain[c] += sum_n dout[n,c] * xhat[n,c]: serial over rows, parallel over nothing (it
-        // is N*W work, small next to the GEMMs).
-        let dg = dgain.as_mut_slice();
-        vectorized(
-            #[inline(always)]
-            || {
-                for ((dor, xr), &r) in dout
-                    .as_slice()
-                    .chunks_exact(w)
-                    .zip(x.as_slice().chunks_exact(w))
-                    .zip(rstd.as_slice())
-                {
-                    for ((dgv, &d), &xv) in dg.iter_mut().zip(dor).zip(xr) {
-                        *dgv += d * xv * r;
+        // dgain across the threads by blocks of columns, each over every row in order.
+        dg.par_chunks_mut(DGAIN_COLUMNS).enumerate().for_each(|(b, dgb)| {
+            let c0 = b * DGAIN_COLUMNS;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let rows = dos.chunks_exact(w).zip(xs.chunks_exact(w)).zip(rs);
+                    for ((dor, xr), &r) in rows {
+                        dgain_row(dgb, &dor[c0..], &xr[c0..], r);
                     }
-                }
-            },
-        );
+                },
+            )
+        });
         Ok(())
     }
 
