@@ -7,7 +7,7 @@ use rayon::iter::Either;
 use rayon::prelude::*;
 
 use super::{
-    dims, f, floored, lane_max, lane_sum, same, t, vectorized, CpuReal, HostBackend, Stored, StoredMut,
+    dims, floored, lane_max, lane_sum, same, t, vectorized, CpuReal, HostBackend, Stored, StoredMut,
     Structure, MIN_ROWS,
 };
 use crate::ops::{AttentionOps, HeadCols, HeadLayout, Qkv, QkvGrads};
@@ -101,7 +101,7 @@ impl<B: HostBackend> AttentionOps for B {
         check_columns("rope x (last head)", cols.start(heads - 1), d, width)?;
         let half = d / 2;
         let tab = table.as_slice();
-        let sign = if inverse { -1.0 } else { 1.0 };
+        let sign: B::Elem = t(if inverse { -1.0 } else { 1.0 });
         x.as_mut_slice()
             .par_chunks_mut(width)
             .with_min_len(MIN_ROWS)
@@ -114,10 +114,11 @@ impl<B: HostBackend> AttentionOps for B {
                     || {
                         for h in 0..heads {
                             let (lo, hi) = row[cols.start(h)..][..d].split_at_mut(half);
+                            // In the element type, as the reference implementation rotates.
                             for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
-                                let (x, y, c, s) = (f(*a), f(*b), f(c), sign * f(s));
-                                *a = t(x * c - y * s);
-                                *b = t(x * s + y * c);
+                                let (x, y, s) = (*a, *b, sign * s);
+                                *a = x * c - y * s;
+                                *b = x * s + y * c;
                             }
                         }
                     },
