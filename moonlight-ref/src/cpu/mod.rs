@@ -274,8 +274,11 @@ fn lane_sum<T: CpuReal, const N: usize>(factors: [&[T]; N]) -> f64 {
     let full = len / LANES * LANES;
     let mut lanes = [0.0f64; LANES];
     for c in (0..full).step_by(LANES) {
+        // Each factor's chunk as an array: indices below `LANES` need no bounds checks, which
+        // kept the loop scalar.
+        let chunks = factors.map(|x| -> &[T; LANES] { x[c..c + LANES].try_into().expect("LANES long") });
         for (l, s) in lanes.iter_mut().enumerate() {
-            *s += term(c + l);
+            *s += chunks.iter().fold(1.0, |p, x| p * f(x[l]));
         }
     }
     lanes.iter().sum::<f64>() + (full..len).map(term).sum::<f64>()
