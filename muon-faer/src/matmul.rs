@@ -83,6 +83,15 @@ impl<'a, T> Stored<'a, T> {
         Stored { ld, ..self }
     }
 
+    /// The same stored matrix, read the other way round.
+    pub fn transposed(self) -> Self {
+        let op = match self.op {
+            Transpose::No => Transpose::Yes,
+            Transpose::Yes => Transpose::No,
+        };
+        Stored { op, ..self }
+    }
+
     /// `(rows, cols)` of `op(self)`.
     pub fn op_shape(&self) -> (usize, usize) {
         match self.op {

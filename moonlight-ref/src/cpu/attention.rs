@@ -182,21 +182,14 @@ impl<B: HostBackend> AttentionOps for B {
             .zip(out.as_mut_slice().par_chunks_mut(seq * out_ld))
             .zip(g.sequences(&x))
             .for_each(|(((p, scratch), o), x)| {
+                let k_scratch = &mut scratch[..seq * g.qk];
                 for (h, p) in p.chunks_exact_mut(seq * seq).enumerate() {
-                    let (scratch, _) = scratch.split_at_mut(seq * g.qk);
-                    let k = g.keys(&x, h, scratch);
                     // S = scale Q K^T, P = causal_softmax(S) in place, O = P V. The softmax
                     // reads S on and below the diagonal only, and P is zero above it: a backend
                     // may skip both triangles (the bf16 kernels skip whole tiles and pairs of `k`).
                     let s = StoredMut::new(&mut *p, seq, seq);
-                    let (q, k_t) = (
-                        g.q(&x, h, Transpose::No),
-                        Stored {
-                            op: Transpose::Yes,
-                            ..k
-                        },
-                    );
-                    self.product_on_thread(s, q, k_t, scale, false, Structure::LowerC);
+                    let (q, k) = (g.q(&x, h, Transpose::No), g.keys(&x, h, &mut *k_scratch));
+                    self.product_on_thread(s, q, k.transposed(), scale, false, Structure::LowerC);
                     vectorized(
                         #[inline(always)]
                         || {
@@ -247,9 +240,11 @@ impl<B: HostBackend> AttentionOps for B {
         match (&dk_shared, layout.k_shared) {
             (Some(m), Some(cols)) => g.tokens(what, "dk_shared", m, cols)?,
             (None, None) => {}
-            _ => {
+            (given, shared) => {
                 return Err(Error::Backend(format!(
-                    "{what}: dk_shared given without shared keys, or missing"
+                    "{what}: dk_shared is {} but the layout {} shared keys",
+                    if given.is_some() { "given" } else { "missing" },
+                    if shared.is_some() { "has" } else { "has no" },
                 )))
             }
         }
@@ -319,15 +314,21 @@ impl<B: HostBackend> AttentionOps for B {
                                 let dkh = StoredMut::new(&mut *dk_scratch, seq, g.qk);
                                 self.product_on_thread(dkh, ds_t, q, scale, false, Structure::UpperA);
                                 let own = layout.k.width;
-                                for (t, src) in dk_scratch.chunks_exact(g.qk).enumerate() {
-                                    dk[t * ld_dk + layout.k.start(h)..][..own].copy_from_slice(&src[..own]);
-                                    let sum = &mut dks[t * ld_shared + shared.col..][..shared.width];
-                                    if h == 0 {
-                                        sum.copy_from_slice(&src[own..]);
-                                    } else {
-                                        sum.iter_mut().zip(&src[own..]).for_each(|(s, &v)| *s += v);
-                                    }
-                                }
+                                vectorized(
+                                    #[inline(always)]
+                                    || {
+                                        for (t, src) in dk_scratch.chunks_exact(g.qk).enumerate() {
+                                            let (src_own, src_shared) = src.split_at(own);
+                                            copy(&mut dk[t * ld_dk + layout.k.start(h)..][..own], src_own);
+                                            let sum = &mut dks[t * ld_shared + shared.col..][..shared.width];
+                                            if h == 0 {
+                                                copy(sum, src_shared);
+                                            } else {
+                                                sum.iter_mut().zip(src_shared).for_each(|(s, &v)| *s += v);
+                                            }
+                                        }
+                                    },
+                                );
                             }
                             _ => {
                                 let dkh = g.head_mut(dk, ld_dk, layout.k, h);

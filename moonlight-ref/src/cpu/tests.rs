@@ -541,4 +541,22 @@ fn fused_attention_core_equals_the_op_sequence() {
         1.0,
     );
     assert_eq!(named(err.unwrap_err()), "attention_core_backward d_out");
+    let mut g = (tokens(60, 28, 12), tokens(60, 40, 13));
+    let grads = QkvGrads {
+        dq: &mut g.0,
+        dk: &mut g.1,
+        dk_shared: None,
+        dv: None,
+    };
+    let err = b.attention_core_backward(
+        grads,
+        &mut stack(12, 20, 20, 14),
+        &mut keys,
+        &case.q.d_out,
+        &probs,
+        x,
+        &l,
+        1.0,
+    );
+    assert!(named(err.unwrap_err()).contains("dk_shared is missing"));
 }
