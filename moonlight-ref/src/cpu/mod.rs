@@ -3,13 +3,14 @@
 //! [`muon_faer::Faer`] (f32 for training, f64 too). Both are a [`HostBackend`], and each op
 //! family of [`crate::ops`] is implemented once for every host backend, in one file per family:
 //! `base.rs` (index buffers, fill, memory, warm-up), `token.rs` (embedding, RMSNorm,
-//! cross-entropy), `attention.rs` (column and head layout, RoPE, causal softmax) and `ffn.rs`
-//! (SwiGLU and the MoE layer).
+//! cross-entropy), `attention.rs` (column blocks, RoPE, causal softmax, the attention core on
+//! heads in their token rows) and `ffn.rs` (SwiGLU and the MoE layer).
 //!
-//! Row-wise work runs on rayon (rows of attention scores over batch x heads, token rows,
-//! expert row ranges); every reduction runs inside one task in a fixed order (eight lanes,
-//! then the lanes summed), so results do not depend on the thread count. Transcendentals and
-//! row reductions are computed in `f64`. The hot loops run compiled for the widest vectors the
+//! Row-wise work runs on rayon (token rows, attention one sequence per task, expert row
+//! ranges); every reduction runs inside one task in a fixed order (eight lanes, then the
+//! lanes summed), so results do not depend on the thread count. Row reductions (and the
+//! router's few numbers per token) are computed in `f64`, the elementwise passes over
+//! activations in the element type. The hot loops run compiled for the widest vectors the
 //! CPU has (`simd.rs`: [`vectorized`]), with the same bits at every width.
 //!
 //! Every op checks its operands before touching them: a wrong shape is an
