@@ -229,12 +229,12 @@ pub fn activation_elements(config: &ModelConfig, batch: usize, seq: usize) -> (u
             }
         };
         x.add(&[t, rope_width]);
-        // Heads: q, k, dq, dk (qk wide); v, o, do, dv (dv wide); scores and their gradient.
-        x.add(&[4, n, h, qk]);
-        x.add(&[4, n, h, dv]);
+        // The core: scores and their gradient, each sequence's key scratch, o and d_o rows
+        // (the heads themselves stay in the projections' rows).
         x.add(&[2, b, h, t, t]);
-        x.add(&[2, n, h, dv]); // o, d_o rows
-                               // The feed-forward half.
+        x.add(&[b, t, 2 * qk]);
+        x.add(&[2, n, h, dv]);
+        // The feed-forward half.
         let swiglu = |x: &mut Count, f: usize| x.add(&[6, n, f]);
         if layer < config.dense_layers {
             swiglu(&mut x, config.dense_ffn_width);

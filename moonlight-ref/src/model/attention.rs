@@ -214,7 +214,7 @@ impl<B: ModelOps> Attention<B> {
         })
     }
 
-    /// RoPE's rotation of the key columns: every key head's (MHA), or the one shared block.
+    /// How many key blocks RoPE rotates: every head's (MHA), or the one shared block (MLA).
     fn rope_k_heads(&self) -> usize {
         if self.layout.k_shared.is_some() {
             1
