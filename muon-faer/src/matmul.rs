@@ -36,16 +36,12 @@ const SPLIT_MIN_FLOPS: f64 = 2.0e6;
 /// how code calling faer's kernels directly on [`HostMatrix`](muon_core::HostMatrix) storage
 /// hands them its operands.
 pub fn view<T>(data: &[T], rows: usize, cols: usize, op: Transpose) -> MatRef<'_, T> {
-    let m = MatRef::from_row_major_slice(data, rows, cols);
-    match op {
-        Transpose::No => m,
-        Transpose::Yes => m.transpose(),
-    }
+    Stored::new(data, rows, cols, op).view()
 }
 
 /// A mutable row-major `rows x cols` matrix as a faer view (the destination of a product).
 pub fn view_mut<T>(data: &mut [T], rows: usize, cols: usize) -> MatMut<'_, T> {
-    MatMut::from_row_major_slice_mut(data, rows, cols)
+    StoredMut::new(data, rows, cols).view_mut()
 }
 
 /// An operand of [`Faer::product_on_thread`](crate::Faer::product_on_thread) as it is
@@ -158,7 +154,7 @@ impl<'a, T> StoredMut<'a, T> {
 }
 
 /// Panics unless a `rows x cols` matrix with rows `ld` apart fits in `len` elements.
-fn check_strided(what: &str, len: usize, rows: usize, cols: usize, ld: usize) {
+pub(crate) fn check_strided(what: &str, len: usize, rows: usize, cols: usize, ld: usize) {
     let needed = if rows == 0 || cols == 0 {
         0
     } else {

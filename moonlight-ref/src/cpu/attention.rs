@@ -358,8 +358,11 @@ struct Geometry<'l> {
     seq: usize,
     heads: usize,
     qk: usize,
-    /// Row strides of q, k, the shared keys and v.
-    lds: [usize; 4],
+    /// Row strides (the matrices' widths) of q, k, the shared keys and v.
+    ld_q: usize,
+    ld_k: usize,
+    ld_shared: usize,
+    ld_v: usize,
 }
 
 impl<'l> Geometry<'l> {
@@ -403,12 +406,10 @@ impl<'l> Geometry<'l> {
             seq,
             heads,
             qk,
-            lds: [
-                x.q.shape().cols,
-                x.k.shape().cols,
-                x.k_shared.map_or(0, |m| m.shape().cols),
-                x.v.shape().cols,
-            ],
+            ld_q: x.q.shape().cols,
+            ld_k: x.k.shape().cols,
+            ld_shared: x.k_shared.map_or(0, |m| m.shape().cols),
+            ld_v: x.v.shape().cols,
         };
         expect_shape(what, "keys", Shape::batched(g.batch, seq, 2 * qk), keys.shape())?;
         g.tokens(what, "q", x.q, layout.q)?;
@@ -473,12 +474,12 @@ impl<'l> Geometry<'l> {
 
     /// Head `h`'s queries.
     fn q<'a, T>(&self, x: &QkvRows<'a, T>, h: usize, op: Transpose) -> Stored<'a, T> {
-        self.block(x.q, self.lds[0], self.layout.q, h, op)
+        self.block(x.q, self.ld_q, self.layout.q, h, op)
     }
 
     /// Head `h`'s values.
     fn v<'a, T>(&self, x: &QkvRows<'a, T>, h: usize, op: Transpose) -> Stored<'a, T> {
-        self.block(x.v, self.lds[3], self.layout.v, h, op)
+        self.block(x.v, self.ld_v, self.layout.v, h, op)
     }
 
     /// Head `h`'s block `cols` of one sequence's rows of an output `ld` wide.
@@ -490,7 +491,7 @@ impl<'l> Geometry<'l> {
     /// gathered into `scratch`. The shared columns are the same for every head: they are
     /// copied with head 0 and left in place for the sequence's other heads.
     fn keys<'a, T: CpuReal>(&self, x: &QkvRows<'a, T>, h: usize, scratch: &'a mut [T]) -> Stored<'a, T> {
-        let (own, ld_own, ld_shared) = (self.layout.k, self.lds[1], self.lds[2]);
+        let (own, ld_own, ld_shared) = (self.layout.k, self.ld_k, self.ld_shared);
         match (x.k_shared, self.layout.k_shared) {
             (Some(shared_rows), Some(shared)) => {
                 vectorized(

@@ -70,16 +70,7 @@ impl<'a> KView<'a> {
     /// As [`new`](Self::new), with the stored rows `ld` elements apart.
     pub(crate) fn strided(data: &'a [f32], rows: usize, k: usize, k_contiguous: bool, ld: usize) -> Self {
         let (stored_rows, stored_cols) = if k_contiguous { (rows, k) } else { (k, rows) };
-        let needed = if rows == 0 || k == 0 {
-            0
-        } else {
-            (stored_rows - 1) * ld + stored_cols
-        };
-        assert!(
-            ld >= stored_cols && data.len() >= needed,
-            "KView: {} elements for {stored_rows} x {stored_cols} with rows {ld} apart",
-            data.len()
-        );
+        crate::matmul::check_strided("KView", data.len(), stored_rows, stored_cols, ld);
         KView {
             data,
             ld,
